@@ -1,0 +1,273 @@
+"""Structured-config schemas and the range checks that run before any data is loaded.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``train_schema``; ``conf/train.yaml``
+lists it first in its defaults, so every YAML file in ``conf/`` is merged *into* these types. A
+mistyped key (``loss.temprature=4``) or a wrong type (``data.batch_size=abc``) therefore fails at
+compose time with Hydra's own message naming the key. What a type cannot express (temperature > 0,
+0 <= alpha <= 1, ...) is checked by :func:`validate`, which raises :class:`ConfigError` naming the
+key and the allowed range.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid. The message names the key and what is allowed."""
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"  # cosine | step | none
+    step_size: int = 10  # step scheduler: epochs between decays
+    gamma: float = 0.1  # step scheduler: decay factor
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = MISSING  # resnet50 | resnet18
+    pretrained: bool = False  # start from torchvision's ImageNet weights (needs network once)
+    checkpoint: str | None = None  # a teacher state dict or cache entry; skips training
+    epochs: int = 20
+    batch_size: int = 64
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cache_dir: str = MISSING
+
+
+@dataclass
+class StudentConfig:
+    name: str = MISSING  # mlp | cnn | resnet18 | mobilenet_v3_small
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 128])  # mlp
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # cnn
+    dropout: float = 0.1  # mlp, cnn
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | synthetic | cifar10 | cifar100 | imagefolder
+    root: str | None = None  # dataset directory (cifar*, imagefolder)
+    download: bool = False  # cifar*: fetch from the internet when missing
+    verify_checksums: bool = True  # cifar*: torchvision's md5 check of the archive files
+    batch_size: int = 64
+    num_workers: int = 0
+    pin_memory: bool | None = None  # null: on when CUDA is available
+    persistent_workers: bool = True  # only used when num_workers > 0
+    val_fraction: float = 0.1  # taken from the training split, stratified
+    test_fraction: float = 0.2  # digits / synthetic only (others ship a test split)
+    split_seed: int = 0
+    augment: bool = False  # random crop + flip (cifar*, imagefolder)
+    # Shape. Fixed by the dataset for digits/cifar; free for synthetic and imagefolder.
+    num_classes: int | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    num_samples: int = 2048  # synthetic only
+    mean: list[float] | None = None  # normalisation; null = the dataset's own statistics
+    std: list[float] | None = None
+
+
+@dataclass
+class LossConfig:
+    name: str = "kd"
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the KD term; 0 = plain cross-entropy (no teacher is built)
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int = 30
+    min_epochs: int | None = None
+    fast_dev_run: Any = False
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    deterministic: Any = False
+    enable_progress_bar: bool = True
+    benchmark: bool | None = None
+
+
+@dataclass
+class CSVLoggerConfig:
+    name: str = "csv"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "distill"
+    entity: str | None = None
+    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_model: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    csv: CSVLoggerConfig | None = field(default_factory=CSVLoggerConfig)
+    wandb: WandbConfig | None = field(default_factory=WandbConfig)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    teacher: TeacherConfig = MISSING
+    student: StudentConfig = MISSING
+    data: DataConfig = MISSING
+    loss: LossConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the student's optimizer
+    seed: int = 0
+    task_name: str = "train"
+    ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
+    experiment: Any = None
+    debug: Any = None
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt_path: str = MISSING
+    data: Any = None  # overrides of the checkpoint's data settings, e.g. data.root
+    batch_size: int | None = None
+    accelerator: str = "cpu"
+    paths: PathsConfig = MISSING
+
+
+def register_configs() -> None:
+    """Register the schemas; call before ``@hydra.main`` composes (train.py/evaluate.py do)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Range checks
+
+Check = tuple[str, Callable[[Any], bool], str]
+
+
+def _is_positive(x: Any) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+def _in_unit(x: Any) -> bool:
+    return x is not None and math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+def _at_least(n: int) -> Callable[[Any], bool]:
+    return lambda x: x is not None and x >= n
+
+
+def _one_of(*choices: str) -> Callable[[Any], bool]:
+    return lambda x: x in choices
+
+
+def _fraction_open(x: Any) -> bool:
+    return x is not None and 0.0 < x < 1.0
+
+
+_OPTIM_CHECKS: list[Check] = [
+    ("name", _one_of("sgd", "adamw"), "one of: sgd, adamw"),
+    ("lr", _is_positive, "a finite number > 0"),
+    ("weight_decay", lambda x: x >= 0, ">= 0"),
+    ("momentum", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("scheduler", _one_of("cosine", "step", "none"), "one of: cosine, step, none"),
+    ("step_size", _at_least(1), ">= 1"),
+    ("gamma", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("warmup_epochs", _at_least(0), ">= 0"),
+]
+
+_TRAIN_CHECKS: list[Check] = [
+    ("loss.temperature", _is_positive, "a finite number > 0"),
+    ("loss.alpha", _in_unit, "in [0, 1]"),
+    ("loss.name", _one_of("kd"), "one of: kd"),
+    ("trainer.max_epochs", _at_least(0), ">= 0"),
+    ("trainer.num_nodes", _at_least(1), ">= 1"),
+    ("trainer.log_every_n_steps", _at_least(1), ">= 1"),
+    ("trainer.accumulate_grad_batches", _at_least(1), ">= 1"),
+    ("teacher.epochs", _at_least(0), ">= 0"),
+    ("teacher.batch_size", _at_least(1), ">= 1"),
+    ("data.batch_size", _at_least(1), ">= 1"),
+    ("data.num_workers", _at_least(0), ">= 0"),
+    ("data.val_fraction", _fraction_open, "in (0, 1)"),
+    ("data.test_fraction", _fraction_open, "in (0, 1)"),
+    ("data.num_samples", _at_least(1), ">= 1"),
+    ("student.dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("student.hidden_sizes", lambda xs: all(h >= 1 for h in xs), "a list of sizes >= 1"),
+    ("student.channels", lambda xs: len(xs) >= 1 and all(c >= 1 for c in xs), "a non-empty list of channel counts >= 1"),
+    ("data.num_classes", lambda x: x is None or x >= 2, ">= 2 (or null for the dataset's own)"),
+    ("data.channels", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("data.image_size", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("logger.wandb.mode", lambda x: x in ("auto", "online", "offline", "disabled"), "one of: auto, online, offline, disabled"),
+] + [(f"optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS] + [
+    (f"teacher.optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS
+]
+
+
+def _run_checks(cfg: DictConfig, checks: list[Check]) -> None:
+    for key, ok, allowed in checks:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None and key.startswith("logger.wandb"):
+            continue  # wandb switched off
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value!r} is out of range: must be {allowed}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every range and every name against its registry, before any data is touched."""
+    from distill.data import DATASETS
+    from distill.models import STUDENTS, TEACHERS
+
+    _run_checks(cfg, _TRAIN_CHECKS)
+    for key, registry, what in (
+        ("student.name", STUDENTS, "student"),
+        ("teacher.name", TEACHERS, "teacher"),
+        ("data.name", DATASETS, "dataset"),
+    ):
+        name = OmegaConf.select(cfg, key)
+        if name not in registry:
+            raise ConfigError(f"{key}: unknown {what} {name!r}; choose from: {', '.join(sorted(registry))}")
+    data = cfg.data
+    if data.name in ("cifar10", "cifar100", "imagefolder") and not data.root:
+        raise ConfigError(f"data.root must be set for data={data.name} (the dataset directory)")
+    if cfg.teacher.checkpoint and not cfg.loss.alpha == 0:
+        from pathlib import Path
+
+        if not Path(cfg.teacher.checkpoint).is_file():
+            raise ConfigError(f"teacher.checkpoint: no such file: {cfg.teacher.checkpoint}")
+    if cfg.ckpt_path:
+        from pathlib import Path
+
+        if not Path(cfg.ckpt_path).is_file():
+            raise ConfigError(f"ckpt_path: no such file: {cfg.ckpt_path}")

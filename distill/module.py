@@ -1,0 +1,110 @@
+"""The LightningModule that trains a student, from a frozen teacher and/or from labels.
+
+Training the teacher itself is the same module with ``teacher=None`` and ``alpha=0``: plain
+cross-entropy. Compression (quantization, pruning) lives in callbacks, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.losses import KDLoss
+from distill.optim import build_optimizer, build_scheduler
+
+TEACHER_PREFIX = "teacher."
+
+
+class DistillationModule(L.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        loss: KDLoss,
+        optim: DictConfig,
+        num_classes: int,
+        hparams: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Only plain data goes into the checkpoint's hyper_parameters (the resolved config as a
+        # dict), so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(hparams or {})
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.kd_loss = loss
+        self.optim_cfg = optim
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    # The teacher is frozen: Lightning calls .train() on the whole module at every epoch start,
+    # which would put its BatchNorm layers back in training mode (updating running statistics).
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        if self.teacher is None or self.kd_loss.alpha == 0:
+            return None
+        # no_grad, not inference_mode: the logits enter the KD loss's autograd graph as constants.
+        with torch.no_grad():
+            return self.teacher(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.student(x)
+        terms = self.kd_loss(logits, self.teacher_logits(x), y)
+        if not torch.isfinite(terms["loss"]):
+            raise FloatingPointError(
+                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} "
+                f"(kd={terms['kd'].item()}, ce={terms['ce'].item()}); lower optim.lr or check the data"
+            )
+        self.train_acc(logits, y)
+        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, prog_bar=False)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return terms["loss"]
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc(self.student(x), y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self.student(x), y)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        # Only the student's parameters: the teacher never enters the optimizer.
+        optimizer = build_optimizer(self.student.parameters(), self.optim_cfg)
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = build_scheduler(optimizer, self.optim_cfg, max_epochs)
+        if scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+
+    # The teacher is not part of the student's checkpoint: it is cached on its own (and can be
+    # hundreds of MB). On load, the live teacher's weights are put back so strict loading works.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(TEACHER_PREFIX + key, value)

@@ -1,0 +1,172 @@
+"""One distillation run, top to bottom: check config -> data -> teacher -> student -> fit -> test -> report.
+
+``train.py`` is a thin Hydra entry point around :func:`run`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+from lightning.pytorch.loggers import WandbLogger
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from distill.config import validate
+from distill.data import BaseDataModule, build_datamodule
+from distill.loggers import build_loggers
+from distill.losses import KDLoss
+from distill.models import build_student, count_parameters
+from distill.module import DistillationModule
+from distill.report import print_comparison, serialized_size_bytes, write_summary
+from distill.teacher import TeacherInfo, provision_teacher
+
+log = logging.getLogger(__name__)
+
+# Trainer settings that change what a (debug) teacher learns, so they belong in its cache key.
+_TEACHER_KEY_TRAINER = ("fast_dev_run", "limit_train_batches")
+
+
+def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
+    """``cfg.trainer`` as Trainer keyword arguments; unset (null) settings keep Lightning's defaults."""
+    kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def _progress_callbacks(cfg: DictConfig) -> list[Callback]:
+    return [RichProgressBar(leave=True)] if cfg.trainer.enable_progress_bar else []
+
+
+def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
+    """Train ``model`` with plain cross-entropy on the run's data; return its test accuracy."""
+    tcfg = cfg.teacher
+    datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"batch_size": tcfg.batch_size}))
+    module = DistillationModule(model, None, KDLoss(temperature=1.0, alpha=0.0), tcfg.optim, datamodule.num_classes)
+    kwargs = trainer_kwargs(cfg)
+    # The teacher trains in this process on one device; distributed settings apply to the student.
+    kwargs.update(
+        max_epochs=tcfg.epochs, devices=1, num_nodes=1, logger=False, enable_checkpointing=False,
+        default_root_dir=str(output_dir / "teacher"), callbacks=_progress_callbacks(cfg),
+    )
+    L.seed_everything(int(cfg.seed), workers=True)
+    trainer = L.Trainer(**kwargs)
+    trainer.fit(module, datamodule=datamodule)
+    [result] = trainer.test(module, datamodule=datamodule, verbose=False)
+    model.eval()
+    return float(result["test/acc"])
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Distil a student as ``cfg`` says; write and return the run summary."""
+    start = time.perf_counter()
+    validate(cfg)  # every range and name, before any data is loaded
+    output_dir = Path(cfg.paths.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    L.seed_everything(int(cfg.seed), workers=True)
+
+    # Data first: it fixes the shape every model is built for.
+    datamodule: BaseDataModule = build_datamodule(cfg.data)
+    shape = datamodule.shape
+
+    teacher: nn.Module | None = None
+    teacher_info: TeacherInfo | None = None
+    if cfg.loss.alpha > 0:  # alpha = 0 is the no-distillation baseline: no teacher at all
+        fingerprint = datamodule.fingerprint()
+        fingerprint["trainer"] = {k: cfg.trainer.get(k) for k in _TEACHER_KEY_TRAINER}
+        teacher, teacher_info = provision_teacher(cfg, shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir))
+    teacher_seconds = time.perf_counter() - start
+
+    L.seed_everything(int(cfg.seed), workers=True)
+    student = build_student(cfg.student, **shape)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    module = DistillationModule(
+        student,
+        teacher,
+        KDLoss(cfg.loss.temperature, cfg.loss.alpha),
+        cfg.optim,
+        shape["num_classes"],
+        hparams={"config": resolved, "shape": shape, "teacher": teacher_info.as_dict() if teacher_info else None},
+    )
+
+    checkpoint_cb = ModelCheckpoint(
+        dirpath=str(output_dir / "checkpoints"),
+        filename="epoch{epoch:03d}-val_acc{val/acc:.4f}",
+        auto_insert_metric_name=False,
+        monitor="val/acc",
+        mode="max",
+        save_last=True,
+    )
+    loggers = build_loggers(cfg, output_dir, resolved)
+    callbacks: list[Callback] = [checkpoint_cb, *_progress_callbacks(cfg)]
+    if loggers:
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks)
+
+    student_start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # Test the best checkpoint by validation accuracy (the last weights in a debug run).
+    best = checkpoint_cb.best_model_path or None
+    [result] = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    student_seconds = time.perf_counter() - student_start
+
+    summary = {
+        "teacher": {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(teacher)} if teacher_info else None,
+        "student": {
+            "arch": cfg.student.name,
+            "params": count_parameters(student),
+            "test_acc": float(result["test/acc"]),
+            "size_bytes": serialized_size_bytes(student),
+            "best_checkpoint": best,
+            "train_seconds": student_seconds,
+        },
+        "data": {"name": cfg.data.name, **shape},
+        "hparams": {
+            "temperature": cfg.loss.temperature,
+            "alpha": cfg.loss.alpha,
+            "optimizer": cfg.optim.name,
+            "lr": cfg.optim.lr,
+            "max_epochs": cfg.trainer.max_epochs,
+            "batch_size": cfg.data.batch_size,
+            "seed": cfg.seed,
+        },
+        "wall_time_s": time.perf_counter() - start,
+        "teacher_time_s": teacher_seconds,
+        "run_dir": str(output_dir),
+    }
+    if trainer.is_global_zero:
+        _log_final_metrics(trainer, summary)
+        path = write_summary(output_dir / "summary.json", summary)
+        print_comparison(summary)
+        log.info("summary written to %s (wall time %.1fs)", path, summary["wall_time_s"])
+    _finish_loggers(trainer)
+    return summary
+
+
+def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """The trade-off as flat ``teacher/*`` and ``student/*`` numbers, for loggers and dashboards."""
+    out: dict[str, float] = {}
+    for role in ("teacher", "student"):
+        for key, value in (summary.get(role) or {}).items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                out[f"{role}/{key}"] = float(value)
+    return out
+
+
+def _log_final_metrics(trainer: L.Trainer, summary: dict[str, Any]) -> None:
+    metrics = final_metrics(summary)
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
+        if isinstance(logger, WandbLogger):  # W&B summary metrics drive the dashboard's panels
+            logger.experiment.summary.update(metrics)
+        logger.save()
+
+
+def _finish_loggers(trainer: L.Trainer) -> None:
+    for logger in trainer.loggers:
+        logger.finalize("success")
+        if isinstance(logger, WandbLogger):
+            logger.experiment.finish()

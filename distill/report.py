@@ -1,0 +1,47 @@
+"""The end-of-run report: model sizes, ``summary.json`` and the teacher/student table."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from distill.atomic import atomic_write_text
+
+
+def serialized_size_bytes(model: nn.Module) -> int:
+    """Bytes of ``torch.save(model.state_dict())``: what the artifact costs on disk."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def write_summary(path: str | Path, summary: dict[str, Any]) -> Path:
+    return atomic_write_text(path, json.dumps(summary, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _fmt_acc(acc: float | None) -> str:
+    return "-" if acc is None else f"{100 * acc:.2f} %"
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def print_comparison(summary: dict[str, Any], console: Console | None = None) -> None:
+    """A rich table: one row per model (teacher, student) with accuracy, parameters and size."""
+    table = Table(title=f"distill: {summary['data']['name']} — teacher vs student")
+    for col in ("model", "arch", "test acc", "params", "size (bytes)"):
+        table.add_column(col, justify="left" if col in ("model", "arch") else "right")
+    teacher = summary.get("teacher")
+    if teacher:
+        table.add_row("teacher", teacher["arch"], _fmt_acc(teacher.get("test_acc")), _fmt_int(teacher.get("params")), _fmt_int(teacher.get("size_bytes")))
+    s = summary["student"]
+    table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")))
+    (console or Console()).print(table)

@@ -1,0 +1,23 @@
+"""Distil a student from a teacher: ``python train.py teacher=resnet50 student=mlp``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from distill.cli import guarded
+from distill.config import register_configs
+from distill.pipeline import run
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    summary = guarded(run, cfg)
+    # Returned for Hydra sweepers (e.g. Optuna): the student's test accuracy.
+    return summary["student"]["test_acc"]
+
+
+if __name__ == "__main__":
+    main()
