@@ -157,6 +157,7 @@ class EvaluateConfig:
     data: Any = None  # overrides of the checkpoint's data settings, e.g. data.root
     batch_size: int | None = None
     accelerator: str = "cpu"
+    task_name: str = "evaluate"
     paths: PathsConfig = MISSING
 
 

@@ -48,9 +48,10 @@ class KDLoss(nn.Module):
             kd = torch.zeros((), device=student_logits.device, dtype=ce.dtype)
         else:
             t = self.temperature
-            # Compute in fp32 even under autocast: log-softmax of small differences loses bits in half precision.
-            log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-            log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+            # At least fp32 even under autocast: log-softmax of small differences loses bits in half precision.
+            dtype = torch.promote_types(student_logits.dtype, torch.float32)
+            log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
+            log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)
             # KL(p_t || p_s) summed over classes, averaged over the batch ("batchmean").
             kd = F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
         loss = self.alpha * kd + (1.0 - self.alpha) * ce

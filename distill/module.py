@@ -90,11 +90,11 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # Only the student's parameters: the teacher never enters the optimizer.
         optimizer = build_optimizer(self.student.parameters(), self.optim_cfg)
-        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = build_scheduler(optimizer, self.optim_cfg, max_epochs)
-        if scheduler is None:
-            return optimizer
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        total = self.trainer.estimated_stepping_batches
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        total = int(total) if total != float("inf") else epochs
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total, steps_per_epoch=max(total // epochs, 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # The teacher is not part of the student's checkpoint: it is cached on its own (and can be
     # hundreds of MB). On load, the live teacher's weights are put back so strict loading works.

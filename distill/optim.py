@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -16,22 +17,25 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> to
     raise ValueError(f"optim.name={cfg.name!r}: choose from: adamw, sgd")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, max_epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """A per-epoch schedule: optional linear warm-up, then cosine to zero or step decay."""
-    from torch.optim import lr_scheduler as sched
+def lr_factor(step: int, cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> float:
+    """LR multiplier at optimizer step ``step``: linear warm-up, then cosine to 0 or step decay.
 
-    warmup = min(int(cfg.warmup_epochs), max(max_epochs - 1, 0))
+    Computed per step (not per epoch) so that short runs, like a 10-epoch teacher, still get a
+    smooth warm-up and decay."""
+    warmup = min(int(cfg.warmup_epochs) * steps_per_epoch, max(total_steps - 1, 0))
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.scheduler == "cosine":
+        progress = (step - warmup) / max(total_steps - warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.scheduler == "step":
+        return float(cfg.gamma) ** ((step // steps_per_epoch) // int(cfg.step_size))
     if cfg.scheduler == "none":
-        main = None
-    elif cfg.scheduler == "cosine":
-        main = sched.CosineAnnealingLR(optimizer, T_max=max(max_epochs - warmup, 1))
-    elif cfg.scheduler == "step":
-        main = sched.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    else:
-        raise ValueError(f"optim.scheduler={cfg.scheduler!r}: choose from: cosine, none, step")
-    if warmup == 0:
-        return main
-    ramp = sched.LinearLR(optimizer, start_factor=0.1, total_iters=warmup)
-    if main is None:
-        return ramp
-    return sched.SequentialLR(optimizer, [ramp, main], milestones=[warmup])
+        return 1.0
+    raise ValueError(f"optim.scheduler={cfg.scheduler!r}: choose from: cosine, none, step")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    steps_per_epoch = max(int(steps_per_epoch), 1)
+    total_steps = max(int(total_steps), 1)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps, steps_per_epoch))

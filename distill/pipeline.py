@@ -12,7 +12,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
-from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
@@ -49,7 +49,8 @@ def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
     kwargs = trainer_kwargs(cfg)
     # The teacher trains in this process on one device; distributed settings apply to the student.
     kwargs.update(
-        max_epochs=tcfg.epochs, devices=1, num_nodes=1, logger=False, enable_checkpointing=False,
+        max_epochs=tcfg.epochs, devices=1, num_nodes=1, enable_checkpointing=False,
+        logger=CSVLogger(save_dir=str(output_dir), name="teacher", version=""),
         default_root_dir=str(output_dir / "teacher"), callbacks=_progress_callbacks(cfg),
     )
     L.seed_everything(int(cfg.seed), workers=True)

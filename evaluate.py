@@ -1,0 +1,21 @@
+"""Evaluate a distilled student: ``python evaluate.py ckpt_path=PATH``."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from distill.cli import guarded
+from distill.config import register_configs
+from distill.evaluation import evaluate_checkpoint
+
+register_configs()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="evaluate")
+def main(cfg: DictConfig) -> float:
+    return guarded(evaluate_checkpoint, cfg)["test_acc"]
+
+
+if __name__ == "__main__":
+    main()

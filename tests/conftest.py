@@ -1,0 +1,61 @@
+"""Shared fixtures: compose the real ``conf/`` with overrides, as train.py would."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+from distill.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+register_configs()
+
+
+def compose_config(overrides: list[str], output_dir: Path, cache_dir: Path, config_name: str = "train") -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(CONF)):
+        cfg = compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # so ${hydra:...} interpolations resolve as in a run
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(output_dir)
+        cfg.paths.cache_dir = str(cache_dir)
+        del cfg["hydra"]
+    return cfg
+
+
+@pytest.fixture
+def cache_dir(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
+    """``make_cfg("student=cnn", ...)``: the real train config with overrides, in a temp run dir."""
+
+    def make(*overrides: str, config_name: str = "train") -> DictConfig:
+        return compose_config(list(overrides), tmp_path / "run", cache_dir, config_name)
+
+    return make
+
+
+FAST = ["debug=fast", "logger=csv"]
+
+
+def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run train.py / evaluate.py as a user would, in its own process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, str(ROOT / script), *args],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )

@@ -1,0 +1,126 @@
+"""Every config group composes; mistakes fail at compose time or in validate(), naming the key."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from distill.config import ConfigError, validate
+from distill.data import build_datamodule
+from distill.models import build_student, build_teacher
+
+from .conftest import CONF
+
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "trainer", "logger", "experiment", "debug")}
+
+
+def test_expected_choices_exist():
+    assert {"resnet50", "resnet18"} <= set(GROUPS["teacher"])
+    assert {"mlp", "cnn", "resnet18", "mobilenet_v3_small"} <= set(GROUPS["student"])
+    assert {"digits", "synthetic", "cifar10", "cifar100", "imagefolder"} <= set(GROUPS["data"])
+    assert "kd" in GROUPS["loss"]
+
+
+@pytest.mark.parametrize(("group", "choice"), [(g, c) for g, cs in GROUPS.items() for c in cs])
+def test_every_group_choice_composes_and_validates(make_cfg, tmp_path, group, choice):
+    overrides = [f"{group}={choice}"]
+    if group == "data" and choice in ("cifar10", "cifar100", "imagefolder"):
+        overrides.append(f"data.root={tmp_path}")
+    cfg = make_cfg(*overrides)
+    if group != "data" or choice in ("digits", "synthetic"):
+        validate(cfg)
+    assert cfg[group if group not in ("experiment", "debug") else "seed"] is not None
+
+
+@pytest.mark.parametrize("student", GROUPS["student"])
+def test_every_student_instantiates_from_its_config(make_cfg, student):
+    cfg = make_cfg(f"student={student}")
+    dm = build_datamodule(cfg.data)
+    model = build_student(cfg.student, **dm.shape)
+    assert sum(p.numel() for p in model.parameters()) > 0
+
+
+@pytest.mark.parametrize("teacher", GROUPS["teacher"])
+def test_every_teacher_instantiates_from_its_config(make_cfg, teacher):
+    cfg = make_cfg(f"teacher={teacher}")
+    dm = build_datamodule(cfg.data)
+    assert build_teacher(cfg.teacher, **dm.shape) is not None
+
+
+def test_default_is_resnet50_to_mlp_on_digits(make_cfg):
+    cfg = make_cfg()
+    assert (cfg.teacher.name, cfg.student.name, cfg.data.name, cfg.loss.name) == ("resnet50", "mlp", "digits", "kd")
+
+
+@pytest.mark.parametrize("override", ["loss.temprature=4", "student.hidden_size=[3]", "trainer.max_epoch=3", "data.batchsize=2", "nonsense=1"])
+def test_misspelled_key_fails_at_compose_time(make_cfg, override):
+    with pytest.raises(ConfigCompositionException) as info:
+        make_cfg(override)
+    assert override.split("=")[0].split(".")[-1] in str(info.value.__cause__ or info.value)
+
+
+@pytest.mark.parametrize("override", ["loss.temperature=abc", "data.batch_size=big", "student.hidden_sizes=[a]", "teacher.pretrained=maybe"])
+def test_wrong_type_fails_at_compose_time(make_cfg, override):
+    with pytest.raises((ConfigCompositionException, ValidationError, ConfigKeyError)) as info:
+        make_cfg(override)
+    key = override.split("=")[0].split(".")[-1]
+    assert key in str(info.value) + str(info.value.__cause__)
+
+
+def test_unknown_group_choice_lists_the_options(make_cfg):
+    with pytest.raises(ConfigCompositionException, match="mlp"):
+        make_cfg("student=transformer")
+
+
+BAD_RANGES = [
+    ("loss.temperature=0", "loss.temperature"),
+    ("loss.temperature=-1", "loss.temperature"),
+    ("loss.temperature=nan", "loss.temperature"),
+    ("loss.alpha=1.5", "loss.alpha"),
+    ("loss.alpha=-0.1", "loss.alpha"),
+    ("trainer.max_epochs=-1", "trainer.max_epochs"),
+    ("teacher.epochs=-2", "teacher.epochs"),
+    ("data.batch_size=0", "data.batch_size"),
+    ("teacher.batch_size=0", "teacher.batch_size"),
+    ("data.num_workers=-1", "data.num_workers"),
+    ("data.val_fraction=1.0", "data.val_fraction"),
+    ("optim.lr=0", "optim.lr"),
+    ("optim.lr=-0.1", "optim.lr"),
+    ("optim.name=adam9", "optim.name"),
+    ("optim.scheduler=linear", "optim.scheduler"),
+    ("teacher.optim.lr=0", "teacher.optim.lr"),
+    ("student.dropout=1.0", "student.dropout"),
+    ("student.channels=[]", "student.channels"),
+    ("data.num_classes=1", "data.num_classes"),
+    ("student.name=vit", "student.name"),
+    ("teacher.name=resnet1000", "teacher.name"),
+    ("data.name=mnist", "data.name"),
+    ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
+]
+
+
+@pytest.mark.parametrize(("override", "key"), BAD_RANGES)
+def test_out_of_range_value_names_the_key(make_cfg, override, key):
+    cfg = make_cfg(override)
+    with pytest.raises(ConfigError) as info:
+        validate(cfg)
+    assert str(info.value).startswith(key)
+
+
+def test_unknown_model_error_lists_choices(make_cfg):
+    cfg = make_cfg("student.name=vit")
+    with pytest.raises(ConfigError, match=r"unknown student 'vit'; choose from: cnn, mlp, mobilenet_v3_small, resnet18"):
+        validate(cfg)
+
+
+def test_cifar_needs_a_root(make_cfg):
+    cfg = make_cfg("data=cifar10", "data.root=null")
+    with pytest.raises(ConfigError, match="data.root"):
+        validate(cfg)
+
+
+def test_missing_teacher_checkpoint_is_named(make_cfg, tmp_path):
+    cfg = make_cfg(f"teacher.checkpoint={tmp_path}/nope.pt")
+    with pytest.raises(ConfigError, match="teacher.checkpoint: no such file: .*nope.pt"):
+        validate(cfg)

@@ -1,0 +1,123 @@
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from distill.data import build_datamodule
+
+BASE = dict(batch_size=16, num_workers=0, val_fraction=0.1, test_fraction=0.2, split_seed=0, pin_memory=False,
+            persistent_workers=False, augment=False, verify_checksums=True, download=False, root=None,
+            num_classes=None, channels=None, image_size=None, num_samples=200, mean=None, std=None)
+
+
+def dm_for(**kw):
+    return build_datamodule(OmegaConf.create({**BASE, **kw}))
+
+
+def _labels(ds) -> list[int]:
+    return [int(ds[i][1]) for i in range(len(ds))]
+
+
+def test_digits_split_is_stratified_disjoint_and_seeded():
+    dm = dm_for(name="digits")
+    assert dm.shape == {"num_classes": 10, "channels": 1, "image_size": 8}
+    dm.setup()
+    sizes = [len(dm.train_set), len(dm.val_set), len(dm.test_set)]
+    assert sum(sizes) == 1797 and sizes[2] == 360
+    idx = [set(s.indices) for s in (dm.train_set, dm.val_set, dm.test_set)]
+    assert not (idx[0] & idx[1] or idx[0] & idx[2] or idx[1] & idx[2])
+    counts = np.bincount(_labels(dm.test_set), minlength=10)
+    assert counts.min() >= 35 and counts.max() <= 37  # stratified: ~36 of each class
+    again = dm_for(name="digits")
+    again.setup()
+    assert again.test_set.indices == dm.test_set.indices
+    other = dm_for(name="digits", split_seed=1)
+    other.setup()
+    assert other.test_set.indices != dm.test_set.indices
+    x, _ = dm.train_set[0]
+    assert x.shape == (1, 8, 8)
+
+
+def test_digits_rejects_a_conflicting_shape():
+    with pytest.raises(ValueError, match="data.num_classes=5 does not match digits"):
+        dm_for(name="digits", num_classes=5)
+
+
+def test_synthetic_any_shape():
+    dm = dm_for(name="synthetic", num_classes=4, channels=2, image_size=5, num_samples=100)
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (2, 5, 5) and int(y.max()) < 4
+
+
+def test_train_loader_order_is_seeded():
+    dm = dm_for(name="digits")
+    dm.setup()
+    torch.manual_seed(3)
+    a = next(iter(dm.train_dataloader()))[1]
+    torch.manual_seed(3)
+    b = next(iter(dm.train_dataloader()))[1]
+    assert torch.equal(a, b)
+
+
+def write_fake_cifar10(root: Path, n_train_per_batch: int = 20, n_test: int = 30) -> None:
+    """The binary layout torchvision's CIFAR10 reads: pickled dicts of uint8 rows (3072 = 3x32x32)."""
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+
+    def batch(n: int) -> dict:
+        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
+
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as fh:
+            pickle.dump(batch(n_train_per_batch), fh)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump(batch(n_test), fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
+
+
+def test_cifar10_loads_the_torchvision_file_layout(tmp_path):
+    write_fake_cifar10(tmp_path)
+    dm = dm_for(name="cifar10", root=str(tmp_path), verify_checksums=False, augment=True)
+    assert dm.shape == {"num_classes": 10, "channels": 3, "image_size": 32}
+    dm.setup()
+    assert len(dm.train_set) + len(dm.val_set) == 100 and len(dm.test_set) == 30
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (16, 3, 32, 32) and x.dtype == torch.float32
+    assert abs(float(x.mean())) < 1.5  # normalised
+
+
+def test_cifar10_checksum_failure_is_a_clear_error(tmp_path):
+    write_fake_cifar10(tmp_path)
+    dm = dm_for(name="cifar10", root=str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="data.root=.*data.download=true"):
+        dm.setup()
+
+
+def test_imagefolder_tree(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog", "eel"):
+            d = tmp_path / split / cls
+            d.mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    dm = dm_for(name="imagefolder", root=str(tmp_path), image_size=16, channels=1)
+    assert dm.shape == {"num_classes": 3, "channels": 1, "image_size": 16}
+    dm.setup()
+    x, y = next(iter(dm.test_dataloader()))
+    assert x.shape == (9, 1, 16, 16) and sorted(set(y.tolist())) == [0, 1, 2]
+
+
+def test_imagefolder_missing_dirs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train/ and val/"):
+        dm_for(name="imagefolder", root=str(tmp_path))
