@@ -42,6 +42,11 @@ class TeacherConfig:
     checkpoint: str | None = None  # a teacher state dict or cache entry; skips training
     epochs: int = 20
     batch_size: int = 64
+    augment: bool | None = None  # random augmentation while the teacher trains; null: data.augment
+    # Run the teacher once over the training split before the student trains and reuse its logits
+    # every epoch. Only valid when the student's training data is not randomly augmented (the
+    # teacher must see the same view as the student); null: on exactly then.
+    precompute_outputs: bool | None = None
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache_dir: str = MISSING
 
@@ -67,7 +72,7 @@ class DataConfig:
     val_fraction: float = 0.1  # taken from the training split, stratified
     test_fraction: float = 0.2  # digits / synthetic only (others ship a test split)
     split_seed: int = 0
-    augment: bool = False  # random crop + flip (cifar*, imagefolder)
+    augment: bool = False  # random crop + flip (cifar*, imagefolder); 1-px shifts (digits)
     # Shape. Fixed by the dataset for digits/cifar; free for synthetic and imagefolder.
     num_classes: int | None = None
     channels: int | None = None
@@ -82,6 +87,20 @@ class LossConfig:
     name: str = "kd"
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term; 0 = plain cross-entropy (no teacher is built)
+
+
+@dataclass
+class QuantConfig:
+    """Quantization-aware training of the student (``quant.bits=N``); see distill/qat.py."""
+
+    bits: int | None = None  # null: off; 2..8
+    backend: str = "x86"  # x86 (fbgemm/onednn) | qnnpack (ARM)
+    per_channel: bool = True  # per-output-channel weight scales
+    start_epoch: int = 0  # fp32 distillation before fake quantization begins
+    freeze_observers_epoch: int | None = None  # from this epoch on, scales and zero points are fixed
+    freeze_bn_epoch: int | None = None  # from this epoch on, BatchNorm statistics are fixed
+    latency_batch_size: int = 256  # the "large batch" of the latency measurement (besides batch 1)
+    latency_threads: int | None = None  # torch threads while measuring latency; null: torch's default
 
 
 @dataclass
@@ -144,6 +163,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)  # the student's optimizer
+    quant: QuantConfig = field(default_factory=QuantConfig)
     seed: int = 0
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
@@ -227,6 +247,13 @@ _TRAIN_CHECKS: list[Check] = [
     ("data.channels", lambda x: x is None or x >= 1, ">= 1 (or null)"),
     ("data.image_size", lambda x: x is None or x >= 1, ">= 1 (or null)"),
     ("logger.wandb.mode", lambda x: x in ("auto", "online", "offline", "disabled"), "one of: auto, online, offline, disabled"),
+    ("quant.bits", lambda x: x is None or 2 <= x <= 8, "an integer in [2, 8], or null (off)"),
+    ("quant.backend", _one_of("x86", "qnnpack"), "one of: x86, qnnpack"),
+    ("quant.start_epoch", _at_least(0), ">= 0"),
+    ("quant.freeze_observers_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
+    ("quant.freeze_bn_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
+    ("quant.latency_batch_size", _at_least(1), ">= 1"),
+    ("quant.latency_threads", lambda x: x is None or x >= 1, ">= 1 (or null)"),
 ] + [(f"optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS] + [
     (f"teacher.optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS
 ]
@@ -262,11 +289,29 @@ def validate(cfg: DictConfig) -> None:
     data = cfg.data
     if data.name in ("cifar10", "cifar100", "imagefolder") and not data.root:
         raise ConfigError(f"data.root must be set for data={data.name} (the dataset directory)")
-    if cfg.teacher.checkpoint and not cfg.loss.alpha == 0:
+    if cfg.teacher.checkpoint and cfg.loss.alpha != 0:
         from pathlib import Path
 
         if not Path(cfg.teacher.checkpoint).is_file():
             raise ConfigError(f"teacher.checkpoint: no such file: {cfg.teacher.checkpoint}")
+    quant = cfg.get("quant")
+    if quant is not None and quant.bits is not None:
+        if quant.freeze_observers_epoch is not None and quant.freeze_observers_epoch <= quant.start_epoch:
+            raise ConfigError(
+                f"quant.freeze_observers_epoch={quant.freeze_observers_epoch} must be > quant.start_epoch="
+                f"{quant.start_epoch}: the observers need at least one epoch to set the scales"
+            )
+        epochs = cfg.trainer.max_epochs
+        if not cfg.trainer.get("fast_dev_run") and epochs is not None and quant.start_epoch >= epochs:
+            raise ConfigError(
+                f"quant.start_epoch={quant.start_epoch} must be < trainer.max_epochs={epochs}, "
+                "or quantization-aware training never starts"
+            )
+    if cfg.teacher.precompute_outputs and data.augment:
+        raise ConfigError(
+            "teacher.precompute_outputs=true needs data.augment=false: with random augmentation the "
+            "teacher must see the same random view as the student, so it runs live"
+        )
     if cfg.ckpt_path:
         from pathlib import Path
 

@@ -2,7 +2,8 @@
 data, so models are built from the data module and a class-count mismatch cannot be configured.
 
 - ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey images, 10 classes), a seeded
-  stratified train/val/test split. Ships with scikit-learn: no network needed.
+  stratified train/val/test split. Ships with scikit-learn: no network needed. ``augment``: random
+  one-pixel shifts.
 - ``synthetic``: class-conditional Gaussian tensors of any shape, for tests and speed measurements.
 - ``cifar10`` / ``cifar100``: torchvision's datasets (``data.root``, ``data.download``), with the
   standard augmentation (random crop with 4-pixel padding, horizontal flip) and normalisation.
@@ -55,6 +56,8 @@ class BaseDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
+        # True: training batches carry each sample's index, to look up precomputed teacher logits.
+        self.index_train = False
 
     @property
     def shape(self) -> dict[str, int]:
@@ -89,7 +92,12 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, shuffle=True)
+        from distill.teacher_outputs import IndexedDataset
+
+        dataset = self.train_set
+        if self.index_train and dataset is not None:
+            dataset = IndexedDataset(dataset)
+        return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False)
@@ -141,6 +149,12 @@ class DigitsDataModule(BaseDataModule):
         x = (x - mean) / std
         full = TensorDataset(x, y)
         self.train_set, self.val_set, self.test_set = (Subset(full, i.tolist()) for i in (train, val, test))
+        if self.cfg.augment:
+            from torchvision.transforms import v2
+
+            # One-pixel random shifts, drawn per sample; edge padding repeats the (blank) border.
+            shift = v2.RandomCrop(8, padding=1, padding_mode="edge")
+            self.train_set = _TransformedSubset(full, train.tolist(), shift)
 
 
 @register_dataset("synthetic")

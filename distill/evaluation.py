@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +11,6 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.table import Table
 from torch import nn
-from torchmetrics.classification import MulticlassAccuracy
 
 from distill.checkpoint_io import CheckpointError, load_checkpoint
 from distill.data import BaseDataModule, build_datamodule
@@ -21,7 +21,10 @@ STUDENT_PREFIX = "student."
 
 
 def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, DictConfig]:
-    """Rebuild the student and its data module from a distill checkpoint (``weights_only`` load)."""
+    """Rebuild the student and its data module from a distill checkpoint (``weights_only`` load).
+
+    A checkpoint taken during quantization-aware training holds the QAT student (fake quantizers
+    with their scales); it is prepared the same way before its weights are loaded."""
     ckpt = load_checkpoint(path, what="student checkpoint")
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if not isinstance(config, dict) or "state_dict" not in ckpt:
@@ -30,6 +33,13 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
     data_cfg = OmegaConf.merge(cfg.data, data_overrides or {})
     datamodule = build_datamodule(data_cfg)
     student = build_student(cfg.student, **datamodule.shape)
+    quant = cfg.get("quant")
+    if quant is not None and quant.get("bits"):
+        from distill.quant_backend import prepare_qat
+
+        shape = datamodule.shape
+        example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
+        student = prepare_qat(student, quant.bits, quant.per_channel, example, quant.backend)
     state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
     try:
         student.load_state_dict(state)
@@ -38,32 +48,68 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
     return student.eval(), datamodule, cfg
 
 
+def load_quantized_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, dict[str, Any]]:
+    """The converted integer student from a ``student_quant.pt`` artifact, and its data module."""
+    from distill.quant_artifact import load_quantized
+
+    model, meta = load_quantized(path)
+    if not meta.get("data"):
+        raise CheckpointError(f"quantized student {path} does not record its data settings; cannot evaluate it")
+    datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(meta["data"]), data_overrides or {}))
+    return model, datamodule, meta
+
+
 @torch.inference_mode()
-def test_accuracy(model: nn.Module, datamodule: BaseDataModule, device: str = "cpu") -> float:
-    datamodule.setup("test")
-    metric = MulticlassAccuracy(datamodule.num_classes, average="micro").to(device)
+def loader_accuracy(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
+    """Top-1 accuracy of ``model`` (in eval mode) over every batch of ``loader``."""
     model = model.to(device).eval()
-    for x, y in datamodule.test_dataloader():
-        metric.update(model(x.to(device)), y.to(device))
-    return float(metric.compute())
+    correct = total = 0
+    for x, y, *_ in loader:
+        pred = model(x.to(device)).argmax(dim=1)
+        correct += int((pred == y.to(device)).sum())
+        total += len(y)
+    if total == 0:
+        raise ValueError("the test split is empty")
+    return correct / total
+
+
+def accuracy_on_test_split(model: nn.Module, datamodule: BaseDataModule, device: str = "cpu") -> float:
+    datamodule.setup("test")
+    return loader_accuracy(model, datamodule.test_dataloader(), device)
 
 
 def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
+    """Test accuracy, parameters and size of a training checkpoint or a quantized artifact."""
+    from distill.quant_artifact import FORMAT
+
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else {}
     if cfg.batch_size:
         overrides["batch_size"] = cfg.batch_size
-    student, datamodule, run_cfg = load_student(cfg.ckpt_path, overrides)
+    path = Path(cfg.ckpt_path)
+    if load_checkpoint(path, what="student checkpoint").get("format") == FORMAT:
+        model, datamodule, meta = load_quantized_student(path, overrides)
+        arch, data_name, kind = meta["student"]["name"], meta["data"]["name"], f"{meta['bits']}-bit quantized"
+        params = count_parameters(build_student(OmegaConf.create(meta["student"]), **meta["shape"]))
+        size = path.stat().st_size
+    else:
+        model, datamodule, run_cfg = load_student(path, overrides)
+        bits = (run_cfg.get("quant") or {}).get("bits")
+        arch, data_name = run_cfg.student.name, run_cfg.data.name
+        kind = f"{bits}-bit QAT (fake-quant)" if bits else "fp32"
+        params, size = count_parameters(model), serialized_size_bytes(model)
+    device = cfg.accelerator if kind == "fp32" or "QAT" in kind else "cpu"  # int8 kernels are CPU-only
     result = {
-        "checkpoint": str(cfg.ckpt_path),
-        "student": run_cfg.student.name,
-        "data": run_cfg.data.name,
-        "test_acc": test_accuracy(student, datamodule, cfg.accelerator),
-        "params": count_parameters(student),
-        "size_bytes": serialized_size_bytes(student),
+        "checkpoint": str(path),
+        "student": arch,
+        "kind": kind,
+        "data": data_name,
+        "test_acc": accuracy_on_test_split(model, datamodule, device),
+        "params": params,
+        "size_bytes": size,
     }
-    table = Table(title=f"evaluate: {Path(cfg.ckpt_path).name}")
-    for col in ("student", "data", "test acc", "params", "size (bytes)"):
-        table.add_column(col, justify="right" if col not in ("student", "data") else "left")
-    table.add_row(result["student"], result["data"], f"{100 * result['test_acc']:.2f} %", f"{result['params']:,}", f"{result['size_bytes']:,}")
+    table = Table(title=f"evaluate: {path.name}")
+    for col in ("student", "kind", "data", "test acc", "params", "size (bytes)"):
+        table.add_column(col, justify="left" if col in ("student", "kind", "data") else "right")
+    table.add_row(arch, kind, data_name, f"{100 * result['test_acc']:.2f} %", f"{params:,}", f"{size:,}")
     (console or Console()).print(table)
     return result

@@ -29,6 +29,7 @@ class DistillationModule(L.LightningModule):
         optim: DictConfig,
         num_classes: int,
         hparams: dict[str, Any] | None = None,
+        teacher_outputs: torch.Tensor | None = None,
     ) -> None:
         super().__init__()
         # Only plain data goes into the checkpoint's hyper_parameters (the resolved config as a
@@ -39,6 +40,10 @@ class DistillationModule(L.LightningModule):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        # Precomputed teacher logits for the training split, looked up by sample index (see
+        # distill/teacher_outputs.py). A non-persistent buffer: it follows the module to its device
+        # but stays out of checkpoints.
+        self.register_buffer("teacher_outputs", teacher_outputs, persistent=False)
         self.kd_loss = loss
         self.optim_cfg = optim
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
@@ -56,17 +61,22 @@ class DistillationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
-    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        if self.teacher is None or self.kd_loss.alpha == 0:
+    def teacher_logits(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.kd_loss.alpha == 0:
+            return None
+        if self.teacher_outputs is not None and index is not None:
+            return self.teacher_outputs[index]
+        if self.teacher is None:
             return None
         # no_grad, not inference_mode: the logits enter the KD loss's autograd graph as constants.
         with torch.no_grad():
             return self.teacher(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        x, y = batch
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        # (x, y), or (x, y, sample index) when the teacher's logits were precomputed.
+        x, y, *index = batch
         logits = self.student(x)
-        terms = self.kd_loss(logits, self.teacher_logits(x), y)
+        terms = self.kd_loss(logits, self.teacher_logits(x, index[0] if index else None), y)
         if not torch.isfinite(terms["loss"]):
             raise FloatingPointError(
                 f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} "

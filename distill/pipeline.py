@@ -11,19 +11,28 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, RichProgressBar
+import torch
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    RichProgressBar,
+)
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from distill import latency
 from distill.config import validate
 from distill.data import BaseDataModule, build_datamodule
 from distill.loggers import build_loggers
 from distill.losses import KDLoss
 from distill.models import build_student, count_parameters
 from distill.module import DistillationModule
+from distill.qat import QuantizationAwareTraining
 from distill.report import print_comparison, serialized_size_bytes, write_summary
 from distill.teacher import TeacherInfo, provision_teacher
+from distill.teacher_outputs import compute_teacher_logits
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +53,10 @@ def _progress_callbacks(cfg: DictConfig) -> list[Callback]:
 def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
     """Train ``model`` with plain cross-entropy on the run's data; return its test accuracy."""
     tcfg = cfg.teacher
-    datamodule = build_datamodule(OmegaConf.merge(cfg.data, {"batch_size": tcfg.batch_size}))
+    overrides: dict[str, Any] = {"batch_size": tcfg.batch_size}
+    if tcfg.augment is not None:
+        overrides["augment"] = tcfg.augment
+    datamodule = build_datamodule(OmegaConf.merge(cfg.data, overrides))
     module = DistillationModule(model, None, KDLoss(temperature=1.0, alpha=0.0), tcfg.optim, datamodule.num_classes)
     kwargs = trainer_kwargs(cfg)
     # The teacher trains in this process on one device; distributed settings apply to the student.
@@ -59,6 +71,18 @@ def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
     [result] = trainer.test(module, datamodule=datamodule, verbose=False)
     model.eval()
     return float(result["test/acc"])
+
+
+def _qat_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path, resolved: dict[str, Any]) -> QuantizationAwareTraining | None:
+    q = cfg.quant
+    if q.bits is None:
+        return None
+    return QuantizationAwareTraining(
+        bits=q.bits, shape=shape, output_dir=output_dir, backend=q.backend, per_channel=q.per_channel,
+        start_epoch=q.start_epoch, freeze_observers_epoch=q.freeze_observers_epoch,
+        freeze_bn_epoch=q.freeze_bn_epoch, latency_batch_size=q.latency_batch_size,
+        latency_threads=q.latency_threads, student_cfg=resolved["student"], data_cfg=resolved["data"],
+    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -79,6 +103,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fingerprint = datamodule.fingerprint()
         fingerprint["trainer"] = {k: cfg.trainer.get(k) for k in _TEACHER_KEY_TRAINER}
         teacher, teacher_info = provision_teacher(cfg, shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir))
+    teacher_outputs = None
+    precompute = cfg.teacher.precompute_outputs
+    if teacher is not None and (precompute or (precompute is None and not cfg.data.augment)):
+        datamodule.setup("fit")
+        device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        teacher_outputs = compute_teacher_logits(teacher, datamodule.train_set, device=device)
+        datamodule.index_train = True
+        log.info("teacher: logits for %d training samples precomputed once", len(teacher_outputs))
     teacher_seconds = time.perf_counter() - start
 
     L.seed_everything(int(cfg.seed), workers=True)
@@ -91,6 +123,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         cfg.optim,
         shape["num_classes"],
         hparams={"config": resolved, "shape": shape, "teacher": teacher_info.as_dict() if teacher_info else None},
+        teacher_outputs=teacher_outputs,
     )
 
     checkpoint_cb = ModelCheckpoint(
@@ -103,6 +136,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = build_loggers(cfg, output_dir, resolved)
     callbacks: list[Callback] = [checkpoint_cb, *_progress_callbacks(cfg)]
+    qat = _qat_callback(cfg, shape, output_dir, resolved)
+    if qat is not None:
+        callbacks.append(qat)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks)
@@ -114,16 +150,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     [result] = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     student_seconds = time.perf_counter() - student_start
 
+    student_summary: dict[str, Any] = {
+        "arch": cfg.student.name,
+        "params": count_parameters(student),
+        "test_acc": float(result["test/acc"]),
+        "size_bytes": serialized_size_bytes(student),
+        "best_checkpoint": best,
+        "train_seconds": student_seconds,
+    }
+    if qat is not None and qat.report:
+        student_summary.update(qat.report)
+        student_summary["size_bytes"] = qat.report["size_bytes_fp32"]
+    teacher_summary = None
+    if teacher_info:
+        teacher_summary = {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(teacher)}
+        if qat is not None and trainer.is_global_zero:  # the teacher's latency alongside the student's
+            lat = latency.measure(teacher.cpu(), qat.sample_shape, qat.latency_batch_size, qat.report.get("latency_threads"))
+            teacher_summary.update(latency_ms=lat["latency_ms"], latency_ms_batch=lat["latency_ms_batch"])
     summary = {
-        "teacher": {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(teacher)} if teacher_info else None,
-        "student": {
-            "arch": cfg.student.name,
-            "params": count_parameters(student),
-            "test_acc": float(result["test/acc"]),
-            "size_bytes": serialized_size_bytes(student),
-            "best_checkpoint": best,
-            "train_seconds": student_seconds,
-        },
+        "teacher": teacher_summary,
+        "student": student_summary,
         "data": {"name": cfg.data.name, **shape},
         "hparams": {
             "temperature": cfg.loss.temperature,
@@ -133,7 +179,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "max_epochs": cfg.trainer.max_epochs,
             "batch_size": cfg.data.batch_size,
             "seed": cfg.seed,
+            "bits": cfg.quant.bits,
         },
+        "teacher_outputs": None if teacher is None else ("precomputed" if teacher_outputs is not None else "live"),
         "wall_time_s": time.perf_counter() - start,
         "teacher_time_s": teacher_seconds,
         "run_dir": str(output_dir),

@@ -34,14 +34,39 @@ def _fmt_int(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
+def _fmt_ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
+
+
 def print_comparison(summary: dict[str, Any], console: Console | None = None) -> None:
-    """A rich table: one row per model (teacher, student) with accuracy, parameters and size."""
+    """A rich table: one row per model (teacher, student, quantized student) with accuracy,
+    parameters, size and, when measured, CPU latency at batch 1 and at the large batch."""
+    s = summary["student"]
+    batch = s.get("latency_batch_size")
     table = Table(title=f"distill: {summary['data']['name']} — teacher vs student")
-    for col in ("model", "arch", "test acc", "params", "size (bytes)"):
+    columns = ["model", "arch", "test acc", "params", "size (bytes)", "latency b=1 (ms)", f"latency b={batch or '-'} (ms)"]
+    for col in columns:
         table.add_column(col, justify="left" if col in ("model", "arch") else "right")
     teacher = summary.get("teacher")
     if teacher:
-        table.add_row("teacher", teacher["arch"], _fmt_acc(teacher.get("test_acc")), _fmt_int(teacher.get("params")), _fmt_int(teacher.get("size_bytes")))
-    s = summary["student"]
-    table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")))
+        table.add_row(
+            "teacher", teacher["arch"], _fmt_acc(teacher.get("test_acc")), _fmt_int(teacher.get("params")),
+            _fmt_int(teacher.get("size_bytes")), _fmt_ms(teacher.get("latency_ms")), _fmt_ms(teacher.get("latency_ms_batch")),
+        )
+    if s.get("bits"):
+        table.add_row(
+            "student fp32", s["arch"], _fmt_acc(s.get("acc_fp32")), _fmt_int(s.get("params")),
+            _fmt_int(s.get("size_bytes_fp32")), _fmt_ms(s.get("latency_ms_fp32")), _fmt_ms(s.get("latency_ms_fp32_batch")),
+        )
+        table.add_row(
+            f"student int{s['bits']}", s["arch"], _fmt_acc(s.get("acc_quant")), _fmt_int(s.get("params")),
+            _fmt_int(s.get("size_bytes_quant")), _fmt_ms(s.get("latency_ms_quant")), _fmt_ms(s.get("latency_ms_quant_batch")),
+        )
+    else:
+        table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")), "-", "-")
     (console or Console()).print(table)
+    if s.get("bits"):
+        (console or Console()).print(
+            f"quantized student: {s['compression']:.2f}x smaller than fp32; artifact {s['artifact']} "
+            f"(TorchScript: {s['torchscript']}); latency with {s['latency_threads']} thread(s)"
+        )

@@ -52,9 +52,12 @@ def make_cfg(tmp_path: Path, cache_dir: Path) -> Callable[..., DictConfig]:
 FAST = ["debug=fast", "logger=csv"]
 
 
-def run_script(script: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run train.py / evaluate.py as a user would, in its own process."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+def run_script(
+    script: str, *args: str, cwd: Path, env: dict[str, str | None] | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess:
+    """Run train.py / evaluate.py as a user would, in its own process (``env`` value None: unset)."""
+    merged = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    full_env = {k: v for k, v in merged.items() if v is not None}
     return subprocess.run(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,

@@ -12,7 +12,7 @@ from distill.models import build_student, build_teacher
 
 from .conftest import CONF
 
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "trainer", "logger", "experiment", "debug")}
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "quant", "trainer", "logger", "experiment", "debug")}
 
 
 def test_expected_choices_exist():
@@ -97,12 +97,20 @@ BAD_RANGES = [
     ("teacher.name=resnet1000", "teacher.name"),
     ("data.name=mnist", "data.name"),
     ("logger.wandb.mode=sometimes", "logger.wandb.mode"),
+    ("quant.bits=1", "quant.bits"),
+    ("quant.bits=9", "quant.bits"),
+    ("quant.backend=arm", "quant.backend"),
+    ("quant.start_epoch=-1", "quant.start_epoch"),
+    ("quant.latency_batch_size=0", "quant.latency_batch_size"),
+    ("teacher.precompute_outputs=true data.augment=true", "teacher.precompute_outputs"),
+    ("quant.bits=8 quant.start_epoch=3 quant.freeze_observers_epoch=3", "quant.freeze_observers_epoch"),
+    ("quant.bits=8 quant.start_epoch=30", "quant.start_epoch"),
 ]
 
 
 @pytest.mark.parametrize(("override", "key"), BAD_RANGES)
 def test_out_of_range_value_names_the_key(make_cfg, override, key):
-    cfg = make_cfg(override)
+    cfg = make_cfg(*override.split())
     with pytest.raises(ConfigError) as info:
         validate(cfg)
     assert str(info.value).startswith(key)

@@ -1,0 +1,122 @@
+"""End-to-end runs of the real pipeline on composed configs (fast_dev_run or a few batches)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distill.pipeline import run
+
+from .conftest import FAST, run_script
+
+pytestmark = pytest.mark.integration
+
+# A small teacher keeps these runs quick; the default (resnet50) is exercised in test_default_teacher.
+QUICK = [*FAST, "teacher=resnet18"]
+SHORT_RUN = ["logger=csv", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
+             "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+
+
+@pytest.mark.parametrize("student", ["mlp", "cnn", "resnet18", "mobilenet_v3_small"])
+def test_fast_dev_run_every_student(make_cfg, student):
+    summary = run(make_cfg(*QUICK, f"student={student}"))
+    assert summary["student"]["arch"] == student
+    assert 0.0 <= summary["student"]["test_acc"] <= 1.0
+    saved = json.loads((Path(summary["run_dir"]) / "summary.json").read_text())
+    assert saved["student"]["params"] == summary["student"]["params"] > 0
+    assert saved["teacher"]["arch"] == "resnet18" and saved["teacher"]["source"] == "trained"
+
+
+def test_default_teacher_fast_dev_run(make_cfg):
+    summary = run(make_cfg(*FAST))
+    assert summary["teacher"]["arch"] == "resnet50" and summary["teacher"]["params"] > 20_000_000
+
+
+def test_synthetic_rgb_data(make_cfg):
+    summary = run(make_cfg(*QUICK, "data=synthetic", "student=cnn", "data.num_classes=4"))
+    assert summary["data"] == {"name": "synthetic", "num_classes": 4, "channels": 3, "image_size": 32}
+
+
+def test_alpha_zero_builds_no_teacher(make_cfg, cache_dir):
+    summary = run(make_cfg(*QUICK, "loss.alpha=0"))
+    assert summary["teacher"] is None
+    assert not cache_dir.exists()
+
+
+def test_second_run_reuses_the_cached_teacher(make_cfg):
+    first = run(make_cfg(*QUICK))
+    second = run(make_cfg(*QUICK))
+    assert (first["teacher"]["source"], second["teacher"]["source"]) == ("trained", "cache")
+    assert first["teacher"]["test_acc"] == second["teacher"]["test_acc"]
+
+
+def test_teacher_stays_frozen_and_out_of_checkpoints(make_cfg, tmp_path):
+    summary = run(make_cfg(*SHORT_RUN))
+    ckpt = torch.load(summary["student"]["best_checkpoint"], map_location="cpu", weights_only=True)
+    assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
+    assert ckpt["hyper_parameters"]["config"]["student"]["name"] == "mlp"
+    # the cached teacher did not move while the student trained
+    from distill.teacher import TeacherCache
+
+    entry = torch.load(summary["teacher"]["path"], weights_only=True)
+    assert TeacherCache  # imported for clarity of what the entry is
+    assert entry["meta"]["test_acc"] == summary["teacher"]["test_acc"]
+
+
+def test_train_and_evaluate_scripts(tmp_path):
+    cache = tmp_path / "cache"
+    env = {"DISTILL_CACHE_DIR": str(cache)}
+    result = run_script("train.py", *SHORT_RUN, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert "teacher vs student" in result.stdout
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert last.is_file()
+    ev = run_script("evaluate.py", f"ckpt_path={summary['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"{100 * summary['student']['test_acc']:.2f} %" in ev.stdout
+    # resume the student's training from the last checkpoint for one more epoch
+    more = run_script("train.py", *SHORT_RUN, "trainer.max_epochs=3", f"ckpt_path={last}", f"hydra.run.dir={tmp_path}/run2", cwd=tmp_path, env=env)
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert "teacher: reusing cached resnet18" in more.stdout + more.stderr
+
+
+def test_evaluate_rejects_a_corrupt_checkpoint(tmp_path):
+    bad = tmp_path / "broken.ckpt"
+    bad.write_bytes(b"\x00" * 100)
+    ev = run_script("evaluate.py", f"ckpt_path={bad}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert ev.returncode == 2
+    assert "broken.ckpt" in ev.stderr and "corrupt" in ev.stderr
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("loss.temperature=0", "loss.temperature=0.0 is out of range: must be a finite number > 0"),
+        ("loss.alpha=2", "loss.alpha=2.0 is out of range: must be in [0, 1]"),
+        ("student.name=vit", "unknown student 'vit'; choose from"),
+        ("loss.temprature=3", "temprature"),
+        ("student=transformer", "student/transformer"),
+    ],
+)
+def test_bad_input_exits_nonzero_naming_the_key(tmp_path, override, message):
+    result = run_script("train.py", *FAST, override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+                        env={"DISTILL_CACHE_DIR": str(tmp_path / "cache")})
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (tmp_path / "cache").exists()  # failed before any teacher work
+
+
+def test_wandb_runs_offline_without_credentials(tmp_path):
+    # No key in the environment, none in a netrc: W&B must neither prompt nor fail, but log offline.
+    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache"), "HOME": str(tmp_path), "NETRC": str(tmp_path / "no-netrc"),
+           "WANDB_API_KEY": None, "WANDB_MODE": None}
+    args = [a for a in SHORT_RUN if a != "logger=csv"]
+    result = run_script("train.py", *args, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb")), "the offline run holds its data for `wandb sync`"

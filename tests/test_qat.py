@@ -1,0 +1,182 @@
+"""Quantization-aware training: the callback on every student, conversion, the packed artifact, resume."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import OmegaConf
+
+from distill import quant_backend
+from distill.data import build_datamodule
+from distill.losses import KDLoss
+from distill.models import STUDENTS, build_student
+from distill.module import DistillationModule
+from distill.qat import QuantizationAwareTraining
+from distill.quant_artifact import load_quantized, pack_codes, unpack_codes
+
+OPTIM = OmegaConf.create({"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "momentum": 0.9, "scheduler": "none", "warmup_epochs": 0})
+STUDENT_CFG = {"hidden_sizes": [64, 32], "channels": [8, 16], "dropout": 0.0}
+
+
+def _student_cfg(name: str) -> dict:
+    return {"name": name, **STUDENT_CFG}
+
+
+def _digits(batch_size: int = 64):
+    dm = build_datamodule(OmegaConf.create({
+        "name": "digits", "batch_size": batch_size, "num_workers": 0, "pin_memory": False, "persistent_workers": False,
+        "val_fraction": 0.1, "test_fraction": 0.2, "split_seed": 0, "augment": False, "root": None,
+        "num_samples": 0, "mean": None, "std": None, "num_classes": None, "channels": None, "image_size": None,
+    }))
+    dm.setup("fit")
+    return dm
+
+
+def _fit(name: str, bits: int, tmp_path, epochs: int = 1, limit: int | None = 2, **qat_kwargs):
+    dm = _digits()
+    torch.manual_seed(0)
+    student = build_student(OmegaConf.create(_student_cfg(name)), **dm.shape)
+    module = DistillationModule(student, None, KDLoss(1.0, 0.0), OPTIM, dm.num_classes)
+    qat = QuantizationAwareTraining(
+        bits=bits, shape=dm.shape, output_dir=tmp_path / "out", latency_batch_size=8,
+        student_cfg=_student_cfg(name), data_cfg=OmegaConf.to_container(dm.cfg), **qat_kwargs,
+    )
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer = L.Trainer(
+        max_epochs=epochs, limit_train_batches=limit, limit_val_batches=limit, accelerator="cpu",
+        logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[qat, ckpt],
+    )
+    trainer.fit(module, datamodule=dm)
+    return module, qat, dm, trainer, ckpt
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_pack_codes_round_trips(bits):
+    low = -(2 ** (bits - 1)) + 1
+    values = torch.randint(low, 2 ** (bits - 1), (1001,))
+    packed = pack_codes(values, bits, low)
+    assert packed.numel() == (1001 * bits + 7) // 8  # b bits per value, no more
+    assert torch.equal(unpack_codes(packed, bits, low, 1001), values)
+
+
+def test_pack_codes_refuses_out_of_range_values():
+    with pytest.raises(ValueError, match="outside the 4-bit range"):
+        pack_codes(torch.tensor([0, 16]), 4, 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4, 3, 2])
+def test_quant_range_is_b_bits(bits):
+    lo, hi = quant_backend.quant_range(bits, signed=True)
+    assert (lo, hi) == (-(2 ** (bits - 1)) + 1, 2 ** (bits - 1) - 1)
+    assert quant_backend.quant_range(bits, signed=False) == (0, 2**bits - 1)
+
+
+@pytest.mark.parametrize("name", sorted(STUDENTS))
+def test_callback_trains_converts_and_round_trips_every_student(name, tmp_path):
+    bits = 4
+    module, qat, dm, trainer, _ = _fit(name, bits, tmp_path)
+    assert quant_backend.is_prepared(module.student)
+    report = qat.convert_and_measure(module.student, dm.test_dataloader())
+    for key in ("acc_fp32", "acc_quant", "size_bytes_fp32", "size_bytes_quant", "compression", "latency_ms_fp32", "latency_ms_quant"):
+        assert key in report
+    # The converted model holds b-bit integers only.
+    quantized, meta = load_quantized(report["artifact"])
+    assert meta["bits"] == bits
+    lo, hi = quant_backend.quant_range(bits, signed=True)
+    for value in quantized.state_dict().values():
+        weights = [v for v in (value if isinstance(value, tuple) else (value,)) if isinstance(v, torch.Tensor) and v.is_quantized]
+        for w in weights:
+            assert lo <= int(w.int_repr().min()) and int(w.int_repr().max()) <= hi
+    # Loading the artifact back gives the saved model bit for bit.
+    fresh = quant_backend.convert(module.student)
+    x = next(iter(dm.test_dataloader()))[0]
+    assert torch.equal(quantized(x), fresh(x))
+    assert report["size_bytes_quant"] < report["size_bytes_fp32"]
+
+
+def test_artifact_size_follows_the_bit_width(tmp_path):
+    # The default-size MLP: weights dominate the file, so its size tracks b/32 of the fp32 one.
+    from distill.quant_artifact import save_quantized
+    from distill.report import serialized_size_bytes
+
+    cfg = {"name": "mlp", "hidden_sizes": [256, 128], "dropout": 0.0}
+    shape = {"num_classes": 10, "channels": 1, "image_size": 8}
+    student = build_student(OmegaConf.create(cfg), **shape)
+    fp32 = serialized_size_bytes(student)
+    sizes = {}
+    for bits in (8, 4, 2):
+        prepared = quant_backend.prepare_qat(student, bits, True, torch.zeros(1, 1, 8, 8))
+        prepared(torch.randn(32, 1, 8, 8))  # calibrate the observers
+        path = save_quantized(tmp_path / f"q{bits}.pt", quant_backend.convert(prepared), bits=bits, backend="x86",
+                              per_channel=True, student_cfg=cfg, shape=shape)
+        sizes[bits] = path.stat().st_size
+    assert fp32 / sizes[8] > 3.3 and fp32 / sizes[4] > 5.5 and fp32 / sizes[2] > 8
+
+
+def test_fake_quant_and_converted_accuracy_agree(tmp_path):
+    module, qat, dm, *_ = _fit("mlp", 8, tmp_path, epochs=3, limit=None)
+    report = qat.convert_and_measure(module.student, dm.test_dataloader())
+    assert report["acc_quant"] > 0.8  # it learned something, so the comparison means something
+    assert abs(report["acc_fakequant"] - report["acc_quant"]) <= 0.005
+
+
+def test_schedule_switches_fake_quant_on_at_start_epoch(tmp_path):
+    module, qat, *_ = _fit("cnn", 8, tmp_path, epochs=1, start_epoch=1)
+    fq = list(quant_backend.fake_quant_modules(module.student))
+    assert fq and all(int(m.fake_quant_enabled) == 0 for m in fq)  # epoch 0: fp32 distillation
+    qat.apply_schedule(module.student, 1)
+    assert all(int(m.fake_quant_enabled) == 1 and int(m.observer_enabled) == 1 for m in fq)
+    qat.freeze_observers_epoch = 2
+    qat.apply_schedule(module.student, 2)
+    assert all(int(m.fake_quant_enabled) == 1 and int(m.observer_enabled) == 0 for m in fq)
+
+
+def test_resume_in_the_middle_of_qat_restores_scales(tmp_path):
+    module, qat, dm, trainer, ckpt = _fit("cnn", 8, tmp_path, epochs=1)
+    saved = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=True)
+    scales = {k: v for k, v in saved["state_dict"].items() if k.endswith(".scale") and "student." in k}
+    assert scales and any(not torch.all(v == 1.0) for v in scales.values()), "observers set real scales"
+
+    # A new process would build a float student; the callback prepares it before the restore.
+    torch.manual_seed(123)
+    student = build_student(OmegaConf.create(_student_cfg("cnn")), **dm.shape)
+    resumed = DistillationModule(student, None, KDLoss(1.0, 0.0), OPTIM, dm.num_classes)
+    qat2 = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path / "out2")
+    trainer2 = L.Trainer(
+        max_epochs=1, limit_train_batches=2, limit_val_batches=2, accelerator="cpu", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[qat2],
+    )
+    trainer2.fit(resumed, datamodule=dm, ckpt_path=ckpt.last_model_path)
+    state = resumed.state_dict()
+    for key, value in scales.items():
+        assert torch.equal(state[key], value), key
+
+
+def test_resume_with_other_bits_is_refused(tmp_path):
+    module, qat, dm, trainer, ckpt = _fit("mlp", 8, tmp_path, epochs=1)
+    student = build_student(OmegaConf.create(_student_cfg("mlp")), **dm.shape)
+    resumed = DistillationModule(student, None, KDLoss(1.0, 0.0), OPTIM, dm.num_classes)
+    qat4 = QuantizationAwareTraining(bits=4, shape=dm.shape, output_dir=tmp_path / "out2")
+    trainer2 = L.Trainer(max_epochs=2, limit_train_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[qat4])
+    with pytest.raises(Exception, match="quant.bits=4 but the checkpoint .* quant.bits=8"):
+        trainer2.fit(resumed, datamodule=dm, ckpt_path=ckpt.last_model_path)
+
+
+def test_torchscript_artifact_runs_with_plain_pytorch(tmp_path):
+    module, qat, dm, *_ = _fit("mlp", 8, tmp_path)
+    report = qat.convert_and_measure(module.student, dm.test_dataloader())
+    x = next(iter(dm.test_dataloader()))[0][:4]
+    expected = quant_backend.convert(module.student)(x)
+    torch.save(x, tmp_path / "x.pt")
+    # A fresh interpreter that never imports distill.
+    code = (
+        "import sys, torch; m = torch.jit.load(sys.argv[1]); x = torch.load(sys.argv[2]); "
+        "assert 'distill' not in sys.modules; torch.save(m(x), sys.argv[3])"
+    )
+    subprocess.run([sys.executable, "-c", code, report["torchscript"], str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True, cwd=tmp_path)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
