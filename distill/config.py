@@ -99,7 +99,7 @@ class QuantConfig:
     start_epoch: int = 0  # fp32 distillation before fake quantization begins
     freeze_observers_epoch: int | None = None  # from this epoch on, scales and zero points are fixed
     freeze_bn_epoch: int | None = None  # from this epoch on, BatchNorm statistics are fixed
-    latency_batch_size: int = 256  # the "large batch" of the latency measurement (besides batch 1)
+    latency_batch_size: int = 1024  # the "large batch" of the latency measurement (besides batch 1)
     latency_threads: int | None = None  # torch threads while measuring latency; null: torch's default
 
 
@@ -173,7 +173,9 @@ class TrainConfig:
 
 @dataclass
 class EvaluateConfig:
-    ckpt_path: str = MISSING
+    ckpt_path: str | None = None  # a training checkpoint or a student_quant.pt.xz artifact
+    runs: Any = None  # or: run directories / a multirun directory to compare (a path or a list)
+    out_dir: str | None = None  # where runs= writes comparison.{md,csv}; null: the first runs path
     data: Any = None  # overrides of the checkpoint's data settings, e.g. data.root
     batch_size: int | None = None
     accelerator: str = "cpu"

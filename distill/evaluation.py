@@ -13,9 +13,10 @@ from rich.table import Table
 from torch import nn
 
 from distill.checkpoint_io import CheckpointError, load_checkpoint
+from distill.config import ConfigError
 from distill.data import BaseDataModule, build_datamodule
 from distill.models import build_student, count_parameters
-from distill.report import serialized_size_bytes
+from distill.report import make_console, serialized_size_bytes
 
 STUDENT_PREFIX = "student."
 
@@ -80,13 +81,13 @@ def accuracy_on_test_split(model: nn.Module, datamodule: BaseDataModule, device:
 
 def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
     """Test accuracy, parameters and size of a training checkpoint or a quantized artifact."""
-    from distill.quant_artifact import FORMAT
+    from distill.quant_artifact import is_quantized_artifact
 
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else {}
     if cfg.batch_size:
         overrides["batch_size"] = cfg.batch_size
     path = Path(cfg.ckpt_path)
-    if load_checkpoint(path, what="student checkpoint").get("format") == FORMAT:
+    if path.is_file() and is_quantized_artifact(path):
         model, datamodule, meta = load_quantized_student(path, overrides)
         arch, data_name, kind = meta["student"]["name"], meta["data"]["name"], f"{meta['bits']}-bit quantized"
         params = count_parameters(build_student(OmegaConf.create(meta["student"]), **meta["shape"]))
@@ -111,5 +112,26 @@ def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict
     for col in ("student", "kind", "data", "test acc", "params", "size (bytes)"):
         table.add_column(col, justify="left" if col in ("student", "kind", "data") else "right")
     table.add_row(arch, kind, data_name, f"{100 * result['test_acc']:.2f} %", f"{params:,}", f"{size:,}")
-    (console or Console()).print(table)
+    (console or make_console()).print(table)
     return result
+
+
+def compare_runs(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
+    """``runs=PATH``: the trade-off table of finished runs, printed and written as Markdown and CSV."""
+    from distill.comparison import compare, to_markdown, write_comparison
+
+    paths = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
+    rows = compare(paths)
+    written = write_comparison(rows, cfg.out_dir or paths[0])
+    out = console or make_console()
+    out.print(to_markdown(rows), markup=False)
+    for kind, path in written.items():
+        out.print(f"{kind}: {path}", markup=False)
+    return {"rows": rows, "files": {k: str(v) for k, v in written.items()}}
+
+
+def evaluate(cfg: DictConfig) -> dict[str, Any]:
+    """``evaluate.py``: one checkpoint (``ckpt_path=``) or a comparison of runs (``runs=``)."""
+    if bool(cfg.ckpt_path) == bool(cfg.runs):
+        raise ConfigError("evaluate.py needs exactly one of ckpt_path=PATH (a student) or runs=PATH (runs to compare)")
+    return evaluate_checkpoint(cfg) if cfg.ckpt_path else compare_runs(cfg)

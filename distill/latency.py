@@ -16,10 +16,22 @@ def latency_ms(model: nn.Module, example: torch.Tensor, threads: int | None = No
     """Median milliseconds per ``model(example)`` call on CPU, with ``threads`` torch threads."""
     from torch.utils.benchmark import Timer
 
+    import time
+
     model = model.eval()
     threads = threads or torch.get_num_threads()
-    for _ in range(3):  # warm-up: first calls allocate and pick kernels
-        model(example)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        # Warm-up: the first calls allocate and pick kernels. A slow model (a ResNet-50 on a big
+        # batch) is warm after one call, and more would only cost time.
+        for _ in range(3):
+            start = time.perf_counter()
+            model(example)
+            if time.perf_counter() - start > 0.1:
+                break
+    finally:
+        torch.set_num_threads(previous)
     timer = Timer(stmt="model(x)", globals={"model": model, "x": example}, num_threads=threads)
     return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
 

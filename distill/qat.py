@@ -7,7 +7,8 @@ The LightningModule knows nothing about quantization. This callback
    (conv-BN fused, fake quantizers on weights and activations; see distill/quant_backend.py);
 2. at every epoch start applies the schedule, a pure function of the epoch (so resuming lands in
    the same state): fp32 distillation before ``start_epoch``, fake quantization from then on,
-   observers frozen from ``freeze_observers_epoch``, BatchNorm statistics from ``freeze_bn_epoch``;
+   observers frozen from ``freeze_observers_epoch``, BatchNorm statistics from ``freeze_bn_epoch``
+   (observers never run on validation or test data);
 3. after testing (the weights that were tested: the best checkpoint) converts the student to a
    real integer model, evaluates the **converted** model on the test split, saves it (b-bit packed
    artifact plus a TorchScript file) and measures sizes and CPU latencies. :attr:`report` holds
@@ -32,7 +33,7 @@ from distill.report import serialized_size_bytes
 
 log = logging.getLogger(__name__)
 
-ARTIFACT = "student_quant.pt"
+ARTIFACT = "student_quant.pt.xz"
 TORCHSCRIPT = "student_quant.torchscript.pt"
 
 
@@ -91,6 +92,28 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.apply_schedule(pl_module.student, trainer.current_epoch)
+
+    # Observers update their ranges whenever they run, in eval mode too. Only training data may
+    # move the scales: evaluation must measure the model, not change it.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        quant_backend.set_observers(pl_module.student, False)
+        if trainer.sanity_checking and not self._calibrated(pl_module.student):
+            quant_backend.set_fake_quant(pl_module.student, False)  # no ranges yet: check in fp32
+
+    @staticmethod
+    def _calibrated(student: nn.Module) -> bool:
+        """Whether every observer has seen data (a fresh one holds an empty or infinite range)."""
+        for m in quant_backend.fake_quant_modules(student):
+            low = m.activation_post_process.min_val
+            if low.numel() == 0 or not torch.isfinite(low).all():
+                return False
+        return True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply_schedule(pl_module.student, trainer.current_epoch)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        quant_backend.set_observers(pl_module.student, False)
 
     def state_dict(self) -> dict[str, Any]:
         # The fake-quant state itself (scales, zero points, observer ranges) is in the model's

@@ -2,8 +2,10 @@
 
 PyTorch keeps quantized weights in int8 tensors whatever the bit width, so a 4-bit model saved
 with ``torch.save`` is as large as an 8-bit one. This artifact stores each quantized weight as a
-bit stream of b-bit codes (``numpy.packbits``) plus its scales and zero points; everything else
-in the converted model's state dict (float biases, activation scales) is stored as is. Loading
+bit stream of b-bit codes (``numpy.packbits``) plus its float32 scales (and zero points when not
+all zero); everything else in the converted model's state dict (float biases, activation scales)
+is stored as is. The ``torch.save`` payload is then xz-compressed (stdlib ``lzma``), which
+entropy-codes the integer codes (trained weights cluster near zero). Loading
 rebuilds the student from the config inside, prepares and converts it the same way, and loads the
 unpacked state: the result equals the saved model exactly (tested).
 
@@ -13,7 +15,9 @@ file that plain PyTorch runs without this package (``torch.jit.load``), at int8 
 
 from __future__ import annotations
 
+import io
 import json
+import lzma
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -22,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.atomic import atomic_torch_save, atomic_write
-from distill.checkpoint_io import CheckpointError, load_checkpoint
+from distill.atomic import atomic_write
+from distill.checkpoint_io import CheckpointError
 
 FORMAT = "distill.quantized-student/1"
+_XZ_MAGIC = b"\xfd7zXZ\x00"
 
 
 def pack_codes(values: torch.Tensor, bits: int, low: int) -> torch.Tensor:
@@ -116,7 +121,31 @@ def save_quantized(
         "format": FORMAT, "bits": bits, "backend": backend, "per_channel": per_channel,
         "student": student_cfg, "shape": shape, "data": data_cfg, "state": state, "metadata": metadata,
     }
-    return atomic_torch_save(payload, path)
+    # The integer codes are not uniformly distributed (trained weights cluster around zero), so an
+    # entropy coder shrinks them further, as Deep Compression's Huffman stage does (Han et al. 2016).
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    data = lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME)
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def is_quantized_artifact(path: str | Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(_XZ_MAGIC)) == _XZ_MAGIC
+
+
+def _read_payload(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"quantized student not found: {path}")
+    try:
+        raw = lzma.decompress(path.read_bytes())
+        payload = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or not an artifact at all
+        raise CheckpointError(f"quantized student {path} is corrupt or not a distill artifact: {type(err).__name__}: {err}") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a distill quantized student (expected format {FORMAT})")
+    return payload
 
 
 def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
@@ -126,9 +155,7 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     from distill.models import build_student
     from distill.quant_backend import convert, prepare_qat
 
-    payload = load_checkpoint(path, what="quantized student")
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a distill quantized student (format {payload.get('format')!r})")
+    payload = _read_payload(path)
     shape = payload["shape"]
     student = build_student(OmegaConf.create(payload["student"]), **shape)
     example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
@@ -145,7 +172,6 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def save_torchscript(path: str | Path, model: nn.Module, example: torch.Tensor, meta: dict[str, Any]) -> Path:
     """A TorchScript copy of the converted model: ``torch.jit.load(path)`` runs it with plain PyTorch."""
-    import io
     import warnings
 
     with warnings.catch_warnings():

@@ -15,6 +15,13 @@ from torch import nn
 from distill.atomic import atomic_write_text
 
 
+def make_console() -> Console:
+    """A rich console; when output goes to a file or a job log, wide enough that tables don't wrap."""
+    import sys
+
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
 def serialized_size_bytes(model: nn.Module) -> int:
     """Bytes of ``torch.save(model.state_dict())``: what the artifact costs on disk."""
     buffer = io.BytesIO()
@@ -64,9 +71,9 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
         )
     else:
         table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")), "-", "-")
-    (console or Console()).print(table)
+    (console or make_console()).print(table)
     if s.get("bits"):
-        (console or Console()).print(
+        (console or make_console()).print(
             f"quantized student: {s['compression']:.2f}x smaller than fp32; artifact {s['artifact']} "
             f"(TorchScript: {s['torchscript']}); latency with {s['latency_threads']} thread(s)"
         )

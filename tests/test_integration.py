@@ -120,3 +120,37 @@ def test_wandb_runs_offline_without_credentials(tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "the offline run holds its data for `wandb sync`"
+
+
+def test_quantized_run_artifact_and_comparison(tmp_path):
+    # A short real QAT run: summary keys, the packed artifact, evaluate.py on it, and runs= comparison.
+    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_script("train.py", *SHORT_RUN, "student=cnn", "quant.bits=4", "quant.latency_batch_size=32",
+                        f"hydra.run.dir={tmp_path}/runs/q4", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "q4" / "summary.json").read_text())
+    student = summary["student"]
+    for key in ("acc_fp32", "acc_quant", "size_bytes_fp32", "size_bytes_quant", "compression", "latency_ms_fp32", "latency_ms_quant"):
+        assert isinstance(student[key], (int, float)), key
+    assert student["size_bytes_quant"] == (tmp_path / "runs" / "q4" / "student_quant.pt.xz").stat().st_size
+    assert "latency_ms" in summary["teacher"]
+    assert "student int4" in result.stdout
+    metrics = (tmp_path / "runs" / "q4" / "csv" / "metrics.csv").read_text()
+    assert "student/acc_quant" in metrics and "student/compression" in metrics
+
+    ev = run_script("evaluate.py", f"ckpt_path={student['artifact']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"{100 * student['acc_quant']:.2f} %" in ev.stdout and "4-bit quantized" in ev.stdout
+
+    (tmp_path / "runs" / "crashed" / ".hydra").mkdir(parents=True)
+    (tmp_path / "runs" / "crashed" / ".hydra" / "config.yaml").write_text("{}\n")
+    cmp = run_script("evaluate.py", f"runs={tmp_path}/runs", f"hydra.run.dir={tmp_path}/eval2", cwd=tmp_path)
+    assert cmp.returncode == 0, cmp.stderr[-3000:]
+    table = (tmp_path / "runs" / "comparison.md").read_text()
+    assert "unfinished" in table and f"{student['acc_quant']:.4f}" in table
+    assert (tmp_path / "runs" / "comparison.csv").is_file()
+
+
+def test_evaluate_needs_a_checkpoint_or_runs(tmp_path):
+    ev = run_script("evaluate.py", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert ev.returncode == 2 and "ckpt_path=PATH" in ev.stderr
