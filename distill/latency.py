@@ -14,9 +14,9 @@ from torch import nn
 @torch.inference_mode()
 def latency_ms(model: nn.Module, example: torch.Tensor, threads: int | None = None, min_run_time: float = 0.3) -> float:
     """Median milliseconds per ``model(example)`` call on CPU, with ``threads`` torch threads."""
-    from torch.utils.benchmark import Timer
-
     import time
+
+    from torch.utils.benchmark import Timer
 
     model = model.eval()
     threads = threads or torch.get_num_threads()

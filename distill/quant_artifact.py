@@ -108,6 +108,37 @@ def _decode(value: Any, bits: int) -> Any:
     return value
 
 
+def _to_blob(obj: Any, parts: list[bytes], offset: list[int]) -> Any:
+    """Replace every tensor in ``obj`` by a reference into one byte blob (``parts``).
+
+    One blob instead of one ``torch.save`` record per tensor: the per-record framing would
+    otherwise cost several KB, a tenth of a small quantized student."""
+    if isinstance(obj, torch.Tensor):
+        array = obj.detach().cpu().contiguous().numpy()
+        data = array.tobytes()
+        ref = {"kind": "array", "dtype": array.dtype.str, "shape": list(array.shape), "offset": offset[0], "nbytes": len(data)}
+        parts.append(data)
+        offset[0] += len(data)
+        return ref
+    if isinstance(obj, dict):
+        return {k: _to_blob(v, parts, offset) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_blob(v, parts, offset) for v in obj]
+    return obj
+
+
+def _from_blob(obj: Any, blob: bytes) -> Any:
+    if isinstance(obj, dict) and obj.get("kind") == "array":
+        start = obj["offset"]
+        array = np.frombuffer(blob[start : start + obj["nbytes"]], dtype=np.dtype(obj["dtype"]))
+        return torch.from_numpy(array.copy()).reshape(obj["shape"])
+    if isinstance(obj, dict):
+        return {k: _from_blob(v, blob) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_from_blob(v, blob) for v in obj]
+    return obj
+
+
 def save_quantized(
     path: str | Path, model: nn.Module, *, bits: int, backend: str, per_channel: bool,
     student_cfg: dict[str, Any], shape: dict[str, int], data_cfg: dict[str, Any] | None = None,
@@ -117,15 +148,21 @@ def save_quantized(
     state = {k: _encode(v, bits) for k, v in full_state.items()}
     # Quantized modules read their format version from the state dict's metadata when loading.
     metadata = {k: dict(v) for k, v in getattr(full_state, "_metadata", {}).items()}
+    parts: list[bytes] = []
+    state = _to_blob(state, parts, [0])
     payload = {
         "format": FORMAT, "bits": bits, "backend": backend, "per_channel": per_channel,
         "student": student_cfg, "shape": shape, "data": data_cfg, "state": state, "metadata": metadata,
+        "blob": torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8),
     }
     # The integer codes are not uniformly distributed (trained weights cluster around zero), so an
     # entropy coder shrinks them further, as Deep Compression's Huffman stage does (Han et al. 2016).
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    data = lzma.compress(buffer.getvalue(), preset=9 | lzma.PRESET_EXTREME)
+    # lc=0, pb=0: the codes are close to independent symbols, so conditioning the literal coder on
+    # the previous byte or on the position only dilutes its statistics (measured: ~2 % smaller).
+    filters = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "lc": 0, "lp": 0, "pb": 0}]
+    data = lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ, filters=filters)
     return atomic_write(path, lambda fh: fh.write(data))
 
 
@@ -160,13 +197,14 @@ def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     student = build_student(OmegaConf.create(payload["student"]), **shape)
     example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
     model = convert(prepare_qat(student, payload["bits"], payload["per_channel"], example, payload["backend"]), payload["backend"])
-    state = OrderedDict((k, _decode(v, payload["bits"])) for k, v in payload["state"].items())
+    blob = payload["blob"].numpy().tobytes()
+    state = OrderedDict((k, _decode(_from_blob(v, blob), payload["bits"])) for k, v in payload["state"].items())
     state._metadata = OrderedDict(payload.get("metadata") or {})  # type: ignore[attr-defined]
     try:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"quantized student {path} does not match its own config: {err}") from err
-    meta = {k: v for k, v in payload.items() if k not in ("state", "metadata")}
+    meta = {k: v for k, v in payload.items() if k not in ("state", "metadata", "blob")}
     return model.eval(), meta
 
 

@@ -142,6 +142,11 @@ def test_quantized_run_artifact_and_comparison(tmp_path):
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert f"{100 * student['acc_quant']:.2f} %" in ev.stdout and "4-bit quantized" in ev.stdout
 
+    # The QAT training checkpoint too (the fake-quant student is prepared before its weights load).
+    ev = run_script("evaluate.py", f"ckpt_path={tmp_path}/runs/q4/checkpoints/last.ckpt", f"hydra.run.dir={tmp_path}/eval1", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert "4-bit QAT (fake-quant)" in ev.stdout
+
     (tmp_path / "runs" / "crashed" / ".hydra").mkdir(parents=True)
     (tmp_path / "runs" / "crashed" / ".hydra" / "config.yaml").write_text("{}\n")
     cmp = run_script("evaluate.py", f"runs={tmp_path}/runs", f"hydra.run.dir={tmp_path}/eval2", cwd=tmp_path)
