@@ -104,6 +104,24 @@ class QuantConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Pruning of the student (``prune.method=magnitude|structured``); see distill/pruning.py."""
+
+    method: str = "none"  # none | magnitude (unstructured L1) | structured (channels/neurons, Ln)
+    amount: float = 0.5  # final sparsity: fraction of weights (magnitude) or channels (structured)
+    scope: str = "global"  # global (one threshold for all layers) | layer; structured: layer only
+    schedule: str = "gradual"  # oneshot (at start_epoch) | gradual (Zhu & Gupta 2017)
+    start_epoch: int = 0
+    end_epoch: int = 10  # gradual: the final sparsity is reached here
+    frequency: int = 1  # gradual: prune every `frequency` epochs (or steps, with interval=step)
+    interval: str = "epoch"  # epoch | step
+    layers: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
+    norm: float = 2.0  # structured: the Ln norm that ranks channels
+    prune_classifier: bool = False  # magnitude: also prune the last Linear layer
+    remove_channels: bool = True  # structured: physically remove the zeroed channels after training
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
@@ -164,6 +182,7 @@ class TrainConfig:
     paths: PathsConfig = MISSING
     optim: OptimConfig = field(default_factory=OptimConfig)  # the student's optimizer
     quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
     seed: int = 0
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
@@ -256,6 +275,16 @@ _TRAIN_CHECKS: list[Check] = [
     ("quant.freeze_bn_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
     ("quant.latency_batch_size", _at_least(1), ">= 1"),
     ("quant.latency_threads", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("prune.method", _one_of("none", "magnitude", "structured"), "one of: none, magnitude, structured"),
+    ("prune.amount", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("prune.scope", _one_of("global", "layer"), "one of: global, layer"),
+    ("prune.schedule", _one_of("oneshot", "gradual"), "one of: oneshot, gradual"),
+    ("prune.start_epoch", _at_least(0), ">= 0"),
+    ("prune.end_epoch", _at_least(0), ">= 0"),
+    ("prune.frequency", _at_least(1), ">= 1"),
+    ("prune.interval", _one_of("epoch", "step"), "one of: epoch, step"),
+    ("prune.layers", lambda xs: len(xs) >= 1 and all(x in ("Linear", "Conv2d") for x in xs), "a non-empty list of: Linear, Conv2d"),
+    ("prune.norm", lambda x: x > 0, "> 0"),
 ] + [(f"optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS] + [
     (f"teacher.optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS
 ]
@@ -308,6 +337,19 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(
                 f"quant.start_epoch={quant.start_epoch} must be < trainer.max_epochs={epochs}, "
                 "or quantization-aware training never starts"
+            )
+    pr = cfg.get("prune")
+    if pr is not None and pr.method != "none":
+        if pr.method == "structured" and pr.scope != "layer":
+            raise ConfigError("prune.scope=global is not supported with prune.method=structured: use prune.scope=layer")
+        if pr.schedule == "gradual" and pr.end_epoch < pr.start_epoch:
+            raise ConfigError(f"prune.end_epoch={pr.end_epoch} must be >= prune.start_epoch={pr.start_epoch}")
+        epochs = cfg.trainer.max_epochs
+        last = pr.end_epoch if pr.schedule == "gradual" else pr.start_epoch
+        if not cfg.trainer.get("fast_dev_run") and epochs is not None and last >= epochs:
+            raise ConfigError(
+                f"prune.{'end_epoch' if pr.schedule == 'gradual' else 'start_epoch'}={last} must be < "
+                f"trainer.max_epochs={epochs}, or the target sparsity is never reached"
             )
     if cfg.teacher.precompute_outputs and data.augment:
         raise ConfigError(

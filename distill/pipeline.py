@@ -29,6 +29,7 @@ from distill.loggers import build_loggers
 from distill.losses import KDLoss
 from distill.models import build_student, count_parameters
 from distill.module import DistillationModule
+from distill.pruning import Pruning
 from distill.qat import QuantizationAwareTraining
 from distill.report import print_comparison, serialized_size_bytes, write_summary
 from distill.teacher import TeacherInfo, provision_teacher
@@ -85,6 +86,19 @@ def _qat_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path, reso
     )
 
 
+def _pruning_callback(cfg: DictConfig, shape: dict[str, int]) -> Pruning | None:
+    p = cfg.prune
+    if p.method == "none":
+        return None
+    return Pruning(
+        method=p.method, amount=p.amount, scope=p.scope, schedule=p.schedule, start_epoch=p.start_epoch,
+        end_epoch=p.end_epoch, frequency=p.frequency, interval=p.interval, layers=list(p.layers),
+        norm=p.norm, prune_classifier=p.prune_classifier, remove_channels=p.remove_channels,
+        sample_shape=(shape["channels"], shape["image_size"], shape["image_size"]),
+        latency_batch_size=cfg.quant.latency_batch_size, latency_threads=cfg.quant.latency_threads,
+    )
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil a student as ``cfg`` says; write and return the run summary."""
     start = time.perf_counter()
@@ -136,9 +150,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = build_loggers(cfg, output_dir, resolved)
     callbacks: list[Callback] = [checkpoint_cb, *_progress_callbacks(cfg)]
+    # QAT first: it replaces the student in its setup(), and pruning masks the replaced modules.
     qat = _qat_callback(cfg, shape, output_dir, resolved)
     if qat is not None:
         callbacks.append(qat)
+    pruning = _pruning_callback(cfg, shape)
+    if pruning is not None:
+        callbacks.append(pruning)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks)
@@ -161,6 +179,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if qat is not None and qat.report:
         student_summary.update(qat.report)
         student_summary["size_bytes"] = qat.report["size_bytes_fp32"]
+    if pruning is not None and pruning.report:
+        student_summary.update(pruning.report)
     teacher_summary = None
     if teacher_info:
         teacher_summary = {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(teacher)}
@@ -180,6 +200,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "batch_size": cfg.data.batch_size,
             "seed": cfg.seed,
             "bits": cfg.quant.bits,
+            "prune_method": cfg.prune.method,
+            "prune_amount": cfg.prune.amount if cfg.prune.method != "none" else None,
         },
         "teacher_outputs": None if teacher is None else ("precomputed" if teacher_outputs is not None else "live"),
         "wall_time_s": time.perf_counter() - start,
@@ -202,6 +224,10 @@ def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
         for key, value in (summary.get(role) or {}).items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 out[f"{role}/{key}"] = float(value)
+            elif isinstance(value, dict):  # e.g. sparsity_per_layer -> student/sparsity_per_layer/<layer>
+                for sub, v in value.items():
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
+                        out[f"{role}/{key}/{sub}"] = float(v)
     return out
 
 

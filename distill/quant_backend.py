@@ -125,8 +125,13 @@ def convert(prepared: nn.Module, backend: str = "x86") -> nn.Module:
     from torch.ao.quantization.quantize_fx import convert_fx
 
     set_engine(backend)
+    from distill.pruning import bake
+
+    # Pruning masks (torch.nn.utils.prune hooks) are baked into the weights first: conversion reads
+    # ``module.weight``, which a pruning hook only refreshes on the next forward pass.
+    model = bake(copy.deepcopy(prepared)).cpu().eval()
     with _quiet():
-        return convert_fx(copy.deepcopy(prepared).cpu().eval()).eval()
+        return convert_fx(model).eval()
 
 
 def fake_quant_modules(model: nn.Module) -> Iterator[nn.Module]:

@@ -72,8 +72,29 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
     else:
         table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")), "-", "-")
     (console or make_console()).print(table)
+    for line in pruning_lines(s):
+        (console or make_console()).print(line, markup=False)
     if s.get("bits"):
         (console or make_console()).print(
             f"quantized student: {s['compression']:.2f}x smaller than fp32; artifact {s['artifact']} "
             f"(TorchScript: {s['torchscript']}); latency with {s['latency_threads']} thread(s)"
         )
+
+
+def pruning_lines(student: dict[str, Any]) -> list[str]:
+    """What pruning did, in words, for the end-of-run printout."""
+    if not student.get("prune_method"):
+        return []
+    lines = [
+        f"pruned ({student['prune_method']}): sparsity {100 * student['sparsity']:.2f} %, "
+        f"{student['nonzero_params']:,} non-zero parameters, dense {student['size_bytes_dense']:,} bytes, "
+        f"sparse (bitmask + non-zero values) {student['size_bytes_sparse']:,} bytes"
+    ]
+    if "macs_after" in student:
+        lines.append(
+            f"channels removed: {student['macs_before']:,} -> {student['macs_after']:,} MACs, "
+            f"batch latency {student['latency_ms_batch_before_removal']:.3f} -> "
+            f"{student['latency_ms_batch_after_removal']:.3f} ms ({student['speedup_batch']:.2f}x faster), "
+            f"max |output difference| {student['max_abs_diff_after_removal']:.2e}"
+        )
+    return lines

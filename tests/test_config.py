@@ -12,7 +12,7 @@ from distill.models import build_student, build_teacher
 
 from .conftest import CONF
 
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "quant", "trainer", "logger", "experiment", "debug")}
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "quant", "prune", "trainer", "logger", "experiment", "debug")}
 
 
 def test_expected_choices_exist():
@@ -105,6 +105,16 @@ BAD_RANGES = [
     ("teacher.precompute_outputs=true data.augment=true", "teacher.precompute_outputs"),
     ("quant.bits=8 quant.start_epoch=3 quant.freeze_observers_epoch=3", "quant.freeze_observers_epoch"),
     ("quant.bits=8 quant.start_epoch=30", "quant.start_epoch"),
+    ("prune.method=random", "prune.method"),
+    ("prune.amount=1.0", "prune.amount"),
+    ("prune.amount=-0.1", "prune.amount"),
+    ("prune.scope=model", "prune.scope"),
+    ("prune.schedule=cubic", "prune.schedule"),
+    ("prune.frequency=0", "prune.frequency"),
+    ("prune.layers=[Attention]", "prune.layers"),
+    ("prune.method=structured prune.scope=global", "prune.scope"),
+    ("prune.method=magnitude prune.start_epoch=5 prune.end_epoch=2", "prune.end_epoch"),
+    ("prune.method=magnitude prune.end_epoch=30", "prune.end_epoch"),
 ]
 
 

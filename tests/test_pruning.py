@@ -1,0 +1,179 @@
+"""Pruning: the schedule, achieved sparsity, masks across checkpoints, channel removal, with QAT."""
+
+from __future__ import annotations
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from omegaconf import OmegaConf
+
+from distill import quant_backend
+from distill.channel_removal import count_macs, remove_pruned_channels
+from distill.losses import KDLoss
+from distill.models import build_student
+from distill.module import DistillationModule
+from distill.pruning import Pruning, effective, gradual_sparsity
+from distill.qat import QuantizationAwareTraining
+from distill.sparse_format import decode, encode, sparse_size_bytes
+from tests.test_qat import OPTIM, _digits
+
+SHAPE = {"num_classes": 10, "channels": 1, "image_size": 8}
+
+
+def _student(name: str):
+    torch.manual_seed(0)
+    cfg = {"name": name, "hidden_sizes": [256, 128], "channels": [32, 64, 128], "dropout": 0.0}
+    return build_student(OmegaConf.create(cfg), **SHAPE)
+
+
+class _Holder(torch.nn.Module):
+    """What the callback sees: a module with a ``student`` attribute."""
+
+    def __init__(self, student):
+        super().__init__()
+        self.student = student
+
+
+def _setup(callback: Pruning, student) -> _Holder:
+    holder = _Holder(student)
+    callback.setup(None, holder, "fit")
+    return holder
+
+
+def test_gradual_schedule_follows_zhu_and_gupta():
+    final, start, end = 0.8, 2, 10
+    assert gradual_sparsity(1, start, end, final) == 0.0
+    assert gradual_sparsity(start, start, end, final) == 0.0
+    assert gradual_sparsity(end, start, end, final) == pytest.approx(final)
+    assert gradual_sparsity(end + 5, start, end, final) == pytest.approx(final)
+    for t in (3, 6, 9):
+        expected = final * (1 - (1 - (t - start) / (end - start)) ** 3)
+        assert gradual_sparsity(t, start, end, final) == pytest.approx(expected)
+    values = [gradual_sparsity(t, start, end, final) for t in range(0, 12)]
+    assert values == sorted(values)  # sparsity only grows
+
+
+@pytest.mark.parametrize(("method", "scope"), [("magnitude", "global"), ("magnitude", "layer"), ("structured", "layer")])
+@pytest.mark.parametrize("student", ["mlp", "cnn"])
+def test_achieved_sparsity_matches_the_target(method, scope, student):
+    callback = Pruning(method, 0.7, scope=scope, schedule="oneshot")
+    holder = _setup(callback, _student(student))
+    callback.prune_to(0.3)
+    first = {p: m.weight_mask.clone() for p, m in callback._layers}
+    callback.prune_to(0.7)
+    report = callback.sparsity()
+    assert report["global"] == pytest.approx(0.7, abs=0.01)
+    if scope == "layer":
+        for path, value in report["per_layer"].items():
+            assert value == pytest.approx(0.7, abs=0.02), path
+    for path, module in callback._layers:  # what was pruned at 30 % stays pruned at 70 %
+        assert torch.all(module.weight_mask[first[path] == 0] == 0)
+    assert holder.student(torch.randn(4, 1, 8, 8)).shape == (4, 10)
+
+
+def test_structured_pruning_zeroes_whole_channels_with_their_batchnorm():
+    callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot")
+    holder = _setup(callback, _student("cnn"))
+    callback.prune_to(0.5)
+    conv = holder.student.features[0]
+    bn = holder.student.features[1]
+    dead = ~conv.weight_mask.flatten(1).any(dim=1)
+    assert int(dead.sum()) == 16
+    assert torch.all(effective(bn, "weight")[dead] == 0) and torch.all(effective(bn, "bias")[dead] == 0)
+    # The classifier keeps all of its outputs.
+    assert "head.2" not in dict(callback._layers)
+
+
+@pytest.mark.parametrize("student", ["mlp", "cnn"])
+def test_removing_pruned_channels_keeps_the_outputs(student):
+    callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot")
+    holder = _setup(callback, _student(student))
+    model = holder.student
+    # Non-trivial BatchNorm statistics, as after training.
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(256, 1, 8, 8) * 2 + 0.5)
+    callback.prune_to(0.5)
+    model.eval()
+    example = torch.zeros(1, 1, 8, 8)
+    shrunk, removed = remove_pruned_channels(model, example, [p for p, _ in callback._layers])
+    assert removed and all(n > 0 for n in removed.values())
+    x = torch.randn(32, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=1e-5)
+    assert sum(p.numel() for p in shrunk.parameters()) < 0.5 * sum(p.numel() for p in _student(student).parameters())
+    assert count_macs(shrunk, example) < 0.5 * count_macs(model, example)
+
+
+def test_sparse_encoding_round_trips_and_is_smaller():
+    callback = Pruning("magnitude", 0.7, schedule="oneshot")
+    holder = _setup(callback, _student("mlp"))
+    callback.prune_to(0.7)
+    from distill.pruning import bake
+
+    state = bake(holder.student).state_dict()
+    decoded = decode(encode(state))
+    assert all(torch.equal(decoded[k], state[k]) for k in state)
+    dense = sum(v.numel() * v.element_size() for v in state.values())
+    assert sparse_size_bytes(state) < 0.4 * dense  # 0.3 x 4 bytes + 1 bit per weight
+
+
+class _AssertMasked(Callback):
+    """Fails if any masked weight is non-zero when a training step starts."""
+
+    def __init__(self, masks: dict[str, torch.Tensor]) -> None:
+        self.masks, self.checked = masks, 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        modules = dict(pl_module.student.named_modules())
+        for path, mask in self.masks.items():
+            w = effective(modules[path], "weight")
+            assert torch.all(w[mask == 0] == 0), path
+        self.checked += 1
+
+
+def test_masks_survive_checkpoint_and_resume(tmp_path):
+    dm = _digits()
+    module = DistillationModule(_student("mlp"), None, KDLoss(1.0, 0.0), OPTIM, 10)
+    pruning = Pruning("magnitude", 0.6, schedule="oneshot", start_epoch=0)
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[pruning, ckpt])
+    trainer.fit(module, datamodule=dm)
+    saved = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=True)
+    masks = {k[len("student."):-len(".weight_mask")]: v for k, v in saved["state_dict"].items() if k.endswith("weight_mask")}
+    assert masks and sum(int((m == 0).sum()) for m in masks.values()) > 0
+
+    # A new process: a dense student; the callback re-creates the reparametrisation before restore.
+    resumed = DistillationModule(_student("mlp"), None, KDLoss(1.0, 0.0), OPTIM, 10)
+    check = _AssertMasked(masks)
+    trainer2 = L.Trainer(max_epochs=3, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[Pruning("magnitude", 0.6, schedule="oneshot", start_epoch=0), check])
+    trainer2.fit(resumed, datamodule=dm, ckpt_path=ckpt.last_model_path)
+    assert check.checked == 6  # every step of the two resumed epochs, from the first one
+    modules = dict(resumed.student.named_modules())
+    for path, mask in masks.items():
+        assert torch.equal(modules[path].weight_mask, mask)
+
+
+def test_pruning_with_qat_keeps_zeros_after_conversion(tmp_path):
+    dm = _digits()
+    module = DistillationModule(_student("cnn"), None, KDLoss(1.0, 0.0), OPTIM, 10)
+    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path)
+    pruning = Pruning("magnitude", 0.7, schedule="oneshot", start_epoch=0)
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[qat, pruning])
+    trainer.fit(module, datamodule=dm)
+    masks = {p: m.weight_mask.clone() for p, m in pruning._layers}
+    assert pruning.sparsity()["global"] == pytest.approx(0.7, abs=0.01)
+    quantized = quant_backend.convert(module.student)
+    qmodules = dict(quantized.named_modules())
+    checked = 0
+    for path, mask in masks.items():
+        weight = qmodules[path].weight()
+        assert torch.all(weight.int_repr()[mask == 0] == 0), path
+        checked += 1
+    assert checked == len(masks)
