@@ -33,7 +33,18 @@ def remove_pruned_channels(model: nn.Module, example: torch.Tensor, layer_paths:
     """A shrunk copy of ``model`` (masks baked in) without the zero output channels of ``layer_paths``."""
     import torch_pruning as tp
 
-    model = bake(copy.deepcopy(model)).cpu().eval()
+    # The dependency graph is traced through autograd, so leave Lightning's inference mode (the
+    # test loop calls us from on_test_end) and copy the weights into ordinary tensors.
+    with torch.inference_mode(False), torch.enable_grad():
+        return _remove(copy.deepcopy(model), example.clone(), layer_paths, tp)
+
+
+def _remove(model: nn.Module, example: torch.Tensor, layer_paths: list[str], tp) -> tuple[nn.Module, dict[str, int]]:
+    model = bake(model).cpu().eval()
+    for p in model.parameters():
+        p.data = p.data.clone()
+    for _, b in model.named_buffers():
+        b.data = b.data.clone()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     removed: dict[str, int] = {}
     for path in layer_paths:

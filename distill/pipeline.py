@@ -86,7 +86,7 @@ def _qat_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path, reso
     )
 
 
-def _pruning_callback(cfg: DictConfig, shape: dict[str, int]) -> Pruning | None:
+def _pruning_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path) -> Pruning | None:
     p = cfg.prune
     if p.method == "none":
         return None
@@ -96,6 +96,7 @@ def _pruning_callback(cfg: DictConfig, shape: dict[str, int]) -> Pruning | None:
         norm=p.norm, prune_classifier=p.prune_classifier, remove_channels=p.remove_channels,
         sample_shape=(shape["channels"], shape["image_size"], shape["image_size"]),
         latency_batch_size=cfg.quant.latency_batch_size, latency_threads=cfg.quant.latency_threads,
+        output_dir=output_dir,
     )
 
 
@@ -146,15 +147,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         auto_insert_metric_name=False,
         monitor="val/acc",
         mode="max",
-        save_last=True,
     )
+    # last.ckpt after every epoch, for resuming. (Lightning's save_last only refreshes it when a
+    # new best is written, which leaves it epochs behind once validation accuracy plateaus.)
+    last_cb = ModelCheckpoint(dirpath=str(output_dir / "checkpoints"), filename="last", monitor=None,
+                              save_top_k=1, enable_version_counter=False)
     loggers = build_loggers(cfg, output_dir, resolved)
-    callbacks: list[Callback] = [checkpoint_cb, *_progress_callbacks(cfg)]
+    callbacks: list[Callback] = [checkpoint_cb, last_cb, *_progress_callbacks(cfg)]
     # QAT first: it replaces the student in its setup(), and pruning masks the replaced modules.
     qat = _qat_callback(cfg, shape, output_dir, resolved)
     if qat is not None:
         callbacks.append(qat)
-    pruning = _pruning_callback(cfg, shape)
+    pruning = _pruning_callback(cfg, shape, output_dir)
     if pruning is not None:
         callbacks.append(pruning)
     if loggers:
@@ -163,8 +167,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     student_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
-    # Test the best checkpoint by validation accuracy (the last weights in a debug run).
-    best = checkpoint_cb.best_model_path or None
+    # Test the best checkpoint by validation accuracy (the last weights in a debug run). With
+    # compression, the last weights: an earlier "best" epoch may predate the final sparsity or
+    # the start of quantization-aware training, and would not be the compressed model.
+    compressing = qat is not None or pruning is not None
+    best = (last_cb.best_model_path if compressing else checkpoint_cb.best_model_path) or None
     [result] = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
     student_seconds = time.perf_counter() - student_start
 
@@ -173,7 +180,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "params": count_parameters(student),
         "test_acc": float(result["test/acc"]),
         "size_bytes": serialized_size_bytes(student),
-        "best_checkpoint": best,
+        "best_checkpoint": best,  # the checkpoint that was tested (see above)
+        "tested_checkpoint": "last" if compressing else "best by val/acc",
         "train_seconds": student_seconds,
     }
     if qat is not None and qat.report:
@@ -181,6 +189,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student_summary["size_bytes"] = qat.report["size_bytes_fp32"]
     if pruning is not None and pruning.report:
         student_summary.update(pruning.report)
+        if qat is None:  # the pruned student's fp32 artifact, masks baked in
+            student_summary["size_bytes"] = pruning.report["size_bytes_dense"]
     teacher_summary = None
     if teacher_info:
         teacher_summary = {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(teacher)}

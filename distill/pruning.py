@@ -38,6 +38,7 @@ from torch.nn.utils import prune
 log = logging.getLogger(__name__)
 
 METHODS = ("none", "magnitude", "structured")
+SHRUNK_ARTIFACT = "student_pruned.torchscript.pt"  # the channel-removed model, runnable with torch.jit.load
 LAYER_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
 
@@ -115,6 +116,7 @@ class Pruning(Callback):
         sample_shape: tuple[int, int, int] | None = None,
         latency_batch_size: int = 1024,
         latency_threads: int | None = None,
+        output_dir: str | None = None,
     ) -> None:
         if method not in METHODS or method == "none":
             raise ValueError(f"prune.method={method!r}: choose from: magnitude, structured")
@@ -131,6 +133,7 @@ class Pruning(Callback):
         self.remove_channels = remove_channels and method == "structured"
         self.sample_shape = sample_shape
         self.latency_batch_size, self.latency_threads = latency_batch_size, latency_threads
+        self.output_dir = output_dir
         self.report: dict[str, Any] = {}
         self.current_sparsity = 0.0
         self._layers: list[tuple[str, nn.Module]] = []
@@ -248,7 +251,6 @@ class Pruning(Callback):
         if trainer.is_global_zero:
             self.report = self.measure(pl_module.student)
 
-    @torch.no_grad()
     def measure(self, student: nn.Module) -> dict[str, Any]:
         """Sparsity, non-zero parameters, dense and sparse size; for structured pruning the
         physically shrunk model's MACs and latency against the masked dense one."""
@@ -289,7 +291,7 @@ class Pruning(Callback):
                 size_bytes_removed=serialized_size_bytes(shrunk),
                 macs_before=count_macs(dense, example),
                 macs_after=count_macs(shrunk, example),
-                max_abs_diff_after_removal=float((dense(probe) - shrunk(probe)).abs().max()),
+                max_abs_diff_after_removal=_max_abs_diff(dense, shrunk, probe),
                 latency_ms_before_removal=before["latency_ms"],
                 latency_ms_after_removal=after["latency_ms"],
                 latency_ms_batch_before_removal=before["latency_ms_batch"],
@@ -297,7 +299,13 @@ class Pruning(Callback):
                 speedup_batch=before["latency_ms_batch"] / after["latency_ms_batch"],
                 latency_threads=threads,
             )
-            self.shrunk_model = shrunk
+            if self.output_dir is not None:
+                from pathlib import Path
+
+                from distill.quant_artifact import save_torchscript
+
+                path = save_torchscript(Path(self.output_dir) / SHRUNK_ARTIFACT, shrunk, example, {"channels_removed": removed})
+                report["shrunk_artifact"] = str(path)
         log.info("prune: final sparsity %.4f, %d non-zero parameters", report["sparsity"], report["nonzero_params"])
         return report
 
@@ -312,6 +320,11 @@ class Pruning(Callback):
                 f"prune.method={state_dict['method']!r}"
             )
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
+
+
+@torch.no_grad()
+def _max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    return float((a(x) - b(x)).abs().max())
 
 
 def bake(model: nn.Module) -> nn.Module:

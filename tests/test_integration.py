@@ -159,3 +159,18 @@ def test_quantized_run_artifact_and_comparison(tmp_path):
 def test_evaluate_needs_a_checkpoint_or_runs(tmp_path):
     ev = run_script("evaluate.py", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 2 and "ckpt_path=PATH" in ev.stderr
+
+
+def test_structured_pruning_run_removes_channels(tmp_path):
+    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_script("train.py", *SHORT_RUN, "student=cnn", "prune.method=structured", "prune.scope=layer",
+                        "prune.amount=0.5", "prune.schedule=oneshot", "quant.latency_batch_size=32",
+                        f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    student = json.loads((tmp_path / "run" / "summary.json").read_text())["student"]
+    assert abs(student["sparsity"] - 0.5) < 0.01
+    assert student["macs_after"] < student["macs_before"] and student["max_abs_diff_after_removal"] < 1e-4
+    assert student["size_bytes"] == student["size_bytes_dense"]  # masks baked, not weight_orig + mask
+    shrunk = torch.jit.load(student["shrunk_artifact"])
+    assert shrunk(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
+    assert "channels removed" in result.stdout
