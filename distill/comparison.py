@@ -18,8 +18,8 @@ from distill.atomic import atomic_write_text
 
 # (column, formatter) for the trade-off part of a row; values come from summary.json.
 TRADE_OFF = [
-    "student", "bits", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
-    "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch",
+    "student", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
+    "size_bytes_sparse", "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
 ]
 
 
@@ -68,12 +68,26 @@ def run_row(run: Path) -> dict[str, Any]:
         latency_ms=s.get("latency_ms_quant"),
         latency_ms_batch=s.get("latency_ms_quant_batch"),
         latency_ms_fp32_batch=s.get("latency_ms_fp32_batch"),
+        sparsity=s.get("sparsity"),
+        size_bytes_sparse=s.get("size_bytes_sparse"),
+        macs=s.get("macs_after"),
+        speedup_batch=s.get("speedup_batch"),
     )
     return row
 
 
+def _display_name(run: Path, roots: list[Path]) -> str:
+    for root in roots:
+        if run == root:
+            return run.name
+        if root in run.parents:
+            return str(run.relative_to(root))
+    return str(run)
+
+
 def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
-    rows = [run_row(r) for r in find_runs(paths)]
+    roots = [Path(p) for p in paths]
+    rows = [{**run_row(r), "run": _display_name(r, roots)} for r in find_runs(paths)]
     if not rows:
         raise FileNotFoundError(f"runs: no run directories (with summary.json or .hydra/) under {', '.join(map(str, paths))}")
     return rows

@@ -47,6 +47,11 @@ class TeacherConfig:
     # every epoch. Only valid when the student's training data is not randomly augmented (the
     # teacher must see the same view as the student); null: on exactly then.
     precompute_outputs: bool | None = None
+    outputs_dtype: str = "float32"  # how precomputed logits are stored on disk: float32 | float16
+    outputs_topk: int | None = None  # store only the k largest logits per sample (null: all)
+    # The live teacher (augmented data): channels-last memory format, and optional torch.compile.
+    channels_last: bool = True
+    compile: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     cache_dir: str = MISSING
 
@@ -256,6 +261,8 @@ _TRAIN_CHECKS: list[Check] = [
     ("trainer.accumulate_grad_batches", _at_least(1), ">= 1"),
     ("teacher.epochs", _at_least(0), ">= 0"),
     ("teacher.batch_size", _at_least(1), ">= 1"),
+    ("teacher.outputs_dtype", _one_of("float32", "float16"), "one of: float32, float16"),
+    ("teacher.outputs_topk", lambda x: x is None or x >= 1, ">= 1 (or null: all logits)"),
     ("data.batch_size", _at_least(1), ">= 1"),
     ("data.num_workers", _at_least(0), ">= 0"),
     ("data.val_fraction", _fraction_open, "in (0, 1)"),

@@ -42,3 +42,20 @@ def measure(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int, th
     one = torch.randn(1, *sample_shape, generator=gen)
     batch = torch.randn(batch_size, *sample_shape, generator=gen)
     return {"latency_ms": latency_ms(model, one, threads), "latency_ms_batch": latency_ms(model, batch, threads)}
+
+
+def measure_many(
+    models: dict[str, nn.Module], sample_shape: tuple[int, ...], batch_size: int, threads: int | None = None, rounds: int = 3
+) -> dict[str, dict[str, float]]:
+    """:func:`measure` for several models, interleaved over ``rounds`` and the median taken, so a
+    burst of load on a shared machine does not land on one model only."""
+    import statistics
+
+    runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            runs[name].append(measure(model, sample_shape, batch_size, threads))
+    return {
+        name: {key: statistics.median(r[key] for r in results) for key in results[0]}
+        for name, results in runs.items()
+    }

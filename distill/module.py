@@ -29,7 +29,8 @@ class DistillationModule(L.LightningModule):
         optim: DictConfig,
         num_classes: int,
         hparams: dict[str, Any] | None = None,
-        teacher_outputs: torch.Tensor | None = None,
+        teacher_outputs: Any = None,  # a logits tensor, or a TeacherOutputs table (see teacher_outputs.py)
+        teacher_channels_last: bool = False,
     ) -> None:
         super().__init__()
         # Only plain data goes into the checkpoint's hyper_parameters (the resolved config as a
@@ -40,9 +41,16 @@ class DistillationModule(L.LightningModule):
         if teacher is not None:
             teacher.requires_grad_(False)
             teacher.eval()
+        self.teacher_channels_last = teacher_channels_last
+        if teacher is not None and teacher_channels_last:
+            teacher.to(memory_format=torch.channels_last)
         # Precomputed teacher logits for the training split, looked up by sample index (see
         # distill/teacher_outputs.py). A non-persistent buffer: it follows the module to its device
         # but stays out of checkpoints.
+        # A TeacherOutputs (memory-mapped table, too large for memory) is looked up row by row.
+        self.teacher_table = None
+        if teacher_outputs is not None and not isinstance(teacher_outputs, torch.Tensor):
+            self.teacher_table, teacher_outputs = teacher_outputs, None
         self.register_buffer("teacher_outputs", teacher_outputs, persistent=False)
         self.kd_loss = loss
         self.optim_cfg = optim
@@ -66,10 +74,16 @@ class DistillationModule(L.LightningModule):
             return None
         if self.teacher_outputs is not None and index is not None:
             return self.teacher_outputs[index]
+        if self.teacher_table is not None and index is not None:
+            return self.teacher_table.rows(index).to(x.device, non_blocking=True)
         if self.teacher is None:
             return None
+        if self.teacher_channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
         # no_grad, not inference_mode: the logits enter the KD loss's autograd graph as constants.
-        with torch.no_grad():
+        # On GPUs with bf16, the teacher runs in bf16 (the loss promotes logits back to fp32).
+        bf16 = x.is_cuda and torch.cuda.is_bf16_supported()
+        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
             return self.teacher(x)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:

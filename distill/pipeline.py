@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill import latency
-from distill.config import validate
+from distill.config import ConfigError, validate
 from distill.data import BaseDataModule, build_datamodule
 from distill.loggers import build_loggers
 from distill.losses import KDLoss
@@ -33,7 +33,7 @@ from distill.pruning import Pruning
 from distill.qat import QuantizationAwareTraining
 from distill.report import print_comparison, serialized_size_bytes, write_summary
 from distill.teacher import TeacherInfo, provision_teacher
-from distill.teacher_outputs import compute_teacher_logits
+from distill.teacher_outputs import TeacherOutputCache, file_checksum, outputs_key
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,27 @@ def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
     [result] = trainer.test(module, datamodule=datamodule, verbose=False)
     model.eval()
     return float(result["test/acc"])
+
+
+def _teacher_outputs(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, datamodule: BaseDataModule) -> tuple[Any, str]:
+    """The teacher's logits for the training split, from the on-disk cache or computed into it."""
+    tcfg = cfg.teacher
+    datamodule.setup("fit")
+    if tcfg.outputs_topk is not None and tcfg.outputs_topk > datamodule.num_classes:
+        raise ConfigError(f"teacher.outputs_topk={tcfg.outputs_topk} exceeds the {datamodule.num_classes} classes of data={cfg.data.name}")
+    identity = info.key if info.key else file_checksum(info.path)
+    key = outputs_key(f"{info.arch}:{identity}", datamodule.fingerprint(), tcfg.outputs_dtype, tcfg.outputs_topk)
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    outputs, source = TeacherOutputCache(tcfg.cache_dir).get_or_build(
+        key, teacher, datamodule.train_set, datamodule.num_classes, dtype=tcfg.outputs_dtype,
+        topk=tcfg.outputs_topk, device=device, meta={"teacher": info.arch, "teacher_identity": identity},
+    )
+    log.info("teacher: logits for %d training samples %s (%s)", len(outputs),
+             "read from the cache" if source == "cache" else "computed and cached", TeacherOutputCache(tcfg.cache_dir).paths(key)["values"])
+    # A table that fits comfortably in memory is kept dense on the device (no per-step copy);
+    # a large one (ImageNet-scale) stays memory-mapped and each step reads only its rows.
+    small = len(outputs) * datamodule.num_classes * 4 <= 256 * 2**20
+    return (outputs.dense() if small else outputs), f"precomputed ({source})"
 
 
 def _qat_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path, resolved: dict[str, Any]) -> QuantizationAwareTraining | None:
@@ -119,13 +140,13 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         fingerprint["trainer"] = {k: cfg.trainer.get(k) for k in _TEACHER_KEY_TRAINER}
         teacher, teacher_info = provision_teacher(cfg, shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir))
     teacher_outputs = None
+    outputs_source = None
     precompute = cfg.teacher.precompute_outputs
     if teacher is not None and (precompute or (precompute is None and not cfg.data.augment)):
-        datamodule.setup("fit")
-        device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
-        teacher_outputs = compute_teacher_logits(teacher, datamodule.train_set, device=device)
+        teacher_outputs, outputs_source = _teacher_outputs(cfg, teacher, teacher_info, datamodule)
         datamodule.index_train = True
-        log.info("teacher: logits for %d training samples precomputed once", len(teacher_outputs))
+    if teacher is not None and teacher_outputs is None and cfg.teacher.compile:
+        teacher = torch.compile(teacher)  # the live teacher runs every step: compiling pays off
     teacher_seconds = time.perf_counter() - start
 
     L.seed_everything(int(cfg.seed), workers=True)
@@ -139,6 +160,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         shape["num_classes"],
         hparams={"config": resolved, "shape": shape, "teacher": teacher_info.as_dict() if teacher_info else None},
         teacher_outputs=teacher_outputs,
+        teacher_channels_last=cfg.teacher.channels_last and teacher_outputs is None,
     )
 
     checkpoint_cb = ModelCheckpoint(
@@ -213,7 +235,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "prune_method": cfg.prune.method,
             "prune_amount": cfg.prune.amount if cfg.prune.method != "none" else None,
         },
-        "teacher_outputs": None if teacher is None else ("precomputed" if teacher_outputs is not None else "live"),
+        "teacher_outputs": None if teacher is None else (outputs_source or "live"),
         "wall_time_s": time.perf_counter() - start,
         "teacher_time_s": teacher_seconds,
         "run_dir": str(output_dir),

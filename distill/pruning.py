@@ -283,8 +283,8 @@ class Pruning(Callback):
             shrunk, removed = remove_pruned_channels(dense, example, [p for p, _ in self._layers])
             probe = torch.randn(64, *self.sample_shape, generator=torch.Generator().manual_seed(0))
             threads = self.latency_threads or torch.get_num_threads()
-            before = latency.measure(dense, self.sample_shape, self.latency_batch_size, threads)
-            after = latency.measure(shrunk, self.sample_shape, self.latency_batch_size, threads)
+            lat = latency.measure_many({"before": dense, "after": shrunk}, self.sample_shape, self.latency_batch_size, threads)
+            before, after = lat["before"], lat["after"]
             report.update(
                 channels_removed=removed,
                 params_after_removal=sum(p.numel() for p in shrunk.parameters()),

@@ -155,8 +155,8 @@ class QuantizationAwareTraining(Callback):
 
         float_student = self.float_student if self.float_student is not None else float_view
         threads = self.latency_threads or torch.get_num_threads()
-        lat_fp32 = latency.measure(float_student, self.sample_shape, self.latency_batch_size, threads)
-        lat_quant = latency.measure(quantized, self.sample_shape, self.latency_batch_size, threads)
+        lat = latency.measure_many({"fp32": float_student, "quant": quantized}, self.sample_shape, self.latency_batch_size, threads)
+        lat_fp32, lat_quant = lat["fp32"], lat["quant"]
         size_fp32 = serialized_size_bytes(float_student)
         size_quant = artifact.stat().st_size
         report = {

@@ -1,5 +1,12 @@
 """Precomputed teacher logits: same numbers as the live teacher, looked up by sample index."""
 
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 from omegaconf import OmegaConf
 from torch import nn
@@ -7,7 +14,13 @@ from torch.utils.data import TensorDataset
 
 from distill.losses import KDLoss
 from distill.module import DistillationModule
-from distill.teacher_outputs import IndexedDataset, compute_teacher_logits
+from distill.teacher_outputs import (
+    IndexedDataset,
+    TeacherOutputCache,
+    compute_teacher_logits,
+    decode_topk,
+    encode_topk,
+)
 
 OPTIM = OmegaConf.create({"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "scheduler": "none", "warmup_epochs": 0})
 
@@ -46,3 +59,100 @@ def test_training_step_uses_the_row_of_each_sample():
     torch.testing.assert_close(cached.teacher_logits(x[idx], idx), live.teacher_logits(x[idx]))
     # A shuffled index must pick shuffled rows, not the first rows of the table.
     assert not torch.allclose(cached.teacher_logits(x[idx], idx), table[:3])
+
+
+# --- the on-disk cache --------------------------------------------------------------------------
+
+
+
+def _data(n: int = 50) -> TensorDataset:
+    g = torch.Generator().manual_seed(1)
+    return TensorDataset(torch.randn(n, 1, 4, 4, generator=g), torch.randint(0, 5, (n,), generator=g))
+
+
+def test_cache_computes_once_then_reads(tmp_path):
+    teacher, data = _teacher().eval(), _data()
+    cache = TeacherOutputCache(tmp_path)
+    first, source1 = cache.get_or_build("k", teacher, data, 5)
+    second, source2 = cache.get_or_build("k", teacher, data, 5)
+    assert (source1, source2) == ("computed", "cache")
+    expected = compute_teacher_logits(teacher, data)
+    torch.testing.assert_close(second.dense(), expected)
+    idx = torch.tensor([3, 0, 41])
+    torch.testing.assert_close(second.rows(idx), expected[idx])
+
+
+@pytest.mark.parametrize("damage", ["truncate", "shape", "meta"])
+def test_damaged_entry_is_rebuilt(tmp_path, damage):
+    teacher, data = _teacher().eval(), _data()
+    cache = TeacherOutputCache(tmp_path)
+    cache.get_or_build("k", teacher, data, 5)
+    paths = cache.paths("k")
+    if damage == "truncate":
+        raw = paths["values"].read_bytes()
+        paths["values"].write_bytes(raw[: len(raw) // 2])
+    elif damage == "shape":
+        np.save(paths["values"], np.zeros((7, 5), dtype=np.float32))
+    else:
+        paths["meta"].write_text("{not json")
+    outputs, source = cache.get_or_build("k", teacher, data, 5)
+    assert source == "computed"
+    torch.testing.assert_close(outputs.dense(), compute_teacher_logits(teacher, data))
+
+
+def test_float16_and_topk_storage(tmp_path):
+    teacher, data = _teacher().eval(), _data()
+    exact = compute_teacher_logits(teacher, data)
+    half, _ = TeacherOutputCache(tmp_path).get_or_build("h", teacher, data, 5, dtype="float16")
+    torch.testing.assert_close(half.dense(), exact, atol=1e-2, rtol=1e-3)
+    top, _ = TeacherOutputCache(tmp_path).get_or_build("t", teacher, data, 5, topk=2)
+    dense = top.dense()
+    values, indices = exact.topk(2, dim=1)
+    torch.testing.assert_close(dense.gather(1, indices), values)
+    # the other classes sit 10 below the smallest kept logit
+    rest = dense.clone().scatter_(1, indices, float("inf"))
+    assert torch.allclose(rest[rest != float("inf")].reshape(len(data), 3), (values[:, -1:] - 10).expand(-1, 3))
+
+
+def test_topk_round_trip():
+    logits = torch.randn(6, 10)
+    v, i = encode_topk(logits, 10)
+    torch.testing.assert_close(decode_topk(torch.from_numpy(v), torch.from_numpy(i), 10), logits)
+
+
+WORKER = textwrap.dedent(
+    """
+    import sys, time, torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+    from distill.teacher_outputs import TeacherOutputCache
+
+    cache_dir, marker = sys.argv[1], sys.argv[2]
+
+    class Slow(nn.Module):
+        def forward(self, x):
+            with open(marker, "a") as fh:
+                fh.write("forward\\n")
+            time.sleep(0.5)
+            return x.flatten(1)[:, :3] * 2
+
+    data = TensorDataset(torch.arange(40.0).reshape(10, 1, 2, 2), torch.zeros(10, dtype=torch.long))
+    outputs, source = TeacherOutputCache(cache_dir).get_or_build("k", Slow(), data, 3)
+    print(source, float(outputs.dense().sum()))
+    """
+)
+
+
+def test_two_processes_compute_the_outputs_once(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    marker = tmp_path / "marker.txt"
+    root = Path(__file__).resolve().parents[1]
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(marker)], cwd=root, stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert marker.read_text().count("forward") == 1  # one batch, computed by one process only
+    assert sorted(o[0] for o in outs) == ["cache", "computed"] and outs[0][1] == outs[1][1]
