@@ -49,6 +49,9 @@ class TeacherConfig:
     precompute_outputs: bool | None = None
     outputs_dtype: str = "float32"  # how precomputed logits are stored on disk: float32 | float16
     outputs_topk: int | None = None  # store only the k largest logits per sample (null: all)
+    # With data.augment=true: cache the teacher's logits for K seeded augmented views per sample
+    # and replay exactly those views to the student (Shen & Xing 2022); null: live teacher.
+    cache_views: int | None = None
     # The live teacher (augmented data): channels-last memory format, and optional torch.compile.
     channels_last: bool = True
     compile: bool = False
@@ -263,6 +266,7 @@ _TRAIN_CHECKS: list[Check] = [
     ("teacher.batch_size", _at_least(1), ">= 1"),
     ("teacher.outputs_dtype", _one_of("float32", "float16"), "one of: float32, float16"),
     ("teacher.outputs_topk", lambda x: x is None or x >= 1, ">= 1 (or null: all logits)"),
+    ("teacher.cache_views", lambda x: x is None or x >= 1, ">= 1 (or null: live teacher with augmentation)"),
     ("data.batch_size", _at_least(1), ">= 1"),
     ("data.num_workers", _at_least(0), ">= 0"),
     ("data.val_fraction", _fraction_open, "in (0, 1)"),
@@ -358,10 +362,16 @@ def validate(cfg: DictConfig) -> None:
                 f"prune.{'end_epoch' if pr.schedule == 'gradual' else 'start_epoch'}={last} must be < "
                 f"trainer.max_epochs={epochs}, or the target sparsity is never reached"
             )
-    if cfg.teacher.precompute_outputs and data.augment:
+    if cfg.teacher.cache_views is not None:
+        if not data.augment:
+            raise ConfigError("teacher.cache_views needs data.augment=true (without augmentation every run already reuses one view)")
+        if cfg.teacher.precompute_outputs is False:
+            raise ConfigError("teacher.cache_views conflicts with teacher.precompute_outputs=false")
+    elif cfg.teacher.precompute_outputs and data.augment:
         raise ConfigError(
             "teacher.precompute_outputs=true needs data.augment=false: with random augmentation the "
-            "teacher must see the same random view as the student, so it runs live"
+            "teacher must see the same random view as the student, so it runs live (or set "
+            "teacher.cache_views=K to cache K replayable views per sample)"
         )
     if cfg.ckpt_path:
         from pathlib import Path

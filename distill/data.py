@@ -154,7 +154,7 @@ class DigitsDataModule(BaseDataModule):
 
             # One-pixel random shifts, drawn per sample; edge padding repeats the (blank) border.
             shift = v2.RandomCrop(8, padding=1, padding_mode="edge")
-            self.train_set = _TransformedSubset(full, train.tolist(), shift)
+            self.train_set = TransformedSubset(full, train.tolist(), shift)
 
 
 @register_dataset("synthetic")
@@ -184,7 +184,7 @@ class SyntheticDataModule(BaseDataModule):
         self.train_set, self.val_set, self.test_set = (Subset(full, i.tolist()) for i in (train, val, test))
 
 
-class _TransformedSubset(Dataset):
+class TransformedSubset(Dataset):
     """A subset of a dataset with its own transform (train and val share files, not transforms)."""
 
     def __init__(self, dataset: Dataset, indices: list[int], transform: Callable) -> None:
@@ -272,9 +272,9 @@ class _CIFARDataModule(BaseDataModule):
         )
         t_train = _image_transforms(self.cfg, 32, 3, mean, std, train=True)
         t_eval = _image_transforms(self.cfg, 32, 3, mean, std, train=False)
-        self.train_set = _TransformedSubset(train_full, train_idx.tolist(), t_train)
-        self.val_set = _TransformedSubset(train_full, val_idx.tolist(), t_eval)
-        self.test_set = _TransformedSubset(test, list(range(len(test))), t_eval)
+        self.train_set = TransformedSubset(train_full, train_idx.tolist(), t_train)
+        self.val_set = TransformedSubset(train_full, val_idx.tolist(), t_eval)
+        self.test_set = TransformedSubset(test, list(range(len(test))), t_eval)
 
 
 @register_dataset("cifar10")

@@ -81,13 +81,29 @@ def _teacher_outputs(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, dat
     if tcfg.outputs_topk is not None and tcfg.outputs_topk > datamodule.num_classes:
         raise ConfigError(f"teacher.outputs_topk={tcfg.outputs_topk} exceeds the {datamodule.num_classes} classes of data={cfg.data.name}")
     identity = info.key if info.key else file_checksum(info.path)
-    key = outputs_key(f"{info.arch}:{identity}", datamodule.fingerprint(), tcfg.outputs_dtype, tcfg.outputs_topk)
+    fingerprint = datamodule.fingerprint()
+    table_data: Any = datamodule.train_set
+    if tcfg.cache_views:
+        # K seeded views per sample; the student replays exactly those (distill/teacher_views.py).
+        from distill.data import TransformedSubset
+        from distill.teacher_views import ReplayedViews
+
+        train = datamodule.train_set
+        if not isinstance(train, TransformedSubset):
+            raise ConfigError(f"teacher.cache_views: data={cfg.data.name} has no per-sample training transform to replay")
+        replay = ReplayedViews(train.dataset, train.indices, train.transform, tcfg.cache_views, int(cfg.seed))
+        datamodule.train_set = replay  # yields (x, y, row of its view)
+        table_data = replay.all_views()
+        fingerprint = {**fingerprint, "views": tcfg.cache_views, "view_seed": int(cfg.seed)}
+    else:
+        datamodule.index_train = True  # batches carry the sample index
+    key = outputs_key(f"{info.arch}:{identity}", fingerprint, tcfg.outputs_dtype, tcfg.outputs_topk)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     outputs, source = TeacherOutputCache(tcfg.cache_dir).get_or_build(
-        key, teacher, datamodule.train_set, datamodule.num_classes, dtype=tcfg.outputs_dtype,
+        key, teacher, table_data, datamodule.num_classes, dtype=tcfg.outputs_dtype,
         topk=tcfg.outputs_topk, device=device, meta={"teacher": info.arch, "teacher_identity": identity},
     )
-    log.info("teacher: logits for %d training samples %s (%s)", len(outputs),
+    log.info("teacher: logits for %d training %s %s (%s)", len(outputs), "views" if tcfg.cache_views else "samples",
              "read from the cache" if source == "cache" else "computed and cached", TeacherOutputCache(tcfg.cache_dir).paths(key)["values"])
     # A table that fits comfortably in memory is kept dense on the device (no per-step copy);
     # a large one (ImageNet-scale) stays memory-mapped and each step reads only its rows.
@@ -142,9 +158,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher_outputs = None
     outputs_source = None
     precompute = cfg.teacher.precompute_outputs
-    if teacher is not None and (precompute or (precompute is None and not cfg.data.augment)):
+    views = cfg.teacher.cache_views
+    if teacher is not None and (views or precompute or (precompute is None and not cfg.data.augment)):
         teacher_outputs, outputs_source = _teacher_outputs(cfg, teacher, teacher_info, datamodule)
-        datamodule.index_train = True
     if teacher is not None and teacher_outputs is None and cfg.teacher.compile:
         teacher = torch.compile(teacher)  # the live teacher runs every step: compiling pays off
     teacher_seconds = time.perf_counter() - start

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 # Settings that change only how a teacher is provisioned, not what it learns.
-_NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile")
+_NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile", "cache_views")
 
 
 @dataclass
