@@ -156,3 +156,19 @@ def test_two_processes_compute_the_outputs_once(tmp_path):
     assert [p.returncode for p in procs] == [0, 0]
     assert marker.read_text().count("forward") == 1  # one batch, computed by one process only
     assert sorted(o[0] for o in outs) == ["cache", "computed"] and outs[0][1] == outs[1][1]
+
+
+def test_cached_and_live_distillation_give_the_same_loss(tmp_path):
+    teacher, data = _teacher().eval(), _data()
+    table, _ = TeacherOutputCache(tmp_path).get_or_build("k16", teacher, data, 5, dtype="float16")
+    torch.manual_seed(3)
+    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
+    loss = KDLoss(temperature=4.0, alpha=0.9)
+    live = DistillationModule(student, teacher, loss, OPTIM, 5)
+    cached = DistillationModule(student, None, loss, OPTIM, 5, teacher_outputs=table)  # memory-mapped table
+    idx = torch.tensor([4, 17, 33, 8])
+    x, y = data.tensors[0][idx], data.tensors[1][idx]
+    logits = student(x)
+    live_loss = loss(logits, live.teacher_logits(x), y)["loss"]
+    cached_loss = loss(logits, cached.teacher_logits(x, idx), y)["loss"]
+    torch.testing.assert_close(cached_loss, live_loss, rtol=1e-3, atol=1e-4)  # fp16 storage
