@@ -130,6 +130,16 @@ class PruneConfig:
 
 
 @dataclass
+class StrategyConfig:
+    """How training is spread over devices (``strategy=ddp`` etc.); see distill/strategies.py."""
+
+    name: str = "auto"  # auto | ddp | deepspeed
+    stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer state in host memory
+    offload_parameters: bool = False  # deepspeed stage 3: parameters in host memory
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
@@ -191,6 +201,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # the student's optimizer
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
     seed: int = 0
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
@@ -286,6 +297,8 @@ _TRAIN_CHECKS: list[Check] = [
     ("quant.freeze_bn_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
     ("quant.latency_batch_size", _at_least(1), ">= 1"),
     ("quant.latency_threads", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("strategy.name", _one_of("auto", "ddp", "deepspeed"), "one of: auto, ddp, deepspeed"),
+    ("strategy.stage", _one_of(1, 2, 3), "one of: 1, 2, 3"),
     ("prune.method", _one_of("none", "magnitude", "structured"), "one of: none, magnitude, structured"),
     ("prune.amount", lambda x: 0 <= x < 1, "in [0, 1)"),
     ("prune.scope", _one_of("global", "layer"), "one of: global, layer"),

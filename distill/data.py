@@ -72,9 +72,16 @@ class BaseDataModule(L.LightningDataModule):
         fp["std"] = list(fp["std"]) if fp["std"] is not None else None
         return {**fp, **self.shape}
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None, shard: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError("data module used before setup()")
+        sampler = None
+        if shard and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            # Evaluation shards without padding: Lightning's DistributedSampler would repeat samples
+            # to even out the ranks, and the repeats would count twice in the synced accuracy.
+            from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
         workers = int(self.cfg.num_workers)
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
         # A seeded generator makes the shuffling order a function of the global seed only;
@@ -84,6 +91,7 @@ class BaseDataModule(L.LightningDataModule):
             dataset,
             batch_size=batch_size or self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
@@ -100,10 +108,12 @@ class BaseDataModule(L.LightningDataModule):
         return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, shuffle=False)
+        return self._loader(self.val_set, shuffle=False, shard=True)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, shuffle=False)
+    def test_dataloader(self, shard: bool = True) -> DataLoader:
+        """The test split; under data parallelism each rank gets its own shard (``shard=False``:
+        all of it, e.g. to evaluate a converted model on one process)."""
+        return self._loader(self.test_set, shuffle=False, shard=shard)
 
 
 def _stratified_split(

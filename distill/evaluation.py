@@ -42,10 +42,18 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
         example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
         student = prepare_qat(student, quant.bits, quant.per_channel, example, quant.backend)
     state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
+    # A pruned student stores ``<name>_orig`` and ``<name>_mask`` (torch.nn.utils.prune): bake them.
+    for key in [k for k in state if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in state]:
+        base = key[: -len("_orig")]
+        state[base] = state.pop(key) * state.pop(base + "_mask")
     try:
         student.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"student checkpoint {path} does not match student={cfg.student.name}: {err}") from err
+    if quant is not None and quant.get("bits"):
+        from distill.quant_backend import set_observers
+
+        set_observers(student, False)  # evaluate with the trained scales; never re-calibrate on test data
     return student.eval(), datamodule, cfg
 
 

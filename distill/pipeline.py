@@ -32,6 +32,7 @@ from distill.module import DistillationModule
 from distill.pruning import Pruning
 from distill.qat import QuantizationAwareTraining
 from distill.report import print_comparison, serialized_size_bytes, write_summary
+from distill.strategies import build_strategy
 from distill.teacher import TeacherInfo, provision_teacher
 from distill.teacher_outputs import TeacherOutputCache, file_checksum, outputs_key
 
@@ -170,7 +171,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     module = DistillationModule(
         student,
-        teacher,
+        # With precomputed outputs the module needs no teacher: it then is in no DDP bucket and no
+        # DeepSpeed partition, and costs no device memory.
+        teacher if teacher_outputs is None else None,
         KDLoss(cfg.loss.temperature, cfg.loss.alpha),
         cfg.optim,
         shape["num_classes"],
@@ -201,7 +204,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(pruning)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
-    trainer = L.Trainer(**trainer_kwargs(cfg), default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks)
+    trainer = L.Trainer(
+        **trainer_kwargs(cfg), strategy=build_strategy(cfg.strategy, cfg.trainer.accelerator),
+        default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks,
+    )
 
     student_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)

@@ -134,7 +134,7 @@ class QuantizationAwareTraining(Callback):
         if not trainer.is_global_zero:
             return
         datamodule = trainer.datamodule
-        self.report = self.convert_and_measure(pl_module.student, datamodule.test_dataloader())
+        self.report = self.convert_and_measure(pl_module.student, datamodule.test_dataloader(shard=False))
 
     @torch.inference_mode()
     def convert_and_measure(self, prepared: nn.Module, test_loader: Any) -> dict[str, Any]:
