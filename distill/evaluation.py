@@ -26,6 +26,8 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
 
     A checkpoint taken during quantization-aware training holds the QAT student (fake quantizers
     with their scales); it is prepared the same way before its weights are loaded."""
+    if Path(path).is_dir():  # a DeepSpeed (sharded) checkpoint directory
+        path = consolidate_deepspeed_checkpoint(path)
     ckpt = load_checkpoint(path, what="student checkpoint")
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if not isinstance(config, dict) or "state_dict" not in ckpt:
@@ -55,6 +57,30 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
 
         set_observers(student, False)  # evaluate with the trained scales; never re-calibrate on test data
     return student.eval(), datamodule, cfg
+
+
+def consolidate_deepspeed_checkpoint(directory: str | Path) -> Path:
+    """A single-file fp32 Lightning checkpoint from a DeepSpeed checkpoint directory, written next
+    to it as ``<dir>.consolidated.ckpt`` (once; reused when newer than the directory)."""
+    import os
+
+    directory = Path(directory)
+    out = directory.with_name(directory.name + ".consolidated.ckpt")
+    if out.is_file() and out.stat().st_mtime >= directory.stat().st_mtime:
+        return out
+    if not (directory / "latest").is_file() and not any(directory.glob("*/*model_states.pt")):
+        raise CheckpointError(f"{directory} is a directory but not a DeepSpeed checkpoint")
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
+
+    from distill.atomic import atomic_write
+
+    tmp = out.with_name("." + out.name + ".partial")
+    convert_zero_checkpoint_to_fp32_state_dict(str(directory), str(tmp))
+    data = tmp.read_bytes()
+    tmp.unlink()
+    atomic_write(out, lambda fh: fh.write(data))
+    return out
 
 
 def load_quantized_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, dict[str, Any]]:

@@ -209,23 +209,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks,
     )
 
+    # Parameter count and fp32 size depend only on the architecture; taken before training because
+    # DeepSpeed ZeRO-3 partitions the parameters across ranks (each rank then holds a slice).
+    student_params, student_size = count_parameters(student), serialized_size_bytes(student)
     student_start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     # Test the best checkpoint by validation accuracy (the last weights in a debug run). With
     # compression, the last weights: an earlier "best" epoch may predate the final sparsity or
     # the start of quantization-aware training, and would not be the compressed model.
     compressing = qat is not None or pruning is not None
-    best = (last_cb.best_model_path if compressing else checkpoint_cb.best_model_path) or None
-    [result] = trainer.test(module, datamodule=datamodule, ckpt_path=best, verbose=False)
+    # DeepSpeed 0.19 cannot restore a ZeRO-3 checkpoint without its optimizer (as trainer.test
+    # would): test the final weights in memory instead, which are what last.ckpt holds.
+    zero3 = cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3
+    best = (last_cb.best_model_path if compressing or zero3 else checkpoint_cb.best_model_path) or None
+    [result] = trainer.test(module, datamodule=datamodule, ckpt_path=None if zero3 else best, verbose=False)
     student_seconds = time.perf_counter() - student_start
 
     student_summary: dict[str, Any] = {
         "arch": cfg.student.name,
-        "params": count_parameters(student),
+        "params": student_params,
         "test_acc": float(result["test/acc"]),
-        "size_bytes": serialized_size_bytes(student),
+        "size_bytes": student_size,
         "best_checkpoint": best,  # the checkpoint that was tested (see above)
-        "tested_checkpoint": "last" if compressing else "best by val/acc",
+        "tested_checkpoint": "last" if compressing or zero3 else "best by val/acc",
         "train_seconds": student_seconds,
     }
     if qat is not None and qat.report:

@@ -62,6 +62,15 @@ def _cpu_deepspeed_class() -> type:
         def setup_environment(self) -> None:
             DDPStrategy.setup_environment(self)  # skips DeepSpeedStrategy's CUDA-only check
 
+        def setup_distributed(self) -> None:
+            # As DeepSpeedStrategy, minus its check that device indices equal local ranks (CPU
+            # devices have no index).
+            from lightning.fabric.utilities.seed import reset_seed
+
+            reset_seed()
+            self.set_world_ranks()
+            self._init_deepspeed_distributed()
+
         @property
         def root_device(self) -> torch.device:
             return torch.device("cpu", self.local_rank)

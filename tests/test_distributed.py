@@ -32,3 +32,20 @@ def test_ddp_two_processes_with_qat_and_pruning(tmp_path):
     ev = run_script("evaluate.py", f"ckpt_path={ddp['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert f"{100 * ddp['student']['test_acc']:.2f} %" in ev.stdout
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_two_processes_on_cpu(tmp_path, stage):
+    # Labels only (alpha=0) and a few more steps: the student learns enough that agreeing
+    # accuracies mean something (a broken consolidation would not land on the same number).
+    learn = ["loss.alpha=0", "trainer.max_epochs=3", "trainer.limit_train_batches=8"]
+    single = _train(tmp_path, "single", *learn)
+    ds = _train(tmp_path, f"zero{stage}", *learn, f"strategy=deepspeed_stage_{stage}", "trainer.devices=2")
+    assert ds["student"]["test_acc"] > 0.3
+    assert set(ds["student"]) == set(single["student"])
+    assert ds["student"]["params"] == single["student"]["params"]  # not a ZeRO-3 shard
+    # A DeepSpeed checkpoint is a directory of shards: evaluate.py consolidates it and agrees.
+    ckpt = ds["student"]["best_checkpoint"]
+    ev = run_script("evaluate.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval{stage}", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"{100 * ds['student']['test_acc']:.2f} %" in ev.stdout
