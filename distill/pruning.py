@@ -247,6 +247,12 @@ class Pruning(Callback):
             }
         return out
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Masks are computed on every rank from the same (all-reduced) weights: check they agree.
+        from distill.rank_sync import verify_identical
+
+        verify_identical(pl_module.student, ("_mask",), "prune: masks")
+
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             self.report = self.measure(pl_module.student)

@@ -115,6 +115,14 @@ class QuantizationAwareTraining(Callback):
     def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         quant_backend.set_observers(pl_module.student, False)
 
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Each rank's observers saw its own last batch: make rank 0's ranges everyone's, and check.
+        from distill.rank_sync import broadcast_buffers, verify_identical
+
+        suffixes = ("scale", "zero_point", "min_val", "max_val")
+        broadcast_buffers(pl_module.student, suffixes)
+        verify_identical(pl_module.student, suffixes, "qat: scales and zero points")
+
     def state_dict(self) -> dict[str, Any]:
         # The fake-quant state itself (scales, zero points, observer ranges) is in the model's
         # state dict; this records what it was trained for, so a resume with other settings fails.

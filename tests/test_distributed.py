@@ -28,6 +28,10 @@ def test_ddp_two_processes_with_qat_and_pruning(tmp_path):
     ddp = _train(tmp_path, "ddp", *compress, "strategy=ddp", "trainer.devices=2")
     assert set(ddp["student"]) == set(single["student"])  # the same report, whatever the strategy
     assert abs(ddp["student"]["sparsity"] - 0.5) < 0.01
+    # Both ranks ended with the same quantization parameters and pruning masks (gathered and compared).
+    log = (tmp_path / "ddp" / "train.log").read_text()
+    assert "qat: scales and zero points identical on 2 ranks" in log
+    assert "prune: masks identical on 2 ranks" in log
     # The distributed test accuracy is exact: a single-process evaluation of the tested checkpoint agrees.
     ev = run_script("evaluate.py", f"ckpt_path={ddp['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
