@@ -70,24 +70,18 @@ def qconfig_mapping(bits: int, per_channel: bool = True, backend: str = "x86"):
     # averaging_constant=1: the weight range is that of the current weights, not a running average
     # of past ones, so conversion sees exactly the range fake quantization trained with.
     if per_channel:
-        weight = FakeQuantize.with_args(
-            observer=MovingAveragePerChannelMinMaxObserver,
-            averaging_constant=1.0,
-            quant_min=w_min,
-            quant_max=w_max,
-            dtype=torch.qint8,
-            qscheme=torch.per_channel_symmetric,
-            ch_axis=0,
-        )
+        observer, qscheme, extra = MovingAveragePerChannelMinMaxObserver, torch.per_channel_symmetric, {"ch_axis": 0}
     else:
-        weight = FakeQuantize.with_args(
-            observer=MovingAverageMinMaxObserver,
-            averaging_constant=1.0,
-            quant_min=w_min,
-            quant_max=w_max,
-            dtype=torch.qint8,
-            qscheme=torch.per_tensor_symmetric,
-        )
+        observer, qscheme, extra = MovingAverageMinMaxObserver, torch.per_tensor_symmetric, {}
+    weight = FakeQuantize.with_args(
+        observer=observer,
+        averaging_constant=1.0,
+        quant_min=w_min,
+        quant_max=w_max,
+        dtype=torch.qint8,
+        qscheme=qscheme,
+        **extra,
+    )
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
 

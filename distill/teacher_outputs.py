@@ -26,8 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +36,7 @@ from filelock import FileLock
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from distill.atomic import atomic_write_text
+from distill.atomic import atomic_write, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -154,10 +152,11 @@ class TeacherOutputCache:
         p["meta"].unlink(missing_ok=True)  # the description goes last: no reader trusts a half entry
         if topk:
             values, indices = encode_topk(logits, topk)
-            _atomic_npy(p["indices"], indices)
+            atomic_write(p["indices"], lambda fh: np.save(fh, indices))
         else:
             values = logits.numpy()
-        _atomic_npy(p["values"], values.astype(DTYPES[dtype]))
+        stored = values.astype(DTYPES[dtype])
+        atomic_write(p["values"], lambda fh: np.save(fh, stored))
         info = {**meta, "rows": logits.shape[0], "num_classes": logits.shape[1], "dtype": dtype, "topk": topk, "format": FORMAT}
         atomic_write_text(p["meta"], json.dumps(info, indent=2, sort_keys=True))
 
@@ -180,16 +179,3 @@ class TeacherOutputCache:
             if found is None:
                 raise RuntimeError(f"teacher outputs written to {self.paths(key)['values']} cannot be read back")
             return found, "computed"
-
-
-def _atomic_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, array)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
