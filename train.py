@@ -7,6 +7,7 @@ from omegaconf import DictConfig
 
 from distill.cli import guarded
 from distill.config import register_configs
+from distill.objective import objective
 from distill.pipeline import run
 
 register_configs()
@@ -15,8 +16,9 @@ register_configs()
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
     summary = guarded(run, cfg)
-    # Returned for Hydra sweepers (e.g. Optuna): the student's test accuracy.
-    return summary["student"]["test_acc"]
+    # Returned for Hydra sweepers (hparams_search=optuna maximizes it): objective.metric, e.g. the
+    # student's test accuracy, minus objective.size_penalty per MB.
+    return objective(summary, cfg)
 
 
 if __name__ == "__main__":

@@ -140,6 +140,21 @@ class StrategyConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Besides the best (by val/acc) and last checkpoints, which are always kept."""
+
+    every_n_epochs: int | None = None  # also keep epochNNN.ckpt of every Nth epoch (null: none)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What ``train.py`` returns to a Hydra sweeper (Optuna maximizes it); see distill/objective.py."""
+
+    metric: str = "test_acc"  # a student/* number of summary.json: test_acc, acc_quant, ...
+    size_penalty: float = 0.0  # subtracted per MB of the student's smallest artifact
+
+
+@dataclass
 class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = 1
@@ -202,11 +217,14 @@ class TrainConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
     experiment: Any = None
     debug: Any = None
+    hparams_search: Any = None
 
 
 @dataclass
@@ -309,6 +327,8 @@ _TRAIN_CHECKS: list[Check] = [
     ("prune.interval", _one_of("epoch", "step"), "one of: epoch, step"),
     ("prune.layers", lambda xs: len(xs) >= 1 and all(x in ("Linear", "Conv2d") for x in xs), "a non-empty list of: Linear, Conv2d"),
     ("prune.norm", lambda x: x > 0, "> 0"),
+    ("objective.size_penalty", lambda x: x >= 0, ">= 0"),
+    ("checkpoint.every_n_epochs", lambda x: x is None or x >= 1, ">= 1 (or null: keep only best and last)"),
 ] + [(f"optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS] + [
     (f"teacher.optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS
 ]
@@ -333,6 +353,9 @@ def validate(cfg: DictConfig) -> None:
     from distill.models import STUDENTS, TEACHERS
 
     _run_checks(cfg, _TRAIN_CHECKS)
+    from distill.objective import check_objective
+
+    check_objective(cfg)
     for key, registry, what in (
         ("student.name", STUDENTS, "student"),
         ("teacher.name", TEACHERS, "teacher"),
@@ -389,5 +412,6 @@ def validate(cfg: DictConfig) -> None:
     if cfg.ckpt_path:
         from pathlib import Path
 
-        if not Path(cfg.ckpt_path).is_file():
-            raise ConfigError(f"ckpt_path: no such file: {cfg.ckpt_path}")
+        # A file, or a DeepSpeed checkpoint directory of shards.
+        if not Path(cfg.ckpt_path).exists():
+            raise ConfigError(f"ckpt_path: no such file or directory: {cfg.ckpt_path}")

@@ -12,7 +12,7 @@ data, so models are built from the data module and a class-count mismatch cannot
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
 DATASETS: dict[str, Callable[[DictConfig], BaseDataModule]] = {}
 
@@ -39,6 +39,27 @@ def build_datamodule(cfg: DictConfig) -> BaseDataModule:
     if cfg.name not in DATASETS:
         raise KeyError(f"unknown dataset {cfg.name!r}; choose from: {', '.join(sorted(DATASETS))}")
     return DATASETS[cfg.name](cfg)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A random permutation per epoch, seeded by ``seed + epoch`` (Lightning calls ``set_epoch``)."""
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size, self.seed, self.epoch = size, int(seed) % 2**62, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -76,17 +97,19 @@ class BaseDataModule(L.LightningDataModule):
         if dataset is None:
             raise RuntimeError("data module used before setup()")
         sampler = None
-        if shard and torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        if shard and _distributed():
             # Evaluation shards without padding: Lightning's DistributedSampler would repeat samples
             # to even out the ranks, and the repeats would count twice in the synced accuracy.
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        elif shuffle and not _distributed():
+            # The order of epoch e is a function of (seed, e) alone, as with DistributedSampler
+            # under DDP (which Lightning puts in place of a plain shuffle): a run resumed from a
+            # checkpoint sees the batches the uninterrupted run saw.
+            sampler, shuffle = EpochShuffleSampler(len(dataset), torch.initial_seed()), False
         workers = int(self.cfg.num_workers)
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
-        # A seeded generator makes the shuffling order a function of the global seed only;
-        # Lightning's seed_everything(workers=True) seeds each worker from it too.
-        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**63) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=batch_size or self.batch_size,
@@ -95,7 +118,6 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
-            generator=generator,
             drop_last=False,
         )
 

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.losses import KDLoss
@@ -55,6 +56,9 @@ class DistillationModule(L.LightningModule):
         self.kd_loss = loss
         self.optim_cfg = optim
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Epoch means of the loss terms as metrics: exact over data-parallel ranks (synchronised
+        # once at epoch end, not at every step).
+        self.train_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", "kd", "ce")})
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -81,9 +85,10 @@ class DistillationModule(L.LightningModule):
         if self.teacher_channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         # no_grad, not inference_mode: the logits enter the KD loss's autograd graph as constants.
-        # On GPUs with bf16, the teacher runs in bf16 (the loss promotes logits back to fp32).
-        bf16 = x.is_cuda and torch.cuda.is_bf16_supported()
-        with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+        # On GPUs the teacher runs in bf16, or fp16 where the GPU has no bf16 (the loss promotes
+        # the logits back to fp32).
+        half = torch.bfloat16 if x.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        with torch.no_grad(), torch.autocast("cuda", dtype=half, enabled=x.is_cuda):
             return self.teacher(x)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
@@ -97,7 +102,9 @@ class DistillationModule(L.LightningModule):
                 f"(kd={terms['kd'].item()}, ce={terms['ce'].item()}); lower optim.lr or check the data"
             )
         self.train_acc(logits, y)
-        self.log_dict({f"train/{k}": v for k, v in terms.items()}, on_step=True, on_epoch=True, prog_bar=False)
+        for name, value in terms.items():
+            self.train_means[name](value.detach())
+            self.log(f"train/{name}", self.train_means[name], on_step=True, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return terms["loss"]
 

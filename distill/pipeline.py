@@ -32,6 +32,7 @@ from distill.module import DistillationModule
 from distill.pruning import Pruning
 from distill.qat import QuantizationAwareTraining
 from distill.report import print_comparison, serialized_size_bytes, write_summary
+from distill.rng_state import RNGState
 from distill.strategies import build_strategy
 from distill.teacher import TeacherInfo, provision_teacher
 from distill.teacher_outputs import TeacherOutputCache, file_checksum, outputs_key
@@ -40,6 +41,10 @@ log = logging.getLogger(__name__)
 
 # Trainer settings that change what a (debug) teacher learns, so they belong in its cache key.
 _TEACHER_KEY_TRAINER = ("fast_dev_run", "limit_train_batches")
+
+
+class EpochCheckpoint(ModelCheckpoint):
+    """Keeps every Nth epoch's checkpoint (a class of its own: Lightning keys callback state by class)."""
 
 
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
@@ -194,7 +199,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     last_cb = ModelCheckpoint(dirpath=str(output_dir / "checkpoints"), filename="last", monitor=None,
                               save_top_k=1, enable_version_counter=False)
     loggers = build_loggers(cfg, output_dir, resolved)
-    callbacks: list[Callback] = [checkpoint_cb, last_cb, *_progress_callbacks(cfg)]
+    callbacks: list[Callback] = [checkpoint_cb, last_cb, RNGState(), *_progress_callbacks(cfg)]
+    if cfg.checkpoint.every_n_epochs:
+        callbacks.append(EpochCheckpoint(
+            dirpath=str(output_dir / "checkpoints"), filename="epoch{epoch:03d}", auto_insert_metric_name=False,
+            monitor=None, save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs,
+        ))
     # QAT first: it replaces the student in its setup(), and pruning masks the replaced modules.
     qat = _qat_callback(cfg, shape, output_dir, resolved)
     if qat is not None:

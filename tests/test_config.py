@@ -12,7 +12,7 @@ from distill.models import build_student, build_teacher
 
 from .conftest import CONF
 
-GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "quant", "prune", "trainer", "logger", "experiment", "debug")}
+GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "quant", "prune", "strategy", "trainer", "logger", "experiment", "debug", "hparams_search")}
 
 
 def test_expected_choices_exist():
@@ -30,7 +30,7 @@ def test_every_group_choice_composes_and_validates(make_cfg, tmp_path, group, ch
     cfg = make_cfg(*overrides)
     if group != "data" or choice in ("digits", "synthetic"):
         validate(cfg)
-    assert cfg[group if group not in ("experiment", "debug") else "seed"] is not None
+    assert cfg[group if group not in ("experiment", "debug", "hparams_search") else "seed"] is not None
 
 
 @pytest.mark.parametrize("student", GROUPS["student"])
@@ -118,7 +118,21 @@ BAD_RANGES = [
     ("prune.method=structured prune.scope=global", "prune.scope"),
     ("prune.method=magnitude prune.start_epoch=5 prune.end_epoch=2", "prune.end_epoch"),
     ("prune.method=magnitude prune.end_epoch=30", "prune.end_epoch"),
+    ("objective.metric=val_loss", "objective.metric"),
+    ("objective.metric=acc_quant", "objective.metric"),  # without quant.bits the run has no acc_quant
+    ("objective.size_penalty=-1", "objective.size_penalty"),
 ]
+
+
+def test_objective_is_the_metric_minus_the_size_penalty(make_cfg):
+    from distill.objective import objective
+
+    summary = {"student": {"test_acc": 0.9, "acc_quant": 0.88, "size_bytes": 4_000_000, "size_bytes_quant": 1_000_000}}
+    assert objective(summary, make_cfg()) == 0.9
+    assert objective(summary, make_cfg("quant.bits=8", "objective.metric=acc_quant")) == 0.88
+    # 0.1 per MB of the smallest artifact (1 MB, the quantized one)
+    cfg = make_cfg("quant.bits=8", "objective.metric=acc_quant", "objective.size_penalty=0.1")
+    assert objective(summary, cfg) == pytest.approx(0.78)
 
 
 @pytest.mark.parametrize(("override", "key"), BAD_RANGES)

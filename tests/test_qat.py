@@ -122,7 +122,9 @@ def test_fake_quant_and_converted_accuracy_agree(tmp_path):
     module, qat, dm, *_ = _fit("mlp", 8, tmp_path, epochs=3, limit=None)
     report = qat.convert_and_measure(module.student, dm.test_dataloader())
     assert report["acc_quant"] > 0.8  # it learned something, so the comparison means something
-    assert abs(report["acc_fakequant"] - report["acc_quant"]) <= 0.005
+    # Fake quantization simulates the integer kernels but does not reproduce their rounding exactly
+    # (requantization between layers): a few of the 360 test images may flip. Seen: 0.0 to 1.1 points.
+    assert abs(report["acc_fakequant"] - report["acc_quant"]) <= 0.02
 
 
 def test_schedule_switches_fake_quant_on_at_start_epoch(tmp_path):
