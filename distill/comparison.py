@@ -2,8 +2,13 @@
 
 Reads every run's ``summary.json`` (and Hydra's ``.hydra/overrides.yaml`` for the swept settings),
 and writes one row per run as Markdown and CSV: the settings that differ between runs, then the
-accuracy / size / latency trade-off. Runs that have a Hydra config but no summary are listed as
-unfinished, never silently dropped.
+accuracy / size / latency trade-off, with the Pareto-optimal runs marked (no other run is at
+least as accurate *and* at least as small, or as fast, and better in one of the two). Runs that
+have a Hydra config but no summary are listed as unfinished, never silently dropped.
+
+Per run, ``acc`` is the deployed student's test accuracy (the converted integer model when
+quantized), ``size_bytes`` its smallest artifact, and ``latency_ms_batch`` its CPU latency for one
+batch (quantized model; channel-pruned model; else the fp32 student, when it was measured).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from distill.atomic import atomic_write_text
 # (column, formatter) for the trade-off part of a row; values come from summary.json.
 TRADE_OFF = [
     "student", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
-    "size_bytes_sparse", "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
+    "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
+    "pareto_size", "pareto_latency",
 ]
 
 
@@ -54,24 +60,37 @@ def run_row(run: Path) -> dict[str, Any]:
         summary = json.loads(summary_path.read_text())
     except json.JSONDecodeError:
         return {**row, "status": "corrupt summary"}
+    from distill.objective import smallest_size_bytes
+
     s, t = summary["student"], summary.get("teacher") or {}
     quantized = bool(s.get("bits"))
+    if quantized:
+        latency, latency_batch = s.get("latency_ms_quant"), s.get("latency_ms_quant_batch")
+    elif "latency_ms_after_removal" in s:
+        latency, latency_batch = s["latency_ms_after_removal"], s["latency_ms_batch_after_removal"]
+    else:
+        latency, latency_batch = s.get("latency_ms_fp32"), s.get("latency_ms_fp32_batch")
     row.update(
         status="ok",
         student=s["arch"],
         bits=s.get("bits") or 32,
+        teacher=t.get("arch"),
         teacher_acc=t.get("test_acc"),
         acc_fp32=s.get("acc_fp32", s.get("test_acc")),
         acc=s["acc_quant"] if quantized else s["test_acc"],
-        size_bytes=s["size_bytes_quant"] if quantized else s["size_bytes"],
-        compression=s.get("compression", 1.0),
-        latency_ms=s.get("latency_ms_quant"),
-        latency_ms_batch=s.get("latency_ms_quant_batch"),
+        size_bytes=smallest_size_bytes(s),
+        size_bytes_fp32=s.get("size_bytes_fp32", s.get("size_bytes")),
+        compression=s.get("size_bytes_fp32", s.get("size_bytes")) / smallest_size_bytes(s),
+        latency_ms=latency,
+        latency_ms_batch=latency_batch,
         latency_ms_fp32_batch=s.get("latency_ms_fp32_batch"),
+        latency_batch_size=s.get("latency_batch_size"),
+        latency_threads=s.get("latency_threads"),
         sparsity=s.get("sparsity"),
-        size_bytes_sparse=s.get("size_bytes_sparse"),
         macs=s.get("macs_after"),
         speedup_batch=s.get("speedup_batch"),
+        teacher_size_bytes=t.get("size_bytes"),
+        teacher_latency_ms_batch=t.get("latency_ms_batch"),
     )
     return row
 
@@ -85,15 +104,35 @@ def _display_name(run: Path, roots: list[Path]) -> str:
     return str(run)
 
 
+def pareto_front(points: list[tuple[float, float] | None]) -> list[bool]:
+    """For (accuracy, cost) points: True where no other point has accuracy >= and cost <=, with one
+    of the two strict. ``None`` (not measured) is never on the front."""
+    def dominated(p: tuple[float, float]) -> bool:
+        return any(q is not None and q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points)
+
+    return [p is not None and not dominated(p) for p in points]
+
+
+def mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """Set ``pareto_size`` and ``pareto_latency`` on every finished row (accuracy vs each cost)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for cost in ("size", "latency"):
+        key = "size_bytes" if cost == "size" else "latency_ms_batch"
+        points = [(r["acc"], r[key]) if r.get(key) is not None and r.get("acc") is not None else None for r in ok]
+        for row, on_front in zip(ok, pareto_front(points), strict=True):
+            row[f"pareto_{cost}"] = on_front
+
+
 def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
     roots = [Path(p) for p in paths]
     rows = [{**run_row(r), "run": _display_name(r, roots)} for r in find_runs(paths)]
     if not rows:
         raise FileNotFoundError(f"runs: no run directories (with summary.json or .hydra/) under {', '.join(map(str, paths))}")
+    mark_pareto(rows)
     return rows
 
 
-def _columns(rows: list[dict[str, Any]]) -> list[str]:
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     # Only the overrides that differ between runs are worth a column.
     swept = sorted({k for r in rows for k in r if k.startswith("+")})
     swept = [k for k in swept if len({str(r.get(k)) for r in rows}) > 1]
@@ -103,13 +142,15 @@ def _columns(rows: list[dict[str, Any]]) -> list[str]:
 def _fmt(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, bool):
+        return "★" if value else ""
     if isinstance(value, float):
         return f"{value:.4f}" if value < 10 else f"{value:.1f}"
     return str(value)
 
 
 def to_markdown(rows: list[dict[str, Any]]) -> str:
-    cols = _columns(rows)
+    cols = table_columns(rows)
     header = [c.lstrip("+") for c in cols]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
@@ -117,7 +158,7 @@ def to_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
-    cols = _columns(rows)
+    cols = table_columns(rows)
     buffer = io.StringIO()
     writer = csv.writer(buffer)
     writer.writerow([c.lstrip("+") for c in cols])
@@ -126,8 +167,16 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """comparison.md, comparison.csv and the two frontier plots (tradeoff_size.png, tradeoff_latency.png)."""
+    from distill.tradeoff_plot import plot_tradeoff
+
     out_dir = Path(out_dir)
-    return {
+    written = {
         "markdown": atomic_write_text(out_dir / "comparison.md", to_markdown(rows)),
         "csv": atomic_write_text(out_dir / "comparison.csv", to_csv(rows)),
     }
+    for cost in ("size", "latency"):
+        path = plot_tradeoff(rows, cost, out_dir / f"tradeoff_{cost}.png")
+        if path is not None:
+            written[f"plot_{cost}"] = path
+    return written

@@ -228,11 +228,22 @@ class TrainConfig:
 
 
 @dataclass
+class ComparisonWandbConfig:
+    """``runs=``: also push the comparison to W&B (set ``wandb.project``)."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "auto"  # auto | online | offline
+
+
+@dataclass
 class EvaluateConfig:
     ckpt_path: str | None = None  # a training checkpoint or a student_quant.pt.xz artifact
     runs: Any = None  # or: run directories / a multirun directory to compare (a path or a list)
     out_dir: str | None = None  # where runs= writes comparison.{md,csv}; null: the first runs path
     data: Any = None  # overrides of the checkpoint's data settings, e.g. data.root
+    wandb: ComparisonWandbConfig = field(default_factory=lambda: ComparisonWandbConfig())
     batch_size: int | None = None
     accelerator: str = "cpu"
     task_name: str = "evaluate"

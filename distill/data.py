@@ -12,6 +12,7 @@ data, so models are built from the data module and a class-count mismatch cannot
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class BaseDataModule(L.LightningDataModule):
     num_classes: int
     channels: int
     image_size: int
+    uses_root = True  # whether data.root locates the data (not for built-in or generated data)
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -88,7 +90,12 @@ class BaseDataModule(L.LightningDataModule):
         """Everything about the data that determines what a model trained on it learns."""
         keys = ("name", "root", "val_fraction", "test_fraction", "split_seed", "augment", "num_samples", "mean", "std")
         fp = {k: self.cfg.get(k) for k in keys}
-        fp["root"] = str(Path(fp["root"]).resolve()) if fp["root"] else None
+        # The data's location matters (other files, other teacher) but is stored only as a hash: the
+        # fingerprint is written into cache entries, and a path can be private (${oc.env:...}).
+        if fp["root"] and self.uses_root:
+            fp["root"] = hashlib.sha256(str(Path(fp["root"]).expanduser().resolve()).encode()).hexdigest()[:16]
+        else:
+            fp["root"] = None
         fp["mean"] = list(fp["mean"]) if fp["mean"] is not None else None
         fp["std"] = list(fp["std"]) if fp["std"] is not None else None
         return {**fp, **self.shape}
@@ -160,6 +167,8 @@ def _check_fixed_shape(cfg: DictConfig, name: str, **fixed: int) -> None:
 class DigitsDataModule(BaseDataModule):
     """scikit-learn's 8x8 handwritten digits, standardised with train-split statistics."""
 
+    uses_root = False
+
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)
         _check_fixed_shape(cfg, "digits", num_classes=10, channels=1, image_size=8)
@@ -194,6 +203,8 @@ class SyntheticDataModule(BaseDataModule):
     """Class-conditional Gaussians: each class has its own random mean image, plus unit noise.
 
     Learnable (a model can beat chance), seeded, any shape. For tests and benchmarks only."""
+
+    uses_root = False
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__(cfg)

@@ -161,7 +161,39 @@ def compare_runs(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     out.print(to_markdown(rows), markup=False)
     for kind, path in written.items():
         out.print(f"{kind}: {path}", markup=False)
-    return {"rows": rows, "files": {k: str(v) for k, v in written.items()}}
+    result = {"rows": rows, "files": {k: str(v) for k, v in written.items()}}
+    if cfg.wandb.project:
+        result["wandb_run"] = push_comparison(rows, written, cfg.wandb, Path(cfg.out_dir or paths[0]))
+        out.print(f"wandb: {result['wandb_run']}", markup=False)
+    return result
+
+
+def push_comparison(rows: list[dict[str, Any]], files: dict[str, Path], wcfg: DictConfig, out_dir: Path) -> str:
+    """The comparison as one W&B run (job_type "comparison"): the table and both frontier plots.
+    Online when logged in and the server answers; offline otherwise (``wandb sync`` later)."""
+    import wandb
+
+    from distill.comparison import table_columns
+    from distill.loggers import resolve_wandb_mode, wandb_server_reachable
+
+    mode = resolve_wandb_mode(wcfg.mode)
+    if mode == "online" and not wandb_server_reachable():
+        mode = "offline"
+    columns = [c.lstrip("+") for c in table_columns(rows)]
+    table = wandb.Table(columns=columns, data=[[_plain(r.get(c, r.get("+" + c))) for c in columns] for r in rows])
+    run = wandb.init(project=wcfg.project, entity=wcfg.entity, job_type="comparison", name=wcfg.name,
+                     dir=str(out_dir), mode=mode, settings=wandb.Settings(init_timeout=60, silent=True))
+    payload: dict[str, Any] = {"comparison": table}
+    for kind in ("plot_size", "plot_latency"):
+        if kind in files:
+            payload[kind] = wandb.Image(str(files[kind]))
+    run.log(payload)
+    run.finish()
+    return f"{mode} run {run.id} in {out_dir / 'wandb'}" if mode == "offline" else run.url or run.id
+
+
+def _plain(value: Any) -> Any:
+    return value if value is None or isinstance(value, (int, float, str, bool)) else str(value)
 
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:

@@ -31,6 +31,7 @@ from distill.models import build_student, count_parameters
 from distill.module import DistillationModule
 from distill.pruning import Pruning
 from distill.qat import QuantizationAwareTraining
+from distill.redaction import redacted_container
 from distill.report import print_comparison, serialized_size_bytes, write_summary
 from distill.rng_state import RNGState
 from distill.strategies import build_strategy
@@ -173,7 +174,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     L.seed_everything(int(cfg.seed), workers=True)
     student = build_student(cfg.student, **shape)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    # The config as W&B, the checkpoints and the artifacts see it: no secret, no environment value.
+    resolved = redacted_container(cfg)
     module = DistillationModule(
         student,
         # With precomputed outputs the module needs no teacher: it then is in no DDP bucket and no
@@ -279,7 +281,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "run_dir": str(output_dir),
     }
     if trainer.is_global_zero:
-        _log_final_metrics(trainer, summary)
+        _log_final_metrics(trainer, summary, cfg)
         path = write_summary(output_dir / "summary.json", summary)
         print_comparison(summary)
         log.info("summary written to %s (wall time %.1fs)", path, summary["wall_time_s"])
@@ -301,13 +303,37 @@ def final_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def _log_final_metrics(trainer: L.Trainer, summary: dict[str, Any]) -> None:
+def _log_final_metrics(trainer: L.Trainer, summary: dict[str, Any], cfg: DictConfig) -> None:
     metrics = final_metrics(summary)
     for logger in trainer.loggers:
         logger.log_metrics(metrics, step=trainer.global_step)
-        if isinstance(logger, WandbLogger):  # W&B summary metrics drive the dashboard's panels
+        if isinstance(logger, WandbLogger):
+            # Summary metrics and a one-row table drive the dashboard's scatter and
+            # parallel-coordinates panels across the runs of a sweep.
             logger.experiment.summary.update(metrics)
+            row = {**{f"hparams/{k}": v for k, v in summary["hparams"].items() if v is not None}, **metrics}
+            columns = sorted(row)
+            logger.log_table(key="trade_off", columns=columns, data=[[row[c] for c in columns]])
+            if cfg.logger.wandb.log_model:
+                _upload_model(logger, summary)
         logger.save()
+
+
+def _upload_model(logger: WandbLogger, summary: dict[str, Any]) -> None:
+    """The smallest deployable student as a W&B Artifact: the quantized file, else the tested checkpoint."""
+    import wandb
+
+    run_dir, student = Path(summary["run_dir"]), summary["student"]
+    path = run_dir / "student_quant.pt.xz"
+    if not path.is_file():
+        path = Path(student["best_checkpoint"]) if student.get("best_checkpoint") else None
+    if path is None or not path.is_file():
+        log.warning("wandb: log_model is set but there is no student file to upload")
+        return
+    numbers = {k: v for k, v in student.items() if isinstance(v, (int, float, str)) and not isinstance(v, bool)}
+    artifact = wandb.Artifact(f"student-{logger.experiment.id}", type="model", metadata=numbers)
+    artifact.add_file(str(path))
+    logger.experiment.log_artifact(artifact)
 
 
 def _finish_loggers(trainer: L.Trainer) -> None:

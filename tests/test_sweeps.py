@@ -17,7 +17,7 @@ from .conftest import ROOT, run_script
 pytestmark = pytest.mark.slow
 
 # A short run: the teacher is trained once per test (fresh cache) for one short epoch.
-RUN = ["logger=csv", "teacher=resnet18", "teacher.epochs=1", "teacher.batch_size=128", "trainer.max_epochs=2",
+RUN = ["teacher=resnet18", "teacher.epochs=1", "teacher.batch_size=128", "trainer.max_epochs=2",
        "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
        "trainer.accelerator=cpu", "quant.latency_batch_size=32"]
 
@@ -26,16 +26,22 @@ def _summaries(sweep: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted(sweep.glob("*/summary.json"), key=lambda p: int(p.parent.name))]
 
 
-def _sweep(tmp_path: Path, *overrides: str, timeout: int = 1200) -> list[dict]:
-    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
-    result = run_script("train.py", "-m", *RUN, *overrides, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, env=env, timeout=timeout)
+def _sweep(tmp_path: Path, *overrides: str, logger: str = "csv", timeout: int = 1200) -> list[dict]:
+    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache"), "WANDB_MODE": "offline"}
+    result = run_script("train.py", "-m", *RUN, f"logger={logger}", *overrides, f"hydra.sweep.dir={tmp_path}/sweep", cwd=tmp_path, env=env, timeout=timeout)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-5000:])
     return _summaries(tmp_path / "sweep")
 
 
 def test_basic_launcher_grid(tmp_path):
-    runs = _sweep(tmp_path, "loss.temperature=1,4", "quant.bits=8,4")
+    runs = _sweep(tmp_path, "loss.temperature=1,4", "quant.bits=8,4", logger="default")  # CSV and W&B (offline)
     assert sorted((r["hparams"]["temperature"], r["hparams"]["bits"]) for r in runs) == [(1, 4), (1, 8), (4, 4), (4, 8)]
+    # The W&B runs of one sweep share a group named after the sweep directory; each has its own name.
+    wandb_files = sorted((tmp_path / "sweep").glob("*/wandb/offline-run-*/*.wandb"))
+    assert len(wandb_files) == 4
+    for num, path in enumerate(wandb_files):
+        data = path.read_bytes()
+        assert b"train-sweep" in data and f"-T{runs[num]['hparams']['temperature']:g}-a0.9-#{num}".encode() in data
     # One teacher for the whole sweep: trained by the first run, read from the cache by the others.
     assert [r["teacher"]["source"] for r in runs] == ["trained", "cache", "cache", "cache"]
     assert all("acc_quant" in r["student"] for r in runs)

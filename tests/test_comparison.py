@@ -1,0 +1,85 @@
+"""The offline comparison of runs: table, Pareto marks (checked by brute force) and plots."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from distill.comparison import compare, pareto_front, write_comparison
+
+
+def _brute_force_front(points):
+    """Point i is optimal unless some j is at least as accurate and at most as costly, and differs."""
+    front = []
+    for i, p in enumerate(points):
+        if p is None:
+            front.append(False)
+            continue
+        beaten = False
+        for j, q in enumerate(points):
+            if j != i and q is not None and q != p and q[0] >= p[0] and q[1] <= p[1]:
+                beaten = True
+        front.append(not beaten)
+    return front
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_pareto_front_matches_brute_force(seed):
+    rng = random.Random(seed)
+    # Small integer grids make ties (equal accuracy or equal cost) common.
+    points = [None if rng.random() < 0.1 else (rng.randint(0, 6), rng.randint(0, 6)) for _ in range(rng.randint(1, 25))]
+    assert pareto_front(points) == _brute_force_front(points)
+
+
+def _summary(acc, size, latency, bits=8, sparsity=None):
+    student = {"arch": "mlp", "bits": bits, "test_acc": acc + 0.01, "acc_fp32": 0.97, "acc_quant": acc,
+               "size_bytes": 200_000, "size_bytes_fp32": 200_000, "size_bytes_quant": size,
+               "latency_ms_quant_batch": latency, "latency_ms_quant": latency / 10, "latency_ms_fp32_batch": 1.0,
+               "latency_batch_size": 1024, "latency_threads": 2}
+    if sparsity is not None:
+        student["sparsity"] = sparsity
+    return {"student": student, "teacher": {"arch": "resnet50", "test_acc": 0.98, "size_bytes": 94_000_000, "latency_ms_batch": 900.0}}
+
+
+def test_comparison_table_marks_and_plots(tmp_path):
+    points = [(0.97, 52_000, 0.9), (0.96, 30_000, 0.8), (0.95, 30_000, 0.7), (0.90, 20_000, 1.2), (0.97, 60_000, 0.95)]
+    for num, (acc, size, lat) in enumerate(points):
+        run = tmp_path / str(num)
+        run.mkdir()
+        (run / "summary.json").write_text(json.dumps(_summary(acc, size, lat, sparsity=0.5)))
+    (tmp_path / "5" / ".hydra").mkdir(parents=True)  # started, never finished
+    (tmp_path / "5" / ".hydra" / "config.yaml").write_text("seed: 0\n")
+    (tmp_path / "6").mkdir()
+    (tmp_path / "6" / "summary.json").write_text("{not json")
+
+    rows = {r["run"]: r for r in compare([tmp_path])}
+    assert rows["5"]["status"] == "unfinished" and rows["6"]["status"] == "corrupt summary"
+    ok = [rows[str(n)] for n in range(5)]
+    assert [r["pareto_size"] for r in ok] == _brute_force_front([(a, s) for a, s, _ in points]) == [True, True, False, True, False]
+    assert [r["pareto_latency"] for r in ok] == _brute_force_front([(a, lat) for a, _, lat in points])
+
+    written = write_comparison(list(rows.values()), tmp_path)
+    markdown = written["markdown"].read_text()
+    assert "unfinished" in markdown and "corrupt summary" in markdown and "★" in markdown
+    import matplotlib.pyplot as plt
+
+    for kind in ("plot_size", "plot_latency"):
+        image = plt.imread(written[kind])
+        assert image.shape[0] > 300 and image.shape[1] > 500  # a real, rendered figure
+
+
+def test_comparison_pushed_to_wandb_offline(tmp_path, make_cfg, monkeypatch):
+    from distill.evaluation import compare_runs
+
+    runs = tmp_path / "sweep"
+    for num, acc in enumerate((0.97, 0.95)):
+        (runs / str(num)).mkdir(parents=True)
+        (runs / str(num) / "summary.json").write_text(json.dumps(_summary(acc, 50_000 - num * 10_000, 1.0)))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    result = compare_runs(make_cfg(f"runs={runs}", "wandb.project=distill", config_name="evaluate"))
+    assert result["wandb_run"].startswith("offline run")
+    [table] = (runs / "wandb").glob("offline-run-*/files/media/table/comparison_*.table.json")
+    assert len(json.loads(table.read_text())["data"]) == 2
+    assert list((runs / "wandb").glob("offline-run-*/files/media/images/plot_size_*.png"))
