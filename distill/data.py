@@ -47,13 +47,20 @@ def _distributed() -> bool:
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A random permutation per epoch, seeded by ``seed + epoch`` (Lightning calls ``set_epoch``)."""
+    """A random permutation per epoch, seeded by ``seed + epoch`` (Lightning calls ``set_epoch``).
 
-    def __init__(self, size: int, seed: int) -> None:
+    ``set_epoch`` also reseeds the DataLoader's own generator (``loader_generator``), from which
+    each new iterator draws its workers' base seed: so workers' random augmentation, too, depends
+    only on (seed, epoch)."""
+
+    def __init__(self, size: int, seed: int, loader_generator: torch.Generator | None = None) -> None:
         self.size, self.seed, self.epoch = size, int(seed) % 2**62, 0
+        self.loader_generator = loader_generator
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        if self.loader_generator is not None:
+            self.loader_generator.manual_seed(self.seed + 2**40 + epoch)
 
     def __len__(self) -> int:
         return self.size
@@ -110,11 +117,14 @@ class BaseDataModule(L.LightningDataModule):
             from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 
             sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
-        elif shuffle and not _distributed():
+        # Every loader has its own generator: creating an iterator then never draws from the global
+        # RNG (which would shift dropout and augmentation in a resumed run, see rng_state.py).
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**62)
+        if sampler is None and shuffle and not _distributed():
             # The order of epoch e is a function of (seed, e) alone, as with DistributedSampler
             # under DDP (which Lightning puts in place of a plain shuffle): a run resumed from a
             # checkpoint sees the batches the uninterrupted run saw.
-            sampler, shuffle = EpochShuffleSampler(len(dataset), torch.initial_seed()), False
+            sampler, shuffle = EpochShuffleSampler(len(dataset), torch.initial_seed(), generator), False
         workers = int(self.cfg.num_workers)
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
         return DataLoader(
@@ -125,6 +135,7 @@ class BaseDataModule(L.LightningDataModule):
             num_workers=workers,
             pin_memory=pin,
             persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
+            generator=generator,
             drop_last=False,
         )
 
