@@ -95,6 +95,7 @@ class LossConfig:
     name: str = "kd"
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term; 0 = plain cross-entropy (no teacher is built)
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, no step taken) | skip (drop the batch, count it)
 
 
 @dataclass
@@ -222,6 +223,7 @@ class TrainConfig:
     seed: int = 0
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
+    resume: str = "auto"  # auto: continue from this run directory's newest valid checkpoint | never
     experiment: Any = None
     debug: Any = None
     hparams_search: Any = None
@@ -298,6 +300,7 @@ _TRAIN_CHECKS: list[Check] = [
     ("loss.temperature", _is_positive, "a finite number > 0"),
     ("loss.alpha", _in_unit, "in [0, 1]"),
     ("loss.name", _one_of("kd"), "one of: kd"),
+    ("loss.on_nonfinite", _one_of("stop", "skip"), "one of: stop, skip"),
     ("trainer.max_epochs", _at_least(0), ">= 0"),
     ("trainer.num_nodes", _at_least(1), ">= 1"),
     ("trainer.log_every_n_steps", _at_least(1), ">= 1"),
@@ -339,6 +342,7 @@ _TRAIN_CHECKS: list[Check] = [
     ("prune.layers", lambda xs: len(xs) >= 1 and all(x in ("Linear", "Conv2d") for x in xs), "a non-empty list of: Linear, Conv2d"),
     ("prune.norm", lambda x: x > 0, "> 0"),
     ("objective.size_penalty", lambda x: x >= 0, ">= 0"),
+    ("resume", _one_of("auto", "never"), "one of: auto, never"),
     ("checkpoint.every_n_epochs", lambda x: x is None or x >= 1, ">= 1 (or null: keep only best and last)"),
 ] + [(f"optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS] + [
     (f"teacher.optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS
@@ -426,3 +430,25 @@ def validate(cfg: DictConfig) -> None:
         # A file, or a DeepSpeed checkpoint directory of shards.
         if not Path(cfg.ckpt_path).exists():
             raise ConfigError(f"ckpt_path: no such file or directory: {cfg.ckpt_path}")
+        if Path(cfg.ckpt_path).is_file():  # readable, and a checkpoint: before any work is done
+            from distill.checkpoint_io import load_checkpoint
+
+            load_checkpoint(cfg.ckpt_path, what="ckpt_path")
+    _check_devices(cfg.trainer)
+
+
+def _check_devices(trainer: DictConfig) -> None:
+    """More devices than this machine has, or a GPU where there is none: fail now, naming the key."""
+    import os
+
+    import torch
+
+    accelerator, devices = str(trainer.accelerator), trainer.devices
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (use trainer.accelerator=cpu or auto)")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    wanted = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
+    if wanted is not None and wanted > available:
+        kind = "CUDA GPUs" if gpu else "CPU cores"
+        raise ConfigError(f"trainer.devices={wanted} but this machine has {available} {kind}")

@@ -107,6 +107,18 @@ class BaseDataModule(L.LightningDataModule):
         fp["std"] = list(fp["std"]) if fp["std"] is not None else None
         return {**fp, **self.shape}
 
+    def prepare_and_check(self) -> None:
+        """Download the data (if ``data.download``) and read it now, so that a missing or empty
+        dataset fails before any model is built or trained. Idempotent (setup() is)."""
+        if self.uses_root and self.cfg.get("download"):
+            from filelock import FileLock
+
+            root = Path(self.cfg.root).expanduser()
+            root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(root / ".download.lock")):  # one download, however many processes
+                self.prepare_data()
+        self.setup("fit")
+
     def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None, shard: bool = False) -> DataLoader:
         if dataset is None:
             raise RuntimeError("data module used before setup()")

@@ -21,6 +21,10 @@ from distill.optim import build_optimizer, build_scheduler
 TEACHER_PREFIX = "teacher."
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite (training stops before the optimizer step)."""
+
+
 class DistillationModule(L.LightningModule):
     def __init__(
         self,
@@ -32,8 +36,10 @@ class DistillationModule(L.LightningModule):
         hparams: dict[str, Any] | None = None,
         teacher_outputs: Any = None,  # a logits tensor, or a TeacherOutputs table (see teacher_outputs.py)
         teacher_channels_last: bool = False,
+        skip_nonfinite: bool = False,
     ) -> None:
         super().__init__()
+        self.skip_nonfinite, self.skipped_batches = skip_nonfinite, 0
         # Only plain data goes into the checkpoint's hyper_parameters (the resolved config as a
         # dict), so checkpoints load with torch.load(weights_only=True).
         self.save_hyperparameters(hparams or {})
@@ -91,16 +97,21 @@ class DistillationModule(L.LightningModule):
         with torch.no_grad(), torch.autocast("cuda", dtype=half, enabled=x.is_cuda):
             return self.teacher(x)
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         # (x, y), or (x, y, sample index) when the teacher's logits were precomputed.
         x, y, *index = batch
         logits = self.student(x)
         terms = self.kd_loss(logits, self.teacher_logits(x, index[0] if index else None), y)
         if not torch.isfinite(terms["loss"]):
-            raise FloatingPointError(
-                f"non-finite training loss at epoch {self.current_epoch}, step {self.global_step} "
-                f"(kd={terms['kd'].item()}, ce={terms['ce'].item()}); lower optim.lr or check the data"
-            )
+            # Stop now, before the optimizer step puts NaN into the weights (and into a
+            # checkpoint); or, with loss.on_nonfinite=skip, drop this batch and count it.
+            where = f"epoch {self.current_epoch}, step {self.global_step} (kd={terms['kd'].item()}, ce={terms['ce'].item()})"
+            if not self.skip_nonfinite:
+                raise NonFiniteLossError(f"non-finite training loss at {where}; lower optim.lr, check the data, "
+                                         "or set loss.on_nonfinite=skip to drop such batches")
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+            return None  # Lightning skips the backward pass and the optimizer step
         self.train_acc(logits, y)
         for name, value in terms.items():
             self.train_means[name](value.detach())

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -19,16 +20,19 @@ from lightning.pytorch.callbacks import (
     RichProgressBar,
 )
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill import latency
+from distill.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
 from distill.config import ConfigError, validate
 from distill.data import BaseDataModule, build_datamodule
 from distill.loggers import build_loggers
 from distill.losses import KDLoss
 from distill.models import build_student, count_parameters
 from distill.module import DistillationModule
+from distill.preemption import Preempted, Preemption
 from distill.pruning import Pruning
 from distill.qat import QuantizationAwareTraining
 from distill.redaction import redacted_container
@@ -154,6 +158,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     # Data first: it fixes the shape every model is built for.
     datamodule: BaseDataModule = build_datamodule(cfg.data)
+    datamodule.prepare_and_check()  # a missing or empty dataset fails here, before any model work
     shape = datamodule.shape
 
     teacher: nn.Module | None = None
@@ -187,6 +192,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         hparams={"config": resolved, "shape": shape, "teacher": teacher_info.as_dict() if teacher_info else None},
         teacher_outputs=teacher_outputs,
         teacher_channels_last=cfg.teacher.channels_last and teacher_outputs is None,
+        skip_nonfinite=cfg.loss.on_nonfinite == "skip",
     )
 
     checkpoint_cb = ModelCheckpoint(
@@ -201,7 +207,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     last_cb = ModelCheckpoint(dirpath=str(output_dir / "checkpoints"), filename="last", monitor=None,
                               save_top_k=1, enable_version_counter=False)
     loggers = build_loggers(cfg, output_dir, resolved)
-    callbacks: list[Callback] = [checkpoint_cb, last_cb, RNGState(), *_progress_callbacks(cfg)]
+    preemption = Preemption(output_dir / "checkpoints" / "last.ckpt")
+    callbacks: list[Callback] = [checkpoint_cb, last_cb, RNGState(), preemption, *_progress_callbacks(cfg)]
     if cfg.checkpoint.every_n_epochs:
         callbacks.append(EpochCheckpoint(
             dirpath=str(output_dir / "checkpoints"), filename="epoch{epoch:03d}", auto_insert_metric_name=False,
@@ -216,16 +223,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(pruning)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    deepspeed = cfg.strategy.name == "deepspeed"  # DeepSpeed writes its own shard directories
     trainer = L.Trainer(
         **trainer_kwargs(cfg), strategy=build_strategy(cfg.strategy, cfg.trainer.accelerator),
         default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks,
+        plugins=None if deepspeed else [AtomicCheckpointIO()],
     )
 
     # Parameter count and fp32 size depend only on the architecture; taken before training because
     # DeepSpeed ZeRO-3 partitions the parameters across ranks (each rank then holds a slice).
     student_params, student_size = count_parameters(student), serialized_size_bytes(student)
     student_start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    # Resume: an explicit ckpt_path, else (resume=auto) the newest valid checkpoint of this run
+    # directory, left by an earlier attempt (a crash, a preemption, a SLURM requeue).
+    ckpt_path = cfg.ckpt_path
+    if ckpt_path is None and cfg.resume == "auto":
+        found = find_resume_checkpoint(output_dir / "checkpoints", extra_dirs=[output_dir])
+        if found is not None:
+            log.info("resume: continuing from %s (resume=auto)", found)
+            ckpt_path = str(found)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    except SIGTERMException as err:
+        raise Preempted(preemption.signum or signal.SIGTERM, preemption.saved) from err
     # Test the best checkpoint by validation accuracy (the last weights in a debug run). With
     # compression, the last weights: an earlier "best" epoch may predate the final sparsity or
     # the start of quantization-aware training, and would not be the compressed model.

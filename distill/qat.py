@@ -141,6 +141,11 @@ class QuantizationAwareTraining(Callback):
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
+        if not self._calibrated(pl_module.student):
+            # e.g. a fast_dev_run that ended before quant.start_epoch: there are no scales to convert with
+            log.warning("qat: no quantized model: the observers never saw training data "
+                        "(training ended before quant.start_epoch=%d)", self.start_epoch)
+            return
         datamodule = trainer.datamodule
         self.report = self.convert_and_measure(pl_module.student, datamodule.test_dataloader(shard=False))
 

@@ -1,0 +1,75 @@
+"""Every bad input a user can give train.py: a non-zero exit, a message naming the key or the file,
+and no work done (no teacher trained, no checkpoint written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import FAST, run_script
+
+pytestmark = pytest.mark.integration
+
+
+def _files(tmp: Path) -> dict[str, str]:
+    """Bad files for the cases below, made on demand in ``tmp``."""
+    (tmp / "corrupt.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
+    empty = tmp / "empty_images"
+    for split in ("train", "val"):
+        (empty / split / "cat").mkdir(parents=True, exist_ok=True)  # class folders without images
+    import torchvision
+
+    torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp / "resnet18_5_classes.pt")
+    return {"corrupt": str(tmp / "corrupt.ckpt"), "empty": str(empty), "wrong_teacher": str(tmp / "resnet18_5_classes.pt"),
+            "tmp": str(tmp)}
+
+
+CASES = [
+    # (overrides, text the error must contain); {name} is filled from _files()
+    ("loss.temprature=3", "temprature"),
+    ("student=transformer", "student/transformer"),
+    ("teacher=vit_huge", "teacher/vit_huge"),
+    ("data=mnist", "data/mnist"),
+    ("student.name=vit", "unknown student 'vit'; choose from"),
+    ("teacher.name=resnet1000", "unknown teacher 'resnet1000'; choose from"),
+    ("data.name=svhn", "unknown dataset 'svhn'; choose from"),
+    ("loss.temperature=0", "loss.temperature=0.0 is out of range: must be a finite number > 0"),
+    ("loss.temperature=-1", "loss.temperature=-1.0 is out of range"),
+    ("loss.alpha=1.5", "loss.alpha=1.5 is out of range: must be in [0, 1]"),
+    ("quant.bits=1", "quant.bits=1 is out of range"),
+    ("quant.bits=9", "quant.bits=9 is out of range"),
+    ("prune.method=magnitude prune.amount=1.0", "prune.amount=1.0 is out of range"),
+    ("prune.method=magnitude prune.amount=-0.1", "prune.amount=-0.1 is out of range"),
+    ("data=cifar10 data.root={tmp}/no_cifar_here", "cifar10: no valid dataset under data.root={tmp}/no_cifar_here"),
+    ("data=imagefolder data.root=/nonexistent/images", "/nonexistent/images"),
+    ("data=imagefolder data.root={empty}", "{empty}"),
+    ("teacher=resnet18 teacher.checkpoint={wrong_teacher}", "teacher.checkpoint {wrong_teacher} does not fit teacher=resnet18"),
+    ("teacher.checkpoint=/nonexistent/teacher.pt", "teacher.checkpoint: no such file: /nonexistent/teacher.pt"),
+    ("ckpt_path=/nonexistent/last.ckpt", "ckpt_path: no such file or directory: /nonexistent/last.ckpt"),
+    ("ckpt_path={corrupt}", "ckpt_path {corrupt} is corrupt or not a PyTorch checkpoint"),
+    ("trainer.accelerator=cpu trainer.devices=4096", "trainer.devices=4096 but this machine has"),
+    ("trainer.accelerator=gpu", "trainer.accelerator=gpu but this machine has no CUDA GPU"),
+    ("hydra.run.dir=/proc/version/run", "/proc/version/run"),  # an output directory that cannot be made
+    ("trainer.fast_dev_run=false quant.bits=8 trainer.max_epochs=3 quant.start_epoch=3", "quant.start_epoch=3 must be < trainer.max_epochs=3"),
+    ("objective.metric=acc_quant", "objective.metric=acc_quant needs quantization-aware training"),
+    ("loss.on_nonfinite=ignore", "loss.on_nonfinite='ignore' is out of range"),
+    ("resume=sometimes", "resume='sometimes' is out of range"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "message"), CASES, ids=[c[0].split("=")[0] + ":" + c[0].split("=", 1)[1][:20] for c in CASES])
+def test_bad_input_fails_fast_naming_the_key_or_file(tmp_path, overrides, message):
+    if torch.cuda.is_available() and "accelerator=gpu" in overrides:
+        pytest.skip("this machine has a GPU")
+    files = _files(tmp_path) if "{" in overrides else {}
+    args = [a.format(**files) for a in overrides.split()]
+    run_dir = [a.split("=", 1)[1] for a in args if a.startswith("hydra.run.dir=")] or [str(tmp_path / "run")]
+    if not any(a.startswith("hydra.run.dir=") for a in args):
+        args.append(f"hydra.run.dir={run_dir[0]}")
+    result = run_script("train.py", *FAST, *args, cwd=tmp_path, env={"DISTILL_CACHE_DIR": str(tmp_path / "cache")}, timeout=300)
+    assert result.returncode != 0
+    assert message.format(**files) in result.stderr, result.stderr[-2000:]
+    assert not (tmp_path / "cache" / "teachers").exists() or "teacher.checkpoint" in overrides  # no teacher trained
+    assert not list(Path(run_dir[0]).glob("checkpoints/*")) if Path(run_dir[0]).is_dir() else True

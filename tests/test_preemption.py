@@ -1,0 +1,217 @@
+"""Nothing lost: kill and resume, SIGTERM, SLURM requeue (slow tier), and atomic, finite checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from .conftest import ROOT, run_script
+
+# A run long enough to be interrupted mid-way: a CNN student, 4 epochs of 12 batches.
+RUN = ["logger=csv", "student=cnn", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=4",
+       "trainer.limit_train_batches=12", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+       "trainer.accelerator=cpu", "quant.latency_batch_size=32"]
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    return {"DISTILL_CACHE_DIR": str(tmp_path / "cache"), "PYTHONUNBUFFERED": "1"}
+
+
+def _start(tmp_path: Path, run_dir: Path, *overrides: str) -> subprocess.Popen:
+    env = {**os.environ, **_env(tmp_path)}
+    return subprocess.Popen([sys.executable, str(ROOT / "train.py"), *RUN, *overrides, f"hydra.run.dir={run_dir}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)  # its own process group: DDP workers die with it
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended before {path} appeared: {proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} did not appear within {timeout}s")
+        time.sleep(0.05)
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _assert_bitwise_equal(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    differ = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "extra",
+    [pytest.param([], id="one-process"),
+     pytest.param(["strategy=ddp", "trainer.devices=2", "quant.bits=8", "prune.method=magnitude", "prune.amount=0.5",
+                   "prune.end_epoch=2"], id="ddp-qat-pruning")],
+)
+def test_sigkill_after_a_checkpoint_then_rerun_ends_bitwise_equal(tmp_path, extra):
+    reference = run_script("train.py", *RUN, *extra, f"hydra.run.dir={tmp_path}/reference", cwd=tmp_path,
+                           env=_env(tmp_path), timeout=1200)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    victim = tmp_path / "victim"
+    proc = _start(tmp_path, victim, *extra)
+    _wait_for(victim / "checkpoints" / "last.ckpt", proc)  # end of epoch 0 (written atomically)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (victim / "summary.json").exists(), "killed before it finished"
+
+    # The same command again, in the same run directory: resume=auto continues from last.ckpt.
+    again = run_script("train.py", *RUN, *extra, f"hydra.run.dir={victim}", cwd=tmp_path, env=_env(tmp_path), timeout=1200)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resume: continuing from" in (victim / "train.log").read_text()
+    _assert_bitwise_equal(tmp_path / "reference" / "checkpoints" / "last.ckpt", victim / "checkpoints" / "last.ckpt")
+    ref, got = (json.loads((d / "summary.json").read_text())["student"] for d in (tmp_path / "reference", victim))
+    assert got["test_acc"] == ref["test_acc"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_signal_saves_a_checkpoint_and_exits_with_128_plus_signum(tmp_path, sig):
+    run_dir = tmp_path / "run"
+    proc = _start(tmp_path, run_dir)
+    _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
+    time.sleep(0.3)  # into epoch 1
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + sig, stderr[-3000:]
+    assert f"stopped by {signal.Signals(sig).name}: checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}" in stderr
+    saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert saved["state_dict"] and saved["global_step"] > 0
+    # Run again: it continues from the saved step and finishes.
+    again = run_script("train.py", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, env=_env(tmp_path), timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["student"]["test_acc"] >= 0
+
+
+# --- checkpoint files ----------------------------------------------------------------------------
+
+_WRITER = """
+import sys, torch
+from distill.checkpoint_io import AtomicCheckpointIO
+io, target, i = AtomicCheckpointIO(), sys.argv[1], 0
+big = torch.arange(1_000_000, dtype=torch.float32)  # 4 MB: a write takes long enough to be killed half-way
+while True:
+    io.save_checkpoint({"state_dict": {"w": big + i}, "i": i}, target)
+    i += 1
+"""
+
+
+def test_random_kills_while_saving_never_leave_a_partial_checkpoint(tmp_path):
+    target = tmp_path / "last.ckpt"
+    rng = __import__("random").Random(0)
+    for attempt in range(15):
+        proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(target)], cwd=ROOT)
+        while not target.exists() and proc.poll() is None:  # Python and torch are up: writes are under way
+            time.sleep(0.01)
+        time.sleep(rng.random() * 0.3)
+        proc.kill()
+        proc.wait()
+        if target.exists():  # absent, or complete and loadable
+            saved = torch.load(target, map_location="cpu", weights_only=True)
+            expected = torch.arange(1_000_000, dtype=torch.float32) + saved["i"]
+            assert torch.equal(saved["state_dict"]["w"], expected), f"attempt {attempt}: a mixed or partial file"
+    # A kill can leave a hidden temporary file; no reader ever opens those.
+    assert all(p.name == "last.ckpt" or (p.name.startswith(".last.ckpt.") and p.suffix == ".tmp") for p in tmp_path.iterdir())
+
+
+def test_non_finite_weights_are_never_written(tmp_path):
+    from distill.checkpoint_io import AtomicCheckpointIO
+
+    io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    with pytest.raises(FloatingPointError, match="non-finite values in w"):
+        io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan"), 2.0])}}, target)
+    assert torch.equal(_weights(target)["w"], torch.ones(3))  # the previous checkpoint is intact
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path):
+    from distill.checkpoint_io import AtomicCheckpointIO
+
+    disk = tmp_path / "tmpfs"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        io, target = AtomicCheckpointIO(), disk / "last.ckpt"
+        io.save_checkpoint({"state_dict": {"w": torch.ones(1000)}}, target)
+        with pytest.raises(OSError):
+            io.save_checkpoint({"state_dict": {"w": torch.zeros(1_000_000)}}, target)  # 4 MB > 2 MB
+        assert torch.equal(_weights(target)["w"], torch.ones(1000))
+        assert [p.name for p in disk.iterdir()] == ["last.ckpt"]  # the partial temporary file is gone
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
+    from distill.checkpoint_io import find_resume_checkpoint
+
+    good, bad = tmp_path / "epoch001.ckpt", tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    torch.save({"state_dict": {"w": torch.ones(100_000)}}, bad)
+    bad.write_bytes(bad.read_bytes()[:1000])  # truncated, and newer
+    os.utime(good, (1, 1))
+    assert find_resume_checkpoint(tmp_path) == good
+    assert f"skipping unreadable checkpoint: checkpoint {bad} is corrupt" in caplog.text
+
+
+def test_a_crafted_pickle_is_refused_without_running_it(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"state_dict": {}, "payload": Evil()}, evil)
+    result = run_script("evaluate.py", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert result.returncode == 2 and str(evil) in result.stderr
+    train = run_script("train.py", "debug=fast", "logger=csv", f"ckpt_path={evil}", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+                       env=_env(tmp_path))
+    assert train.returncode == 2 and f"ckpt_path {evil} is corrupt or not a PyTorch checkpoint" in train.stderr
+    assert not marker.exists()  # the payload never ran
+
+
+def test_nan_loss_stops_within_one_step_and_writes_no_bad_checkpoint(tmp_path):
+    blow_up = ["optim.name=sgd", "optim.lr=1e30", "optim.momentum=0"]
+    result = run_script("train.py", *RUN, *blow_up, "teacher.epochs=0", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+                        env=_env(tmp_path))
+    assert result.returncode == 3, result.stderr[-3000:]
+    assert "non-finite training loss at epoch 0, step" in result.stderr
+    for ckpt in (tmp_path / "run").rglob("*.ckpt"):
+        assert all(torch.isfinite(v).all() for v in _weights(ckpt).values() if v.is_floating_point())
+
+
+
+def test_on_nonfinite_skip_drops_the_batch_and_counts_it(make_cfg):
+    from distill.losses import KDLoss
+    from distill.models import build_student
+    from distill.module import DistillationModule, NonFiniteLossError
+
+    cfg = make_cfg()
+    batch = (torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))
+    for skip in (False, True):
+        student = build_student(cfg.student, num_classes=10, channels=1, image_size=8)
+        module = DistillationModule(student, None, KDLoss(4.0, 0.0), cfg.optim, 10, skip_nonfinite=skip)
+        if not skip:
+            with pytest.raises(NonFiniteLossError, match="loss.on_nonfinite=skip"):
+                module.training_step(batch, 0)
+        else:
+            assert module.training_step(batch, 0) is None  # no backward, no optimizer step
+            assert module.skipped_batches == 1
