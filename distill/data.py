@@ -47,27 +47,43 @@ def _distributed() -> bool:
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A random permutation per epoch, seeded by ``seed + epoch`` (Lightning calls ``set_epoch``).
+    """The training order: a permutation per epoch seeded by ``seed + epoch`` (Lightning calls
+    ``set_epoch``), sharded over data-parallel ranks like ``DistributedSampler`` (padded so every
+    rank has the same number of samples), and able to start part-way through an epoch.
 
-    ``set_epoch`` also reseeds the DataLoader's own generator (``loader_generator``), from which
-    each new iterator draws its workers' base seed: so workers' random augmentation, too, depends
-    only on (seed, epoch)."""
+    ``resume_at(epoch, batches)`` makes the iterator of that epoch skip the batches a preempted
+    run had already trained on (the fit loop's count, from the checkpoint), so a run resumed from
+    a mid-epoch checkpoint sees exactly the batches the uninterrupted run saw. ``set_epoch`` also
+    reseeds the DataLoader's own generator (``loader_generator``), from which each iterator draws
+    its workers' base seed: workers' random augmentation, too, depends only on (seed, epoch)."""
 
-    def __init__(self, size: int, seed: int, loader_generator: torch.Generator | None = None) -> None:
+    def __init__(self, size: int, seed: int, loader_generator: torch.Generator | None = None,
+                 num_replicas: int = 1, rank: int = 0, batch_size: int = 1) -> None:
         self.size, self.seed, self.epoch = size, int(seed) % 2**62, 0
         self.loader_generator = loader_generator
+        self.num_replicas, self.rank, self.batch_size = num_replicas, rank, batch_size
+        self.per_rank = -(-size // num_replicas)  # ceil
+        self._resume: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         if self.loader_generator is not None:
             self.loader_generator.manual_seed(self.seed + 2**40 + epoch)
 
+    def resume_at(self, epoch: int, batches_done: int) -> None:
+        self._resume = (epoch, batches_done) if batches_done > 0 else None
+
     def __len__(self) -> int:
-        return self.size
+        return self.per_rank
 
     def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+        order += order[: self.per_rank * self.num_replicas - self.size]  # pad, as DistributedSampler does
+        mine = order[self.rank :: self.num_replicas]
+        if self._resume is not None and self._resume[0] == self.epoch:
+            mine = mine[self._resume[1] * self.batch_size :]  # already trained on before the interruption
+            self._resume = None
+        return iter(mine)
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -88,6 +104,9 @@ class BaseDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         # True: training batches carry each sample's index, to look up precomputed teacher logits.
         self.index_train = False
+        # (epoch, batches already trained in it) of a mid-epoch checkpoint being resumed; set by
+        # distill.rng_state.RNGState from the checkpoint, read when the training loader is built.
+        self.resume_position: tuple[int, int] | None = None
 
     @property
     def shape(self) -> dict[str, int]:
@@ -132,11 +151,15 @@ class BaseDataModule(L.LightningDataModule):
         # Every loader has its own generator: creating an iterator then never draws from the global
         # RNG (which would shift dropout and augmentation in a resumed run, see rng_state.py).
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**62)
-        if sampler is None and shuffle and not _distributed():
-            # The order of epoch e is a function of (seed, e) alone, as with DistributedSampler
-            # under DDP (which Lightning puts in place of a plain shuffle): a run resumed from a
-            # checkpoint sees the batches the uninterrupted run saw.
-            sampler, shuffle = EpochShuffleSampler(len(dataset), torch.initial_seed(), generator), False
+        if sampler is None and shuffle:
+            # The order of epoch e is a function of (seed, e) alone, sharded over the ranks; this
+            # module does the sharding (the Trainer runs with use_distributed_sampler=False).
+            world = torch.distributed.get_world_size() if _distributed() else 1
+            rank = torch.distributed.get_rank() if _distributed() else 0
+            sampler = EpochShuffleSampler(len(dataset), torch.initial_seed(), generator, world, rank, batch_size or self.batch_size)
+            if self.resume_position is not None:
+                sampler.resume_at(*self.resume_position)
+            shuffle = False
         workers = int(self.cfg.num_workers)
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
         return DataLoader(

@@ -228,6 +228,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         **trainer_kwargs(cfg), strategy=build_strategy(cfg.strategy, cfg.trainer.accelerator),
         default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks,
         plugins=None if deepspeed else [AtomicCheckpointIO()],
+        # The data module shards the training data itself (EpochShuffleSampler), resumable mid-epoch.
+        use_distributed_sampler=False,
     )
 
     # Parameter count and fp32 size depend only on the architecture; taken before training because

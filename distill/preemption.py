@@ -7,9 +7,11 @@ status ``128 + signal number`` (143 for SIGTERM, 138 for SIGUSR1) after printing
 checkpoint is. Running the same command again in the same run directory continues from it
 (``resume=auto``).
 
-Under SLURM, Lightning's SLURM environment handles the signals itself (SIGUSR1: save
-``hpc_ckpt_N.ckpt`` and ``scontrol requeue``), and the requeued job resumes (``resume=auto`` finds
-the newest valid checkpoint, the hpc one included).
+Under SLURM this callback installs no handler: Lightning's own turn SIGTERM (what ``scontrol
+requeue`` and preemption send) into the same stop request, so the checkpoint is written the same
+way, and SIGUSR1 (``--signal``) into Lightning's save-``hpc_ckpt_N.ckpt``-and-requeue. The requeued
+job starts again in the same run directory and ``resume=auto`` continues from the newest valid
+checkpoint, mid-epoch ones included, exactly (see distill/rng_state.py).
 """
 
 from __future__ import annotations
@@ -57,7 +59,8 @@ class Preemption(Callback):
         def handler(signum: int, frame: Any) -> None:
             log.warning("received %s: stopping after the current step to save a checkpoint", signal.Signals(signum).name)
             self.signum = signum
-            trainer.received_sigterm = True  # Lightning's stop request: checked (and synced) every step
+            # Lightning's own stop request: checked after every step, and broadcast from rank 0 under DDP.
+            trainer._signal_connector.received_sigterm = True
 
         for signum in SIGNALS:
             self._previous[signum] = signal.signal(signum, handler)

@@ -1,10 +1,12 @@
-"""Random-number-generator state in the checkpoint, so that a resumed run continues exactly.
+"""What a resumed run needs besides weights and optimizer to continue *exactly*.
 
 Lightning restores weights, optimizer, schedulers, loops and callback state, but not the global
-RNGs (Python, NumPy, torch CPU and CUDA) that drive dropout, data augmentation and the order of a
-non-distributed shuffle. This callback saves them with every checkpoint and puts them back on
-load. Every rank seeds identically (``seed_everything``), so the state saved by rank 0 is every
-rank's.
+RNGs (Python, NumPy, torch CPU and CUDA) that drive dropout and data augmentation, nor the
+position in a non-resumable data loader. :class:`RNGState` saves the RNGs with every checkpoint
+and puts them back on load (every rank seeds identically with ``seed_everything``, so the state
+saved by rank 0 is every rank's). For a checkpoint taken in the middle of an epoch (a preemption),
+it tells the data module how many batches of that epoch were already trained on, and the
+training sampler (:class:`distill.data.EpochShuffleSampler`) starts after them.
 """
 
 from __future__ import annotations
@@ -37,6 +39,12 @@ class RNGState(Callback):
         # Applied at on_train_start, not now: the sanity-check validation that runs in between
         # draws from the RNG (every DataLoader iterator takes a base seed from it).
         self._restored = state_dict
+
+    def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
+        done = int(progress.get("current", {}).get("completed", 0))
+        if trainer.datamodule is not None and hasattr(trainer.datamodule, "resume_position"):
+            trainer.datamodule.resume_position = (int(checkpoint.get("epoch", 0)), done)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self._restored is None:

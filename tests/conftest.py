@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -62,3 +63,31 @@ def run_script(
         [sys.executable, str(ROOT / script), *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
     )
+
+
+# --- SLURM (tests/test_sweeps.py, tests/test_preemption.py) ---------------------------------------
+
+def _local_slurm_script() -> Path | None:
+    candidate = Path(os.environ.get("DISTILL_LOCAL_SLURM", ROOT.parent / "shared" / "tools" / "local-slurm.sh"))
+    return candidate if candidate.is_file() else None
+
+
+@pytest.fixture(scope="module")
+def slurm_partition() -> str:
+    """A SLURM partition to submit to: the running cluster's default, else a local one started here."""
+    def default_partition() -> str | None:
+        if not shutil.which("sinfo"):
+            return None
+        out = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=30)
+        up = [line.split()[0] for line in out.stdout.splitlines() if any(s in line for s in ("idle", "mixed", "alloc"))]
+        return up[0].rstrip("*") if up else None
+
+    partition = default_partition()
+    if partition is None and (script := _local_slurm_script()) is not None and os.geteuid() == 0:
+        started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
+        partition = started.stdout.strip().splitlines()[-1] if started.returncode == 0 and started.stdout.strip() else None
+    if partition is None:
+        if os.environ.get("DISTILL_REQUIRE_SLURM"):
+            pytest.fail("DISTILL_REQUIRE_SLURM is set but no SLURM cluster answers (sinfo) and none could be started")
+        pytest.skip("no SLURM cluster (start one with ../shared/tools/local-slurm.sh start)")
+    return partition

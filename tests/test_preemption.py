@@ -83,21 +83,43 @@ def test_sigkill_after_a_checkpoint_then_rerun_ends_bitwise_equal(tmp_path, extr
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_saves_a_checkpoint_and_exits_with_128_plus_signum(tmp_path, sig):
+def test_signal_saves_a_mid_epoch_checkpoint_exits_128_plus_signum_and_resumes_exactly(tmp_path, sig):
+    reference = run_script("train.py", *RUN, f"hydra.run.dir={tmp_path}/reference", cwd=tmp_path, env=_env(tmp_path), timeout=900)
+    assert reference.returncode == 0, reference.stderr[-3000:]
     run_dir = tmp_path / "run"
     proc = _start(tmp_path, run_dir)
-    _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)
-    time.sleep(0.3)  # into epoch 1
+    _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)  # epoch 0 is done ...
+    time.sleep(0.4)  # ... and epoch 1 under way
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, stderr[-3000:]
     assert f"stopped by {signal.Signals(sig).name}: checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}" in stderr
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["state_dict"] and saved["global_step"] > 0
-    # Run again: it continues from the saved step and finishes.
+    assert saved["global_step"] % 12 != 0, "the signal was meant to land mid-epoch"
+    # The same command again: it continues from the saved step and ends where the reference did.
     again = run_script("train.py", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, env=_env(tmp_path), timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert json.loads((run_dir / "summary.json").read_text())["student"]["test_acc"] >= 0
+    _assert_bitwise_equal(tmp_path / "reference" / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.slow
+def test_slurm_requeue_resumes_to_the_uninterrupted_result(tmp_path, slurm_partition):
+    """Two identical jobs of one sweep; the second is requeued (`scontrol requeue`) mid-run."""
+    env = {**os.environ, **_env(tmp_path)}
+    sweep = tmp_path / "sweep"
+    launcher = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), "-m", *RUN, "hydra/launcher=slurm", f"hydra.launcher.partition={slurm_partition}",
+         "hydra.launcher.timeout_min=20", "hydra.launcher.cpus_per_task=1", "seed=0,0", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(sweep / "1" / "checkpoints" / "last.ckpt", launcher, timeout=900)
+    [job] = [p.name for p in (sweep / ".submitit").iterdir() if p.name.endswith("_1")]
+    requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
+    assert requeue.returncode == 0, requeue.stderr
+    _, stderr = launcher.communicate(timeout=1200)
+    assert launcher.returncode == 0, stderr[-4000:]
+    log = (sweep / "1" / "train.log").read_text()
+    assert "stopped by SIGTERM: checkpoint saved to" in log and "resume: continuing from" in log
+    _assert_bitwise_equal(sweep / "0" / "checkpoints" / "last.ckpt", sweep / "1" / "checkpoints" / "last.ckpt")
 
 
 # --- checkpoint files ----------------------------------------------------------------------------

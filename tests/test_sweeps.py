@@ -4,15 +4,12 @@ on a real single-node SLURM cluster (``../shared/tools/local-slurm.sh start``; .
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import ROOT, run_script
+from .conftest import run_script
 
 pytestmark = pytest.mark.slow
 
@@ -66,32 +63,6 @@ def test_optuna_sweeper_maximizes_the_returned_objective(tmp_path):
 
 
 # --- SLURM ---------------------------------------------------------------------------------------
-
-def _local_slurm_script() -> Path | None:
-    candidate = Path(os.environ.get("DISTILL_LOCAL_SLURM", ROOT.parent / "shared" / "tools" / "local-slurm.sh"))
-    return candidate if candidate.is_file() else None
-
-
-@pytest.fixture(scope="module")
-def slurm_partition() -> str:
-    """A SLURM partition to submit to: the running cluster's default, else a local one started here."""
-    def default_partition() -> str | None:
-        if not shutil.which("sinfo"):
-            return None
-        out = subprocess.run(["sinfo", "-h", "-o", "%P %T"], capture_output=True, text=True, timeout=30)
-        up = [line.split()[0] for line in out.stdout.splitlines() if any(s in line for s in ("idle", "mixed", "alloc"))]
-        return up[0].rstrip("*") if up else None
-
-    partition = default_partition()
-    if partition is None and (script := _local_slurm_script()) is not None and os.geteuid() == 0:
-        started = subprocess.run(["bash", str(script), "start"], capture_output=True, text=True, timeout=900)
-        partition = started.stdout.strip().splitlines()[-1] if started.returncode == 0 and started.stdout.strip() else None
-    if partition is None:
-        if os.environ.get("DISTILL_REQUIRE_SLURM"):
-            pytest.fail("DISTILL_REQUIRE_SLURM is set but no SLURM cluster answers (sinfo) and none could be started")
-        pytest.skip("no SLURM cluster (start one with ../shared/tools/local-slurm.sh start)")
-    return partition
-
 
 def test_slurm_sweep_jobs_share_one_teacher(tmp_path, slurm_partition):
     # Two jobs at once, one task each: the first trains the teacher, the other waits on its lock.
