@@ -23,7 +23,7 @@ from distill.atomic import atomic_write_text
 
 # (column, formatter) for the trade-off part of a row; values come from summary.json.
 TRADE_OFF = [
-    "student", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
+    "student", "technique", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
     "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
     "pareto_size", "pareto_latency",
 ]
@@ -64,8 +64,13 @@ def run_row(run: Path) -> dict[str, Any]:
 
     s, t = summary["student"], summary.get("teacher") or {}
     quantized = bool(s.get("bits"))
+    half = not quantized and "acc_half" in s  # export.dtype: the 16-bit student is the deployed one
     if quantized:
         latency, latency_batch = s.get("latency_ms_quant"), s.get("latency_ms_quant_batch")
+    elif half:
+        latency, latency_batch = None, s.get("latency_ms_half_batch")
+    elif "latency_ms_batch_after_lowrank" in s:
+        latency, latency_batch = None, s["latency_ms_batch_after_lowrank"]
     elif "latency_ms_after_removal" in s:
         latency, latency_batch = s["latency_ms_after_removal"], s["latency_ms_batch_after_removal"]
     else:
@@ -73,11 +78,12 @@ def run_row(run: Path) -> dict[str, Any]:
     row.update(
         status="ok",
         student=s["arch"],
-        bits=s.get("bits") or 32,
+        technique=technique(summary),
+        bits=s.get("bits") or (16 if half else 32),
         teacher=t.get("arch"),
         teacher_acc=t.get("test_acc"),
         acc_fp32=s.get("acc_fp32", s.get("test_acc")),
-        acc=s["acc_quant"] if quantized else s["test_acc"],
+        acc=s["acc_quant"] if quantized else s["acc_half"] if half else s["test_acc"],
         size_bytes=smallest_size_bytes(s),
         size_bytes_fp32=s.get("size_bytes_fp32", s.get("size_bytes")),
         compression=s.get("size_bytes_fp32", s.get("size_bytes")) / smallest_size_bytes(s),
@@ -93,6 +99,27 @@ def run_row(run: Path) -> dict[str, Any]:
         teacher_latency_ms_batch=t.get("latency_ms_batch"),
     )
     return row
+
+
+def technique(summary: dict[str, Any]) -> str:
+    """A short label of the compression a run applied, e.g. ``int8+prune0.7`` or ``fp32``."""
+    s, h = summary["student"], summary.get("hparams", {})
+    parts = []
+    if h.get("student_init"):
+        parts.append(f"init:{h['student_init']}")
+    if h.get("hint_weight"):
+        parts.append("hints")
+    if s.get("lowrank_layers"):
+        parts.append(f"lowrank{h.get('lowrank'):g}" if h.get("lowrank") is not None else "lowrank")
+    if s.get("sparsity") is not None and h.get("prune_method") not in (None, "none"):
+        parts.append(f"prune{h.get('prune_amount'):g}")
+    if s.get("sharing_bits"):
+        parts.append(f"shared{s['sharing_bits']}b")
+    if s.get("bits"):
+        parts.append(f"int{s['bits']}")
+    elif s.get("half_dtype"):
+        parts.append(s["half_dtype"])
+    return "+".join(parts) or "fp32"
 
 
 def _display_name(run: Path, roots: list[Path]) -> str:

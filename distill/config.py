@@ -65,6 +65,7 @@ class StudentConfig:
     hidden_sizes: list[int] = field(default_factory=lambda: [256, 128])  # mlp
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # cnn
     dropout: float = 0.1  # mlp, cnn
+    init: str | None = None  # null: random | teacher: copy the teacher's tensors that match by name and shape
 
 
 @dataclass
@@ -91,10 +92,19 @@ class DataConfig:
 
 
 @dataclass
+class HintConfig:
+    """FitNets hints (distill/hints.py): ``weight`` > 0 and ``layers`` of '<student path>:<teacher path>'."""
+
+    weight: float = 0.0
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
 class LossConfig:
     name: str = "kd"
     temperature: float = 4.0
     alpha: float = 0.9  # weight of the KD term; 0 = plain cross-entropy (no teacher is built)
+    hint: HintConfig = field(default_factory=HintConfig)
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, no step taken) | skip (drop the batch, count it)
 
 
@@ -131,6 +141,23 @@ class PruneConfig:
 
 
 @dataclass
+class LowRankConfig:
+    """Low-rank factorization of the student (``lowrank.rank_ratio`` or ``lowrank.energy``); see distill/lowrank.py."""
+
+    rank_ratio: float | None = None
+    energy: float | None = None
+    start_epoch: int = 0
+
+
+@dataclass
+class SharingConfig:
+    """Weight sharing by k-means (``sharing.bits``); see distill/weight_sharing.py."""
+
+    bits: int | None = None
+    start_epoch: int = 20
+
+
+@dataclass
 class StrategyConfig:
     """How training is spread over devices (``strategy=ddp`` etc.); see distill/strategies.py."""
 
@@ -138,6 +165,13 @@ class StrategyConfig:
     stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
     offload_optimizer: bool = False  # deepspeed: optimizer state in host memory
     offload_parameters: bool = False  # deepspeed stage 3: parameters in host memory
+
+
+@dataclass
+class ExportConfig:
+    """Extra artifacts of the tested student."""
+
+    dtype: str | None = None  # fp16 | bf16: also save a 16-bit student and report its accuracy and size
 
 
 @dataclass
@@ -217,9 +251,12 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)  # the student's optimizer
     quant: QuantConfig = field(default_factory=QuantConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
     seed: int = 0
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
@@ -227,6 +264,7 @@ class TrainConfig:
     experiment: Any = None
     debug: Any = None
     hparams_search: Any = None
+    technique: Any = None
 
 
 @dataclass
@@ -301,6 +339,7 @@ _TRAIN_CHECKS: list[Check] = [
     ("loss.alpha", _in_unit, "in [0, 1]"),
     ("loss.name", _one_of("kd"), "one of: kd"),
     ("loss.on_nonfinite", _one_of("stop", "skip"), "one of: stop, skip"),
+    ("loss.hint.weight", lambda x: x >= 0 and x == x, ">= 0"),
     ("trainer.max_epochs", _at_least(0), ">= 0"),
     ("trainer.num_nodes", _at_least(1), ">= 1"),
     ("trainer.log_every_n_steps", _at_least(1), ">= 1"),
@@ -343,6 +382,13 @@ _TRAIN_CHECKS: list[Check] = [
     ("prune.norm", lambda x: x > 0, "> 0"),
     ("objective.size_penalty", lambda x: x >= 0, ">= 0"),
     ("resume", _one_of("auto", "never"), "one of: auto, never"),
+    ("student.init", lambda x: x in (None, "teacher"), "null or teacher"),
+    ("lowrank.rank_ratio", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
+    ("lowrank.energy", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
+    ("lowrank.start_epoch", _at_least(0), ">= 0"),
+    ("sharing.bits", lambda x: x is None or 1 <= x <= 8, "an integer in [1, 8], or null (off)"),
+    ("sharing.start_epoch", _at_least(0), ">= 0"),
+    ("export.dtype", lambda x: x in (None, "fp16", "bf16"), "null, fp16 or bf16"),
     ("checkpoint.every_n_epochs", lambda x: x is None or x >= 1, ">= 1 (or null: keep only best and last)"),
 ] + [(f"optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS] + [
     (f"teacher.optim.{k}", f, m) for k, f, m in _OPTIM_CHECKS
@@ -400,6 +446,50 @@ def validate(cfg: DictConfig) -> None:
                 f"quant.start_epoch={quant.start_epoch} must be < trainer.max_epochs={epochs}, "
                 "or quantization-aware training never starts"
             )
+    if cfg.export.dtype is not None and quant is not None and quant.bits is not None:
+        raise ConfigError(f"export.dtype={cfg.export.dtype} with quant.bits={quant.bits}: the student is exported as "
+                          "integers already; choose one")
+    lr_cfg = cfg.lowrank
+    if lr_cfg.rank_ratio is not None or lr_cfg.energy is not None:
+        if lr_cfg.rank_ratio is not None and lr_cfg.energy is not None:
+            raise ConfigError("lowrank.rank_ratio and lowrank.energy are both set: choose one")
+        if cfg.prune.method != "none":
+            raise ConfigError(f"lowrank with prune.method={cfg.prune.method}: combining them is not supported; choose one")
+        if lr_cfg.start_epoch > 0 and quant is not None and quant.bits is not None:
+            raise ConfigError("lowrank.start_epoch > 0 with quant.bits: factorize before quantization-aware training (lowrank.start_epoch=0)")
+        if lr_cfg.start_epoch > 0 and (cfg.strategy.name != "auto" or str(cfg.trainer.devices) not in ("1", "auto")):
+            raise ConfigError("lowrank.start_epoch > 0 needs one process (it rebuilds the optimizer mid-run); use lowrank.start_epoch=0")
+        epochs = cfg.trainer.max_epochs
+        if not cfg.trainer.get("fast_dev_run") and epochs is not None and lr_cfg.start_epoch >= epochs:
+            raise ConfigError(f"lowrank.start_epoch={lr_cfg.start_epoch} must be < trainer.max_epochs={epochs}")
+    hint = cfg.loss.hint
+    if hint.weight > 0:
+        from distill.hints import parse_pairs
+
+        try:
+            parse_pairs(list(hint.layers))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if not hint.layers:
+            raise ConfigError("loss.hint.weight > 0 needs loss.hint.layers=[<student module>:<teacher module>, ...]")
+        if cfg.loss.alpha == 0:
+            raise ConfigError("loss.hint.weight > 0 needs a teacher: loss.alpha must be > 0")
+        if cfg.teacher.precompute_outputs or cfg.teacher.cache_views:
+            raise ConfigError("loss.hint needs the live teacher (its features at every step): "
+                              "unset teacher.precompute_outputs / teacher.cache_views")
+        if quant is not None and quant.bits is not None:
+            raise ConfigError("loss.hint with quant.bits is not supported (QAT rewrites the student's modules)")
+    sh = cfg.sharing
+    if sh.bits is not None:
+        others = [k for k, on in (("quant.bits", quant is not None and quant.bits is not None), ("prune.method", cfg.prune.method != "none"),
+                                  ("lowrank", lr_cfg.rank_ratio is not None or lr_cfg.energy is not None)) if on]
+        if others:
+            raise ConfigError(f"sharing.bits={sh.bits} with {', '.join(others)}: combining them is not supported; choose one")
+        if cfg.strategy.name != "auto" or str(cfg.trainer.devices) not in ("1", "auto"):
+            raise ConfigError("sharing.bits needs one process (the codebooks join the optimizer mid-run)")
+        epochs = cfg.trainer.max_epochs
+        if not cfg.trainer.get("fast_dev_run") and epochs is not None and sh.start_epoch >= epochs:
+            raise ConfigError(f"sharing.start_epoch={sh.start_epoch} must be < trainer.max_epochs={epochs}, or the weights are never shared")
     pr = cfg.get("prune")
     if pr is not None and pr.method != "none":
         if pr.method == "structured" and pr.scope != "layer":

@@ -37,8 +37,10 @@ class DistillationModule(L.LightningModule):
         teacher_outputs: Any = None,  # a logits tensor, or a TeacherOutputs table (see teacher_outputs.py)
         teacher_channels_last: bool = False,
         skip_nonfinite: bool = False,
+        hints: nn.Module | None = None,  # a distill.hints.HintLoss, attached to student and teacher
     ) -> None:
         super().__init__()
+        self.hints = hints
         self.skip_nonfinite, self.skipped_batches = skip_nonfinite, 0
         # Only plain data goes into the checkpoint's hyper_parameters (the resolved config as a
         # dict), so checkpoints load with torch.load(weights_only=True).
@@ -64,7 +66,7 @@ class DistillationModule(L.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         # Epoch means of the loss terms as metrics: exact over data-parallel ranks (synchronised
         # once at epoch end, not at every step).
-        self.train_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", "kd", "ce")})
+        self.train_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", "kd", "ce", "hint")})
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
 
@@ -102,6 +104,9 @@ class DistillationModule(L.LightningModule):
         x, y, *index = batch
         logits = self.student(x)
         terms = self.kd_loss(logits, self.teacher_logits(x, index[0] if index else None), y)
+        if self.hints is not None:  # the forward passes above filled the hooked features
+            terms["hint"] = self.hints()
+            terms["loss"] = terms["loss"] + terms["hint"]
         if not torch.isfinite(terms["loss"]):
             # Stop now, before the optimizer step puts NaN into the weights (and into a
             # checkpoint); or, with loss.on_nonfinite=skip, drop this batch and count it.
@@ -131,7 +136,8 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # Only the student's parameters: the teacher never enters the optimizer.
-        optimizer = build_optimizer(self.student.parameters(), self.optim_cfg)
+        params = list(self.student.parameters()) + (list(self.hints.parameters()) if self.hints is not None else [])
+        optimizer = build_optimizer(params, self.optim_cfg)
         total = self.trainer.estimated_stepping_batches
         epochs = max(self.trainer.max_epochs or 1, 1)
         total = int(total) if total != float("inf") else epochs

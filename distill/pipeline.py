@@ -134,6 +134,22 @@ def _qat_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path, reso
     )
 
 
+def _hint_loss(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, shape: dict[str, int]) -> nn.Module | None:
+    if cfg.loss.hint.weight <= 0:
+        return None
+    from distill.hints import HintLoss, parse_pairs
+
+    if teacher is None:
+        raise ConfigError("loss.hint needs the live teacher, but its outputs were precomputed")
+    hints = HintLoss(parse_pairs(list(cfg.loss.hint.layers)), cfg.loss.hint.weight)
+    try:
+        hints.attach(student, getattr(teacher, "_orig_mod", teacher),
+                     torch.zeros(2, shape["channels"], shape["image_size"], shape["image_size"]))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return hints
+
+
 def _pruning_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path) -> Pruning | None:
     p = cfg.prune
     if p.method == "none":
@@ -163,22 +179,32 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     teacher: nn.Module | None = None
     teacher_info: TeacherInfo | None = None
-    if cfg.loss.alpha > 0:  # alpha = 0 is the no-distillation baseline: no teacher at all
+    # alpha = 0 is the no-distillation baseline: no teacher at all, unless the student starts from it.
+    if cfg.loss.alpha > 0 or cfg.student.init == "teacher":
         fingerprint = datamodule.fingerprint()
         fingerprint["trainer"] = {k: cfg.trainer.get(k) for k in _TEACHER_KEY_TRAINER}
         teacher, teacher_info = provision_teacher(cfg, shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir))
+    provisioned_teacher = teacher
+    if cfg.loss.alpha == 0:
+        teacher = None  # only provisioned to initialise the student from
     teacher_outputs = None
     outputs_source = None
     precompute = cfg.teacher.precompute_outputs
     views = cfg.teacher.cache_views
-    if teacher is not None and (views or precompute or (precompute is None and not cfg.data.augment)):
+    hints = cfg.loss.hint.weight > 0  # hints need the teacher's features at every step: a live teacher
+    if teacher is not None and (views or precompute or (precompute is None and not cfg.data.augment and not hints)):
         teacher_outputs, outputs_source = _teacher_outputs(cfg, teacher, teacher_info, datamodule)
-    if teacher is not None and teacher_outputs is None and cfg.teacher.compile:
+    if teacher is not None and teacher_outputs is None and cfg.teacher.compile and not hints:
         teacher = torch.compile(teacher)  # the live teacher runs every step: compiling pays off
     teacher_seconds = time.perf_counter() - start
 
     L.seed_everything(int(cfg.seed), workers=True)
     student = build_student(cfg.student, **shape)
+    init_report: dict[str, Any] = {}
+    if cfg.student.init == "teacher":
+        from distill.teacher_init import init_from_teacher
+
+        init_report = init_from_teacher(student, provisioned_teacher, cfg.student.name, cfg.teacher.name)
     # The config as W&B, the checkpoints and the artifacts see it: no secret, no environment value.
     resolved = redacted_container(cfg)
     module = DistillationModule(
@@ -193,6 +219,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         teacher_outputs=teacher_outputs,
         teacher_channels_last=cfg.teacher.channels_last and teacher_outputs is None,
         skip_nonfinite=cfg.loss.on_nonfinite == "skip",
+        hints=_hint_loss(cfg, student, teacher if teacher_outputs is None else None, shape),
     )
 
     checkpoint_cb = ModelCheckpoint(
@@ -214,13 +241,40 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             dirpath=str(output_dir / "checkpoints"), filename="epoch{epoch:03d}", auto_insert_metric_name=False,
             monitor=None, save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs,
         ))
-    # QAT first: it replaces the student in its setup(), and pruning masks the replaced modules.
+    # Low-rank first (it replaces layers before QAT prepares the student), then QAT (it replaces
+    # the student in its setup()), then pruning (it masks the replaced modules).
+    lowrank = None
+    if cfg.lowrank.rank_ratio is not None or cfg.lowrank.energy is not None:
+        from distill.lowrank import LowRankFactorization
+
+        lowrank = LowRankFactorization(
+            cfg.lowrank.rank_ratio, cfg.lowrank.energy, cfg.lowrank.start_epoch,
+            (shape["channels"], shape["image_size"], shape["image_size"]), cfg.quant.latency_batch_size,
+            cfg.quant.latency_threads, output_dir,
+        )
+        callbacks.append(lowrank)
+    sharing = None
+    if cfg.sharing.bits is not None:
+        from distill.weight_sharing import WeightSharing
+
+        sharing = WeightSharing(cfg.sharing.bits, cfg.sharing.start_epoch, output_dir,
+                                {"student": resolved["student"], "data": resolved["data"]})
+        callbacks.append(sharing)
     qat = _qat_callback(cfg, shape, output_dir, resolved)
     if qat is not None:
         callbacks.append(qat)
     pruning = _pruning_callback(cfg, shape, output_dir)
     if pruning is not None:
         callbacks.append(pruning)
+    half_export = None
+    if cfg.export.dtype is not None:
+        from distill.half_export import HalfPrecisionExport
+
+        half_export = HalfPrecisionExport(
+            cfg.export.dtype, output_dir, resolved["student"], resolved["data"],
+            (shape["channels"], shape["image_size"], shape["image_size"]), cfg.quant.latency_batch_size, cfg.quant.latency_threads,
+        )
+        callbacks.append(half_export)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     deepspeed = cfg.strategy.name == "deepspeed"  # DeepSpeed writes its own shard directories
@@ -251,7 +305,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Test the best checkpoint by validation accuracy (the last weights in a debug run). With
     # compression, the last weights: an earlier "best" epoch may predate the final sparsity or
     # the start of quantization-aware training, and would not be the compressed model.
-    compressing = qat is not None or pruning is not None
+    compressing = any(c is not None for c in (qat, pruning, lowrank, sharing))
     # DeepSpeed 0.19 cannot restore a ZeRO-3 checkpoint without its optimizer (as trainer.test
     # would): test the final weights in memory instead, which are what last.ckpt holds.
     zero3 = cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3
@@ -275,11 +329,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student_summary.update(pruning.report)
         if qat is None:  # the pruned student's fp32 artifact, masks baked in
             student_summary["size_bytes"] = pruning.report["size_bytes_dense"]
+    student_summary.update(init_report)
+    if sharing is not None and sharing.report:
+        student_summary.update(sharing.report)
+    if lowrank is not None and lowrank.report:
+        student_summary.update(lowrank.report)
+        if qat is None:
+            student_summary["size_bytes"] = lowrank.report["size_bytes_lowrank"]
+    if half_export is not None and half_export.report:
+        student_summary.update(half_export.report)
     teacher_summary = None
     if teacher_info:
-        teacher_summary = {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(teacher)}
+        teacher_summary = {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(provisioned_teacher)}
         if qat is not None and trainer.is_global_zero:  # the teacher's latency alongside the student's
-            lat = latency.measure(teacher.cpu(), qat.sample_shape, qat.latency_batch_size, qat.report.get("latency_threads"))
+            lat = latency.measure(provisioned_teacher.cpu(), qat.sample_shape, qat.latency_batch_size, qat.report.get("latency_threads"))
             teacher_summary.update(latency_ms=lat["latency_ms"], latency_ms_batch=lat["latency_ms_batch"])
     summary = {
         "teacher": teacher_summary,
@@ -296,6 +359,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "bits": cfg.quant.bits,
             "prune_method": cfg.prune.method,
             "prune_amount": cfg.prune.amount if cfg.prune.method != "none" else None,
+            "lowrank": cfg.lowrank.rank_ratio if cfg.lowrank.rank_ratio is not None else cfg.lowrank.energy,
+            "sharing_bits": cfg.sharing.bits,
+            "hint_weight": cfg.loss.hint.weight or None,
+            "student_init": cfg.student.init,
+            "export_dtype": cfg.export.dtype,
         },
         "teacher_outputs": None if teacher is None else (outputs_source or "live"),
         "wall_time_s": time.perf_counter() - start,

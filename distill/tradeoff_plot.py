@@ -54,7 +54,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], cost: str, path: str | Path) -> Pa
     ax.step([r[key] * scale for r in front], [100 * r["acc"] for r in front], where="post", c="tab:red", lw=1.5, zorder=3)
     ax.scatter([r[key] * scale for r in front], [100 * r["acc"] for r in front], c="tab:red", s=45, label="Pareto-optimal run", zorder=4)
     for r in ok:
-        label = f"{r['bits']}b" + (f" s{100 * r['sparsity']:.0f}%" if r.get("sparsity") else "")
+        label = r.get("technique") or f"{r['bits']}b"
         ax.annotate(label, (r[key] * scale, 100 * r["acc"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     for label, acc, x, marker in _references(ok, cost):
         ax.scatter([x], [acc], marker=marker, s=120, edgecolors="black", zorder=5, label=label)

@@ -1,0 +1,178 @@
+"""Low-rank factorization of the student (``lowrank.rank_ratio=…`` or ``lowrank.energy=…``).
+
+A Linear layer ``W`` (out x in) becomes two thinner ones from its truncated SVD
+``W ~= (U_r S_r^1/2)(S_r^1/2 V_r^T)``: ``Linear(in, r, bias=False)`` then ``Linear(r, out)``. A
+convolution is factorized the same way after reshaping its kernel to (out, in*kh*kw): a
+``Conv2d(in, r, kh x kw)`` with the original stride and padding, then a 1x1 ``Conv2d(r, out)``
+(the "channel decomposition" of Jaderberg et al., 2014 / Zhang et al., 2015). Grouped and
+depthwise convolutions are left alone. The rank ``r`` of each layer is ``rank_ratio`` times its
+full rank, or the smallest rank that keeps the ``energy`` fraction of the squared singular values;
+a layer is only replaced when that saves parameters.
+
+:class:`LowRankFactorization` factorizes at the start of epoch ``lowrank.start_epoch`` (0: before
+training) and training then continues, so the student recovers. Its state (the rank of every
+layer) is saved in checkpoints, and a resumed run factorizes the fresh student the same way before
+the weights are restored.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+
+from distill import latency
+from distill.report import serialized_size_bytes
+
+log = logging.getLogger(__name__)
+
+
+def choose_rank(singular_values: torch.Tensor, rank_ratio: float | None, energy: float | None) -> int:
+    full = singular_values.numel()
+    if energy is not None:
+        kept = torch.cumsum(singular_values.double() ** 2, 0) / (singular_values.double() ** 2).sum()
+        return min(int(torch.searchsorted(kept, torch.tensor(energy, dtype=torch.float64)).item()) + 1, full)
+    return max(1, min(full, round(float(rank_ratio) * full)))
+
+
+def _split(weight2d: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out x r, r x in) factors with ``first_factor @ second_factor`` the rank-r approximation."""
+    u, s, vh = torch.linalg.svd(weight2d.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return (u[:, :rank] * root).to(weight2d.dtype), (root[:, None] * vh[:rank]).to(weight2d.dtype)
+
+
+def factorize_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
+    out_factor, in_factor = _split(layer.weight.detach(), rank)
+    first = nn.Linear(layer.in_features, rank, bias=False)
+    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(in_factor)
+        second.weight.copy_(out_factor)
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+    return nn.Sequential(first, second)
+
+
+def factorize_conv(conv: nn.Conv2d, rank: int) -> nn.Sequential:
+    out_ch, in_ch, kh, kw = conv.weight.shape
+    out_factor, in_factor = _split(conv.weight.detach().reshape(out_ch, in_ch * kh * kw), rank)
+    first = nn.Conv2d(in_ch, rank, (kh, kw), stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                      bias=False, padding_mode=conv.padding_mode)
+    second = nn.Conv2d(rank, out_ch, 1, bias=conv.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(in_factor.reshape(rank, in_ch, kh, kw))
+        second.weight.copy_(out_factor.reshape(out_ch, rank, 1, 1))
+        if conv.bias is not None:
+            second.bias.copy_(conv.bias)
+    return nn.Sequential(first, second)
+
+
+def plan_ranks(model: nn.Module, rank_ratio: float | None, energy: float | None) -> dict[str, int]:
+    """The rank of every layer worth factorizing (it must save parameters), by module path."""
+    ranks: dict[str, int] = {}
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            out_f, in_f = module.weight.shape
+        elif isinstance(module, nn.Conv2d) and module.groups == 1:
+            out_f, in_f = module.weight.shape[0], module.weight[0].numel()
+        else:
+            continue
+        s = torch.linalg.svdvals(module.weight.detach().reshape(out_f, in_f).double())
+        rank = choose_rank(s, rank_ratio, energy)
+        if rank * (in_f + out_f) < in_f * out_f:
+            ranks[name] = rank
+    return ranks
+
+
+def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
+    """Replace each named layer by its rank-r factorization, in place."""
+    for name, rank in ranks.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = getattr(parent, child)
+        setattr(parent, child, factorize_linear(layer, rank) if isinstance(layer, nn.Linear) else factorize_conv(layer, rank))
+    return model
+
+
+class LowRankFactorization(Callback):
+    def __init__(self, rank_ratio: float | None, energy: float | None, start_epoch: int, sample_shape: tuple[int, int, int],
+                 latency_batch_size: int, latency_threads: int | None, output_dir: str | Path) -> None:
+        self.rank_ratio, self.energy, self.start_epoch = rank_ratio, energy, start_epoch
+        self.sample_shape, self.latency_batch_size, self.latency_threads = sample_shape, latency_batch_size, latency_threads
+        self.output_dir = Path(output_dir)
+        self.ranks: dict[str, int] | None = None
+        self.before: dict[str, Any] = {}
+        self.report: dict[str, Any] = {}
+
+    def _factorize(self, pl_module: L.LightningModule, ranks: dict[str, int] | None = None) -> None:
+        student = pl_module.student
+        self.before = {"params_before_lowrank": sum(p.numel() for p in student.parameters()),
+                       "size_bytes_before_lowrank": serialized_size_bytes(student)}
+        self._dense = copy.deepcopy(student).cpu().eval()
+        self.ranks = ranks if ranks is not None else plan_ranks(student, self.rank_ratio, self.energy)
+        apply_ranks(student, self.ranks)
+        self._just_factorized = copy.deepcopy(student).cpu().eval()  # before any recovery training
+        log.info("lowrank: factorized %d layers: %s", len(self.ranks), ", ".join(f"{k}->r{v}" for k, v in self.ranks.items()))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        saved = _saved_ranks(trainer.ckpt_path, self.state_key)
+        if saved is not None:  # resuming after the factorization: rebuild the factorized shapes first
+            self._factorize(pl_module, saved)
+        elif self.start_epoch == 0:
+            self._factorize(pl_module)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.ranks is not None or trainer.current_epoch < self.start_epoch:
+            return
+        self._factorize(pl_module)
+        # New layers, new parameters: a new optimizer, with the LR schedule where it was.
+        trainer.strategy.setup_optimizers(trainer)
+        for config in trainer.lr_scheduler_configs:
+            config.scheduler.last_epoch = trainer.global_step - 1
+            config.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"ranks": self.ranks}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("ranks") is not None and self.ranks is None:
+            raise RuntimeError("lowrank: the checkpoint holds a factorized student but it was not rebuilt before loading")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.ranks is None:
+            return
+        from distill.evaluation import loader_accuracy
+
+        student = copy.deepcopy(pl_module.student).cpu().eval()
+        test = trainer.datamodule.test_dataloader(shard=False)
+        threads = self.latency_threads or torch.get_num_threads()
+        lat = latency.measure_many({"before": self._dense, "after": student}, self.sample_shape, self.latency_batch_size, threads)
+        self.report = {
+            **self.before,
+            "acc_before_lowrank": loader_accuracy(self._dense, test),
+            "acc_lowrank_before_recovery": loader_accuracy(self._just_factorized, test),
+            "lowrank_layers": len(self.ranks),
+            "lowrank_ranks": dict(self.ranks),
+            "params_after_lowrank": sum(p.numel() for p in student.parameters()),
+            "size_bytes_lowrank": serialized_size_bytes(student),
+            "latency_ms_batch_before_lowrank": lat["before"]["latency_ms_batch"],
+            "latency_ms_batch_after_lowrank": lat["after"]["latency_ms_batch"],
+        }
+
+
+def _saved_ranks(ckpt_path: str | None, state_key: str) -> dict[str, int] | None:
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    from distill.checkpoint_io import load_checkpoint
+
+    state = load_checkpoint(ckpt_path).get("callbacks", {}).get(state_key, {})
+    return state.get("ranks")

@@ -1,0 +1,168 @@
+"""Weight sharing (Han et al., "Deep Compression", ICLR 2016): ``sharing.bits=b``.
+
+At the start of epoch ``sharing.start_epoch`` each Linear and Conv2d weight of the student is
+clustered by 1-D k-means (scikit-learn, linear initialisation between the layer's min and max, as
+in the paper) into ``2^b`` shared values. From then on the layer's weight *is*
+``codebook[indices]`` (a ``torch.nn.utils.parametrize`` parametrization): the indices are fixed
+and the codebook is trained, the gradient of each shared value being the sum of the gradients of
+the weights in its cluster (the backward of the gather).
+
+The artifact ``student_shared.pt.xz`` stores, per shared layer, the float32 codebook and the
+b-bit packed indices, and every other tensor as float32; :func:`load_shared` rebuilds exactly the
+trained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+import lzma
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from torch import nn
+from torch.nn.utils import parametrize
+
+from distill.atomic import atomic_write
+from distill.quant_artifact import pack_codes, unpack_codes
+
+log = logging.getLogger(__name__)
+FORMAT = "distill.shared-weights-student/1"
+
+
+class SharedWeight(nn.Module):
+    """weight = codebook[indices]; the original tensor is ignored (kept only for the API)."""
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(codebook.clone())
+        self.register_buffer("indices", indices.clone())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.codebook[self.indices]
+
+
+def kmeans_1d(values: torch.Tensor, clusters: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook, indices) of 1-D k-means over ``values`` with linear initialisation."""
+    from sklearn.cluster import KMeans
+
+    flat = values.detach().reshape(-1, 1).double().cpu().numpy()
+    clusters = min(clusters, len(np.unique(flat)))
+    init = np.linspace(flat.min(), flat.max(), clusters).reshape(-1, 1)
+    km = KMeans(n_clusters=clusters, init=init, n_init=1, random_state=seed).fit(flat)
+    codebook = torch.from_numpy(km.cluster_centers_.reshape(-1)).to(values.dtype)
+    return codebook, torch.from_numpy(km.labels_.astype(np.int64)).reshape(values.shape)
+
+
+def shareable_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def share_weights(model: nn.Module, bits: int, layers: list[str] | None = None,
+                  placeholders: bool = False) -> list[str]:
+    """Parametrize each layer's weight as codebook[indices] in place; ``placeholders``: shapes only
+    (a resumed run, whose values then come from the checkpoint)."""
+    names = layers if layers is not None else shareable_layers(model)
+    for name in names:
+        module = model.get_submodule(name)
+        weight = module.weight
+        if placeholders:
+            codebook, indices = torch.zeros(2**bits, dtype=weight.dtype), torch.zeros(weight.shape, dtype=torch.int64)
+        else:
+            codebook, indices = kmeans_1d(weight, 2**bits)
+        parametrize.register_parametrization(module, "weight", SharedWeight(codebook.to(weight.device), indices.to(weight.device)),
+                                             unsafe=True)
+    return names
+
+
+def _shared_modules(model: nn.Module) -> dict[str, SharedWeight]:
+    return {name: m.parametrizations.weight[0] for name, m in model.named_modules()
+            if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], SharedWeight)}
+
+
+def save_shared(path: str | Path, model: nn.Module, bits: int, meta: dict[str, Any]) -> Path:
+    """The trained shared-weight student: codebooks and b-bit packed indices, xz-compressed."""
+    shared = _shared_modules(model)
+    layers = {}
+    for name, p in shared.items():
+        layers[name] = {"codebook": p.codebook.detach().cpu().float(), "shape": list(p.indices.shape),
+                        "indices": pack_codes(p.indices.cpu(), bits, 0)}
+    skip = tuple(f"{n}.parametrizations.weight" for n in shared)
+    rest = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(skip)}
+    buffer = io.BytesIO()
+    torch.save({"format": FORMAT, "bits": bits, "layers": layers, "rest": rest, **meta}, buffer)
+    data = lzma.compress(buffer.getvalue(), format=lzma.FORMAT_XZ,
+                         filters=[{"id": lzma.FILTER_LZMA2, "preset": 9, "lc": 0, "pb": 0}])
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def load_shared(path: str | Path, model: nn.Module) -> nn.Module:
+    """Put the artifact's weights into ``model`` (the student's architecture, freshly built)."""
+    payload = torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a shared-weight student artifact")
+    state = dict(payload["rest"])
+    for name, entry in payload["layers"].items():
+        count = int(np.prod(entry["shape"]))
+        indices = unpack_codes(entry["indices"], payload["bits"], 0, count).reshape(entry["shape"])
+        state[f"{name}.weight"] = entry["codebook"][indices]
+    model.load_state_dict(state)
+    return model
+
+
+def load_shared_student(path: str | Path) -> tuple[nn.Module, Any]:
+    """The student and its data module, rebuilt from the artifact's own config."""
+    from omegaconf import OmegaConf
+
+    from distill.data import build_datamodule
+    from distill.models import build_student
+
+    payload = torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    datamodule = build_datamodule(OmegaConf.create(payload["data"]))
+    model = build_student(OmegaConf.create(payload["student"]), **datamodule.shape)
+    return load_shared(path, model).eval(), datamodule
+
+
+class WeightSharing(Callback):
+    def __init__(self, bits: int, start_epoch: int, output_dir: str | Path, meta: dict[str, Any]) -> None:
+        self.bits, self.start_epoch, self.output_dir, self.meta = bits, start_epoch, Path(output_dir), meta
+        self.layers: list[str] | None = None
+        self.report: dict[str, Any] = {}
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        ckpt = trainer.ckpt_path
+        if ckpt and Path(ckpt).is_file():
+            from distill.checkpoint_io import load_checkpoint
+
+            layers = load_checkpoint(ckpt).get("callbacks", {}).get(self.state_key, {}).get("layers")
+            if layers is not None:  # resuming after the clustering: the same parametrization, values from the checkpoint
+                self.layers = share_weights(pl_module.student, self.bits, layers, placeholders=True)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.layers is not None or trainer.current_epoch < self.start_epoch:
+            return
+        self.layers = share_weights(pl_module.student, self.bits)
+        log.info("sharing: %d layers clustered into %d shared values each", len(self.layers), 2**self.bits)
+        # New parameters (the codebooks): a new optimizer, with the LR schedule where it was.
+        trainer.strategy.setup_optimizers(trainer)
+        for config in trainer.lr_scheduler_configs:
+            config.scheduler.last_epoch = trainer.global_step - 1
+            config.scheduler.step()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"layers": self.layers, "bits": self.bits}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.layers is None:
+            return
+        student = copy.deepcopy(pl_module.student).cpu().eval()
+        path = save_shared(self.output_dir / "student_shared.pt.xz", student, self.bits, self.meta)
+        self.report = {"sharing_bits": self.bits, "sharing_layers": len(self.layers),
+                       "size_bytes_shared": path.stat().st_size, "shared_artifact": str(path)}
