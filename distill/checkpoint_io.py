@@ -83,3 +83,11 @@ def find_resume_checkpoint(ckpt_dir: str | os.PathLike, extra_dirs: list[Path] |
             continue
         return path
     return None
+
+
+def saved_callback_state(ckpt_path: str | os.PathLike | None, state_key: str) -> dict[str, Any]:
+    """A callback's saved state in the checkpoint being resumed ({} when there is none): for
+    callbacks that must rebuild the student's shape in ``setup``, before Lightning restores weights."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return {}
+    return load_checkpoint(ckpt_path).get("callbacks", {}).get(state_key, {})

@@ -74,7 +74,7 @@ def run_row(run: Path) -> dict[str, Any]:
     elif "latency_ms_after_removal" in s:
         latency, latency_batch = s["latency_ms_after_removal"], s["latency_ms_batch_after_removal"]
     else:
-        latency, latency_batch = s.get("latency_ms_fp32"), s.get("latency_ms_fp32_batch")
+        latency, latency_batch = s.get("latency_ms_fp32", s.get("latency_ms")), s.get("latency_ms_fp32_batch", s.get("latency_ms_batch"))
     row.update(
         status="ok",
         student=s["arch"],
@@ -162,7 +162,7 @@ def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
 def table_columns(rows: list[dict[str, Any]]) -> list[str]:
     # Only the overrides that differ between runs are worth a column.
     swept = sorted({k for r in rows for k in r if k.startswith("+")})
-    swept = [k for k in swept if len({str(r.get(k)) for r in rows}) > 1]
+    swept = [k for k in swept if len({str(r.get(k)) for r in rows}) > 1 and k.lstrip("+") not in TRADE_OFF]
     return ["run", *swept, "status", *TRADE_OFF]
 
 

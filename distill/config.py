@@ -147,6 +147,8 @@ class LowRankConfig:
     rank_ratio: float | None = None
     energy: float | None = None
     start_epoch: int = 0
+    min_rank: int = 8  # never factorize a layer below this rank
+    classifier: bool = False  # also factorize the last Linear layer
 
 
 @dataclass
@@ -386,6 +388,7 @@ _TRAIN_CHECKS: list[Check] = [
     ("lowrank.rank_ratio", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
     ("lowrank.energy", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
     ("lowrank.start_epoch", _at_least(0), ">= 0"),
+    ("lowrank.min_rank", _at_least(1), ">= 1"),
     ("sharing.bits", lambda x: x is None or 1 <= x <= 8, "an integer in [1, 8], or null (off)"),
     ("sharing.start_epoch", _at_least(0), ">= 0"),
     ("export.dtype", lambda x: x in (None, "fp16", "bf16"), "null, fp16 or bf16"),
@@ -455,13 +458,19 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError("lowrank.rank_ratio and lowrank.energy are both set: choose one")
         if cfg.prune.method != "none":
             raise ConfigError(f"lowrank with prune.method={cfg.prune.method}: combining them is not supported; choose one")
-        if lr_cfg.start_epoch > 0 and quant is not None and quant.bits is not None:
-            raise ConfigError("lowrank.start_epoch > 0 with quant.bits: factorize before quantization-aware training (lowrank.start_epoch=0)")
+        if quant is not None and quant.bits is not None:
+            raise ConfigError("lowrank with quant.bits: combining them is not supported (the quantized artifact stores the "
+                              "unfactorized architecture); choose one")
+        if cfg.loss.hint.weight > 0:
+            raise ConfigError("lowrank with loss.hint: the factorization replaces the hooked layers; choose one")
         if lr_cfg.start_epoch > 0 and (cfg.strategy.name != "auto" or str(cfg.trainer.devices) not in ("1", "auto")):
             raise ConfigError("lowrank.start_epoch > 0 needs one process (it rebuilds the optimizer mid-run); use lowrank.start_epoch=0")
         epochs = cfg.trainer.max_epochs
         if not cfg.trainer.get("fast_dev_run") and epochs is not None and lr_cfg.start_epoch >= epochs:
             raise ConfigError(f"lowrank.start_epoch={lr_cfg.start_epoch} must be < trainer.max_epochs={epochs}")
+    if cfg.loss.on_nonfinite == "skip" and (cfg.strategy.name != "auto" or str(cfg.trainer.devices) not in ("1", "auto")):
+        raise ConfigError("loss.on_nonfinite=skip needs one process: a rank that skips a step would leave the others "
+                          "waiting for its gradients; use loss.on_nonfinite=stop")
     hint = cfg.loss.hint
     if hint.weight > 0:
         from distill.hints import parse_pairs

@@ -43,6 +43,17 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
         shape = datamodule.shape
         example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
         student = prepare_qat(student, quant.bits, quant.per_channel, example, quant.backend)
+    # A student that low-rank factorization or weight sharing reshaped during training: the same
+    # shape first, from the callback's saved state.
+    for name, cb_state in (ckpt.get("callbacks") or {}).items():
+        if name.startswith("LowRankFactorization") and cb_state.get("ranks"):
+            from distill.lowrank import apply_ranks
+
+            apply_ranks(student, cb_state["ranks"])
+        if name.startswith("WeightSharing") and cb_state.get("layers"):
+            from distill.weight_sharing import share_weights
+
+            share_weights(student, cb_state["bits"], cb_state["layers"], placeholders=True, codebook_sizes=cb_state.get("codebook_sizes"))
     state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
     # A pruned student stores ``<name>_orig`` and ``<name>_mask`` (torch.nn.utils.prune): bake them.
     for key in [k for k in state if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in state]:
@@ -181,8 +192,17 @@ def push_comparison(rows: list[dict[str, Any]], files: dict[str, Path], wcfg: Di
         mode = "offline"
     columns = [c.lstrip("+") for c in table_columns(rows)]
     table = wandb.Table(columns=columns, data=[[_plain(r.get(c, r.get("+" + c))) for c in columns] for r in rows])
-    run = wandb.init(project=wcfg.project, entity=wcfg.entity, job_type="comparison", name=wcfg.name,
-                     dir=str(out_dir), mode=mode, settings=wandb.Settings(init_timeout=60, silent=True))
+    def start(mode: str) -> Any:
+        return wandb.init(project=wcfg.project, entity=wcfg.entity, job_type="comparison", name=wcfg.name,
+                          dir=str(out_dir), mode=mode, settings=wandb.Settings(init_timeout=60, silent=True))
+
+    try:
+        run = start(mode)
+    except Exception:  # an online start that fails: keep the comparison, offline
+        if mode == "offline":
+            raise
+        mode = "offline"
+        run = start(mode)
     payload: dict[str, Any] = {"comparison": table}
     for kind in ("plot_size", "plot_latency"):
         if kind in files:

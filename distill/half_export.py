@@ -67,6 +67,11 @@ class HalfPrecisionExport(Callback):
         from distill.pruning import bake
 
         student = bake(copy.deepcopy(pl_module.student)).cpu().eval()
+        from torch.nn.utils import parametrize
+
+        for module in student.modules():  # weight sharing: plain weights (codebook[indices]) only
+            if parametrize.is_parametrized(module, "weight"):
+                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         state = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in student.state_dict().items()}
         path = atomic_torch_save({"format": "distill-half", "dtype": self.dtype_name, "student": self.student_cfg,
                                   "data": self.data_cfg, "state_dict": state}, self.output_dir / f"student_{self.dtype_name}.pt")

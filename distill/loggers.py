@@ -50,6 +50,10 @@ SERVER_TIMEOUT_S = 10.0  # connecting to the W&B server; then wandb.init's own i
 
 
 def wandb_server_reachable(timeout: float = SERVER_TIMEOUT_S) -> bool:
+    """A TCP connection to the W&B server within ``timeout``; behind an HTTP(S) proxy, assumed
+    (wandb.init's own timeout and the offline fallback then apply)."""
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy")):
+        return True
     url = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai"))
     port = url.port or (443 if url.scheme == "https" else 80)
     try:

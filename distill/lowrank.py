@@ -6,8 +6,10 @@ convolution is factorized the same way after reshaping its kernel to (out, in*kh
 ``Conv2d(in, r, kh x kw)`` with the original stride and padding, then a 1x1 ``Conv2d(r, out)``
 (the "channel decomposition" of Jaderberg et al., 2014 / Zhang et al., 2015). Grouped and
 depthwise convolutions are left alone. The rank ``r`` of each layer is ``rank_ratio`` times its
-full rank, or the smallest rank that keeps the ``energy`` fraction of the squared singular values;
-a layer is only replaced when that saves parameters.
+full rank, or the smallest rank that keeps the ``energy`` fraction of the squared singular values,
+but at least ``lowrank.min_rank``; a layer is only replaced when that saves parameters, and the
+classifier (the last Linear layer) only with ``lowrank.classifier=true``: at rank < number of
+classes it cannot separate them all.
 
 :class:`LowRankFactorization` factorizes at the start of epoch ``lowrank.start_epoch`` (0: before
 training) and training then continues, so the student recovers. Its state (the rank of every
@@ -28,6 +30,8 @@ from lightning.pytorch.callbacks import Callback
 from torch import nn
 
 from distill import latency
+from distill.checkpoint_io import saved_callback_state
+from distill.optim import rebuild_optimizer
 from distill.report import serialized_size_bytes
 
 log = logging.getLogger(__name__)
@@ -57,7 +61,7 @@ def factorize_linear(layer: nn.Linear, rank: int) -> nn.Sequential:
         second.weight.copy_(out_factor)
         if layer.bias is not None:
             second.bias.copy_(layer.bias)
-    return nn.Sequential(first, second)
+    return nn.Sequential(first, second).to(layer.weight.device, layer.weight.dtype)
 
 
 def factorize_conv(conv: nn.Conv2d, rank: int) -> nn.Sequential:
@@ -71,13 +75,19 @@ def factorize_conv(conv: nn.Conv2d, rank: int) -> nn.Sequential:
         second.weight.copy_(out_factor.reshape(out_ch, rank, 1, 1))
         if conv.bias is not None:
             second.bias.copy_(conv.bias)
-    return nn.Sequential(first, second)
+    return nn.Sequential(first, second).to(conv.weight.device, conv.weight.dtype)
 
 
-def plan_ranks(model: nn.Module, rank_ratio: float | None, energy: float | None) -> dict[str, int]:
-    """The rank of every layer worth factorizing (it must save parameters), by module path."""
+def plan_ranks(model: nn.Module, rank_ratio: float | None, energy: float | None, min_rank: int = 1,
+               classifier: bool = False) -> dict[str, int]:
+    """The rank of every layer worth factorizing, by module path: never below ``min_rank``, only
+    where that saves parameters, and not the classifier (the last Linear) unless ``classifier``."""
     ranks: dict[str, int] = {}
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    last = linears[-1] if linears and not classifier else None
     for name, module in model.named_modules():
+        if name == last:
+            continue
         if isinstance(module, nn.Linear):
             out_f, in_f = module.weight.shape
         elif isinstance(module, nn.Conv2d) and module.groups == 1:
@@ -85,7 +95,7 @@ def plan_ranks(model: nn.Module, rank_ratio: float | None, energy: float | None)
         else:
             continue
         s = torch.linalg.svdvals(module.weight.detach().reshape(out_f, in_f).double())
-        rank = choose_rank(s, rank_ratio, energy)
+        rank = max(choose_rank(s, rank_ratio, energy), min(min_rank, s.numel()))
         if rank * (in_f + out_f) < in_f * out_f:
             ranks[name] = rank
     return ranks
@@ -103,11 +113,15 @@ def apply_ranks(model: nn.Module, ranks: dict[str, int]) -> nn.Module:
 
 class LowRankFactorization(Callback):
     def __init__(self, rank_ratio: float | None, energy: float | None, start_epoch: int, sample_shape: tuple[int, int, int],
-                 latency_batch_size: int, latency_threads: int | None, output_dir: str | Path) -> None:
+                 latency_batch_size: int, latency_threads: int | None, output_dir: str | Path, min_rank: int = 8,
+                 classifier: bool = False) -> None:
         self.rank_ratio, self.energy, self.start_epoch = rank_ratio, energy, start_epoch
+        self.min_rank, self.classifier = min_rank, classifier
         self.sample_shape, self.latency_batch_size, self.latency_threads = sample_shape, latency_batch_size, latency_threads
         self.output_dir = Path(output_dir)
         self.ranks: dict[str, int] | None = None
+        self._resumed = False
+        self.resume_from: str | None = None  # the checkpoint this run resumes, if any
         self.before: dict[str, Any] = {}
         self.report: dict[str, Any] = {}
 
@@ -116,7 +130,7 @@ class LowRankFactorization(Callback):
         self.before = {"params_before_lowrank": sum(p.numel() for p in student.parameters()),
                        "size_bytes_before_lowrank": serialized_size_bytes(student)}
         self._dense = copy.deepcopy(student).cpu().eval()
-        self.ranks = ranks if ranks is not None else plan_ranks(student, self.rank_ratio, self.energy)
+        self.ranks = ranks if ranks is not None else plan_ranks(student, self.rank_ratio, self.energy, self.min_rank, self.classifier)
         apply_ranks(student, self.ranks)
         self._just_factorized = copy.deepcopy(student).cpu().eval()  # before any recovery training
         log.info("lowrank: factorized %d layers: %s", len(self.ranks), ", ".join(f"{k}->r{v}" for k, v in self.ranks.items()))
@@ -124,9 +138,11 @@ class LowRankFactorization(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        saved = _saved_ranks(trainer.ckpt_path, self.state_key)
+        # (Lightning sets trainer.ckpt_path only after the setup hooks: the pipeline passes it.)
+        saved = saved_callback_state(self.resume_from, self.state_key).get("ranks")
         if saved is not None:  # resuming after the factorization: rebuild the factorized shapes first
             self._factorize(pl_module, saved)
+            self._resumed = True  # the pre-factorization student of the first attempt is gone
         elif self.start_epoch == 0:
             self._factorize(pl_module)
 
@@ -134,11 +150,8 @@ class LowRankFactorization(Callback):
         if self.ranks is not None or trainer.current_epoch < self.start_epoch:
             return
         self._factorize(pl_module)
-        # New layers, new parameters: a new optimizer, with the LR schedule where it was.
-        trainer.strategy.setup_optimizers(trainer)
-        for config in trainer.lr_scheduler_configs:
-            config.scheduler.last_epoch = trainer.global_step - 1
-            config.scheduler.step()
+        # New layers, new parameters for the optimizer.
+        rebuild_optimizer(trainer)
 
     def state_dict(self) -> dict[str, Any]:
         return {"ranks": self.ranks}
@@ -158,8 +171,8 @@ class LowRankFactorization(Callback):
         lat = latency.measure_many({"before": self._dense, "after": student}, self.sample_shape, self.latency_batch_size, threads)
         self.report = {
             **self.before,
-            "acc_before_lowrank": loader_accuracy(self._dense, test),
-            "acc_lowrank_before_recovery": loader_accuracy(self._just_factorized, test),
+            "acc_before_lowrank": None if self._resumed else loader_accuracy(self._dense, test),
+            "acc_lowrank_before_recovery": None if self._resumed else loader_accuracy(self._just_factorized, test),
             "lowrank_layers": len(self.ranks),
             "lowrank_ranks": dict(self.ranks),
             "params_after_lowrank": sum(p.numel() for p in student.parameters()),
@@ -167,12 +180,3 @@ class LowRankFactorization(Callback):
             "latency_ms_batch_before_lowrank": lat["before"]["latency_ms_batch"],
             "latency_ms_batch_after_lowrank": lat["after"]["latency_ms_batch"],
         }
-
-
-def _saved_ranks(ckpt_path: str | None, state_key: str) -> dict[str, int] | None:
-    if not ckpt_path or not Path(ckpt_path).is_file():
-        return None
-    from distill.checkpoint_io import load_checkpoint
-
-    state = load_checkpoint(ckpt_path).get("callbacks", {}).get(state_key, {})
-    return state.get("ranks")

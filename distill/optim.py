@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from omegaconf import DictConfig
@@ -39,3 +40,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_ste
     steps_per_epoch = max(int(steps_per_epoch), 1)
     total_steps = max(int(total_steps), 1)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps, steps_per_epoch))
+
+
+def rebuild_optimizer(trainer: Any) -> None:
+    """After a callback changed the student's parameters mid-run: a new optimizer (fresh state), and
+    the LR schedule moved on to the current step instead of restarting."""
+    trainer.strategy.setup_optimizers(trainer)
+    for config in trainer.lr_scheduler_configs:
+        config.scheduler.last_epoch = trainer.global_step - 1
+        config.scheduler.step()

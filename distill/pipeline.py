@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import signal
 import time
@@ -215,7 +216,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         KDLoss(cfg.loss.temperature, cfg.loss.alpha),
         cfg.optim,
         shape["num_classes"],
-        hparams={"config": resolved, "shape": shape, "teacher": teacher_info.as_dict() if teacher_info else None},
+        # The teacher's file by name only: its directory may come from the environment (DISTILL_CACHE_DIR).
+        hparams={"config": resolved, "shape": shape,
+                 "teacher": {**teacher_info.as_dict(), "path": Path(teacher_info.path).name if teacher_info.path else None}
+                 if teacher_info else None},
         teacher_outputs=teacher_outputs,
         teacher_channels_last=cfg.teacher.channels_last and teacher_outputs is None,
         skip_nonfinite=cfg.loss.on_nonfinite == "skip",
@@ -250,7 +254,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         lowrank = LowRankFactorization(
             cfg.lowrank.rank_ratio, cfg.lowrank.energy, cfg.lowrank.start_epoch,
             (shape["channels"], shape["image_size"], shape["image_size"]), cfg.quant.latency_batch_size,
-            cfg.quant.latency_threads, output_dir,
+            cfg.quant.latency_threads, output_dir, cfg.lowrank.min_rank, cfg.lowrank.classifier,
         )
         callbacks.append(lowrank)
     sharing = None
@@ -298,6 +302,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if found is not None:
             log.info("resume: continuing from %s (resume=auto)", found)
             ckpt_path = str(found)
+    for shape_changer in (lowrank, sharing):  # they rebuild the student's shape before weights load
+        if shape_changer is not None:
+            shape_changer.resume_from = ckpt_path
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException as err:
@@ -334,15 +341,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student_summary.update(sharing.report)
     if lowrank is not None and lowrank.report:
         student_summary.update(lowrank.report)
-        if qat is None:
-            student_summary["size_bytes"] = lowrank.report["size_bytes_lowrank"]
     if half_export is not None and half_export.report:
         student_summary.update(half_export.report)
+    # Every run reports latency (CPU, batch 1 and quant.latency_batch_size) next to accuracy and
+    # size: the student as trained, when no compression callback measured it, and the teacher.
+    # (Not under ZeRO-3: each rank holds only a slice of the student's weights.)
+    measure = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run") and not zero3
+    sample_shape = (shape["channels"], shape["image_size"], shape["image_size"])
+    threads = cfg.quant.latency_threads or torch.get_num_threads()
+    if measure and "latency_ms_fp32_batch" not in student_summary:
+        from distill.pruning import bake
+
+        trained = bake(copy.deepcopy(module.student)).cpu().eval()
+        lat = latency.measure(trained, sample_shape, cfg.quant.latency_batch_size, threads)
+        student_summary.update(latency_ms=lat["latency_ms"], latency_ms_batch=lat["latency_ms_batch"],
+                               latency_batch_size=cfg.quant.latency_batch_size, latency_threads=threads)
     teacher_summary = None
     if teacher_info:
         teacher_summary = {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(provisioned_teacher)}
-        if qat is not None and trainer.is_global_zero:  # the teacher's latency alongside the student's
-            lat = latency.measure(provisioned_teacher.cpu(), qat.sample_shape, qat.latency_batch_size, qat.report.get("latency_threads"))
+        if measure:
+            lat = latency.measure(provisioned_teacher.cpu().eval(), sample_shape, cfg.quant.latency_batch_size, threads)
             teacher_summary.update(latency_ms=lat["latency_ms"], latency_ms_batch=lat["latency_ms_batch"])
     summary = {
         "teacher": teacher_summary,

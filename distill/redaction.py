@@ -58,13 +58,13 @@ def redacted_container(cfg: DictConfig) -> dict[str, Any]:
     def walk(raw_node: Any, value: Any, key: str | None) -> Any:
         if key is not None and SECRET_KEY.search(key) and value not in (None, ""):
             return REDACTED
+        if isinstance(raw_node, str) and reads_environment(raw, raw_node):  # also a list/dict made from ${oc.env:...}
+            return raw_node
         if isinstance(value, dict):
             return {k: walk(raw_node.get(k) if isinstance(raw_node, dict) else None, v, str(k)) for k, v in value.items()}
         if isinstance(value, list):
             raws = raw_node if isinstance(raw_node, list) else [None] * len(value)
             return [walk(r, v, key) for r, v in zip(raws, value, strict=False)]
-        if isinstance(raw_node, str) and reads_environment(raw, raw_node):
-            return raw_node
         return value
 
     return walk(raw, resolved, None)

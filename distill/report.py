@@ -70,7 +70,8 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
             _fmt_int(s.get("size_bytes_quant")), _fmt_ms(s.get("latency_ms_quant")), _fmt_ms(s.get("latency_ms_quant_batch")),
         )
     else:
-        table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")), "-", "-")
+        table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")),
+                      _fmt_ms(s.get("latency_ms")), _fmt_ms(s.get("latency_ms_batch")))
     (console or make_console()).print(table)
     for line in pruning_lines(s):
         (console or make_console()).print(line, markup=False)

@@ -43,6 +43,9 @@ class RNGState(Callback):
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:
         progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress", {})
         done = int(progress.get("current", {}).get("completed", 0))
+        total = progress.get("total", {})
+        if total.get("completed", 0) == total.get("processed", 0) - 1:
+            done += 1  # saved between "processed" and "completed" (e.g. Lightning's SLURM hpc checkpoint): Lightning counts it done
         if trainer.datamodule is not None and hasattr(trainer.datamodule, "resume_position"):
             trainer.datamodule.resume_position = (int(checkpoint.get("epoch", 0)), done)
 

@@ -17,20 +17,23 @@ from distill.atomic import atomic_write
 def _references(rows: list[dict[str, Any]], cost: str) -> list[tuple[str, float, float, str]]:
     """(label, accuracy %, cost, marker) for the teacher and each fp32 student architecture."""
     refs = []
+    scale = 1e-3 if cost == "size" else 1.0
     teacher = [r for r in rows if r.get("teacher_acc") is not None]
     t_cost = "teacher_size_bytes" if cost == "size" else "teacher_latency_ms_batch"
     if teacher and teacher[0].get(t_cost) is not None:
-        scale = 1e-3 if cost == "size" else 1.0
         refs.append((f"teacher ({teacher[0].get('teacher', 'fp32')})", 100 * teacher[0]["teacher_acc"], teacher[0][t_cost] * scale, "*"))
     for arch in sorted({r["student"] for r in rows}):
-        mine = [r for r in rows if r["student"] == arch and r.get("acc_fp32") is not None]
-        s_cost = [r.get("size_bytes_fp32") if cost == "size" else r.get("latency_ms_fp32_batch") for r in mine]
-        s_cost = [c for c in s_cost if c is not None]
-        if mine and s_cost:
-            scale = 1e-3 if cost == "size" else 1.0
-            # Each run trains its own fp32 student: the median of them is the reference.
-            refs.append((f"student fp32 ({arch}, median of {len(mine)} runs)", 100 * statistics.median(r["acc_fp32"] for r in mine),
-                         statistics.median(s_cost) * scale, "D"))
+        plain = [r for r in rows if r["student"] == arch and r.get("technique") == "fp32"]
+        if plain:  # runs of the uncompressed student: they are the reference
+            label, accs = f"student fp32 ({arch})", [r["acc"] for r in plain]
+            costs = [r.get("size_bytes") if cost == "size" else r.get("latency_ms_batch") for r in plain]
+        else:  # else the fp32 weights of the compressed runs (each run trains its own): their median
+            plain = [r for r in rows if r["student"] == arch and r.get("acc_fp32") is not None]
+            label, accs = f"student fp32 weights ({arch}, median of {len(plain)} runs)", [r["acc_fp32"] for r in plain]
+            costs = [r.get("size_bytes_fp32") if cost == "size" else r.get("latency_ms_fp32_batch") for r in plain]
+        costs = [c for c in costs if c is not None]
+        if accs and costs:
+            refs.append((label, 100 * statistics.median(accs), statistics.median(costs) * scale, "D"))
     return refs
 
 

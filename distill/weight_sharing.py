@@ -29,6 +29,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from distill.atomic import atomic_write
+from distill.checkpoint_io import saved_callback_state
+from distill.optim import rebuild_optimizer
 from distill.quant_artifact import pack_codes, unpack_codes
 
 log = logging.getLogger(__name__)
@@ -64,7 +66,7 @@ def shareable_layers(model: nn.Module) -> list[str]:
 
 
 def share_weights(model: nn.Module, bits: int, layers: list[str] | None = None,
-                  placeholders: bool = False) -> list[str]:
+                  placeholders: bool = False, codebook_sizes: dict[str, int] | None = None) -> list[str]:
     """Parametrize each layer's weight as codebook[indices] in place; ``placeholders``: shapes only
     (a resumed run, whose values then come from the checkpoint)."""
     names = layers if layers is not None else shareable_layers(model)
@@ -72,7 +74,8 @@ def share_weights(model: nn.Module, bits: int, layers: list[str] | None = None,
         module = model.get_submodule(name)
         weight = module.weight
         if placeholders:
-            codebook, indices = torch.zeros(2**bits, dtype=weight.dtype), torch.zeros(weight.shape, dtype=torch.int64)
+            size = (codebook_sizes or {}).get(name, 2**bits)  # a small layer may have fewer distinct values
+            codebook, indices = torch.zeros(size, dtype=weight.dtype), torch.zeros(weight.shape, dtype=torch.int64)
         else:
             codebook, indices = kmeans_1d(weight, 2**bits)
         parametrize.register_parametrization(module, "weight", SharedWeight(codebook.to(weight.device), indices.to(weight.device)),
@@ -132,32 +135,33 @@ class WeightSharing(Callback):
     def __init__(self, bits: int, start_epoch: int, output_dir: str | Path, meta: dict[str, Any]) -> None:
         self.bits, self.start_epoch, self.output_dir, self.meta = bits, start_epoch, Path(output_dir), meta
         self.layers: list[str] | None = None
+        self.resume_from: str | None = None  # the checkpoint this run resumes, if any
+        self._student: nn.Module | None = None
         self.report: dict[str, Any] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._student = pl_module.student
         if stage != "fit":
             return
-        ckpt = trainer.ckpt_path
-        if ckpt and Path(ckpt).is_file():
-            from distill.checkpoint_io import load_checkpoint
-
-            layers = load_checkpoint(ckpt).get("callbacks", {}).get(self.state_key, {}).get("layers")
-            if layers is not None:  # resuming after the clustering: the same parametrization, values from the checkpoint
-                self.layers = share_weights(pl_module.student, self.bits, layers, placeholders=True)
+        # (Lightning sets trainer.ckpt_path only after the setup hooks: the pipeline passes it.)
+        saved = saved_callback_state(self.resume_from, self.state_key)
+        if saved.get("layers") is not None:  # resuming after the clustering: same parametrization, values from the checkpoint
+            self.layers = share_weights(pl_module.student, self.bits, saved["layers"], placeholders=True,
+                                        codebook_sizes=saved.get("codebook_sizes"))
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.layers is not None or trainer.current_epoch < self.start_epoch:
             return
         self.layers = share_weights(pl_module.student, self.bits)
         log.info("sharing: %d layers clustered into %d shared values each", len(self.layers), 2**self.bits)
-        # New parameters (the codebooks): a new optimizer, with the LR schedule where it was.
-        trainer.strategy.setup_optimizers(trainer)
-        for config in trainer.lr_scheduler_configs:
-            config.scheduler.last_epoch = trainer.global_step - 1
-            config.scheduler.step()
+        # New parameters (the codebooks) for the optimizer.
+        rebuild_optimizer(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"layers": self.layers, "bits": self.bits}
+        sizes = None
+        if self.layers is not None and self._student is not None:
+            sizes = {name: int(p.codebook.numel()) for name, p in _shared_modules(self._student).items()}
+        return {"layers": self.layers, "bits": self.bits, "codebook_sizes": sizes}
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if not trainer.is_global_zero or self.layers is None:
