@@ -360,8 +360,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if teacher_info:
         teacher_summary = {**teacher_info.as_dict(), "size_bytes": serialized_size_bytes(provisioned_teacher)}
         if measure:
-            lat = latency.measure(provisioned_teacher.cpu().eval(), sample_shape, cfg.quant.latency_batch_size, threads)
-            teacher_summary.update(latency_ms=lat["latency_ms"], latency_ms_batch=lat["latency_ms_batch"])
+            teacher_summary.update(_teacher_latency(provisioned_teacher, teacher_info, sample_shape, cfg.quant.latency_batch_size, threads))
     summary = {
         "teacher": teacher_summary,
         "student": student_summary,
@@ -395,6 +394,29 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("summary written to %s (wall time %.1fs)", path, summary["wall_time_s"])
     _finish_loggers(trainer)
     return summary
+
+
+def _teacher_latency(teacher: nn.Module, info: TeacherInfo, sample_shape: tuple[int, int, int], batch: int,
+                     threads: int) -> dict[str, float]:
+    """The teacher's CPU latency. A cached teacher's is measured once per (batch, threads) and kept
+    next to it (``<teacher>.latency.json``): the teacher does not change between runs, and timing
+    a large teacher at a large batch costs more than a warm run's training."""
+    import json
+
+    from distill.atomic import atomic_write_text
+
+    store = Path(info.path).with_suffix(".latency.json") if info.path and info.source in ("cache", "trained") else None
+    key = f"batch{batch}-threads{threads}"
+    try:
+        known = json.loads(store.read_text()) if store is not None and store.is_file() else {}
+    except (OSError, ValueError):
+        known = {}
+    if key not in known:
+        lat = latency.measure(teacher.cpu().eval(), sample_shape, batch, threads)
+        known[key] = {"latency_ms": lat["latency_ms"], "latency_ms_batch": lat["latency_ms_batch"]}
+        if store is not None:
+            atomic_write_text(store, json.dumps(known, indent=1))
+    return dict(known[key])
 
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:

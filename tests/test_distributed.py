@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from .conftest import run_script
 
@@ -56,32 +55,17 @@ def test_deepspeed_two_processes_on_cpu(tmp_path, stage):
     assert f"{100 * ds['student']['test_acc']:.2f} %" in ev.stdout
 
 
-def _student_weights(ckpt: str) -> dict:
-    return torch.load(ckpt, map_location="cpu", weights_only=True)["state_dict"]
-
-
-@pytest.mark.parametrize(
-    ("strategy", "extra"),
-    [("ddp", ["quant.bits=8", "prune.method=magnitude", "prune.amount=0.5", "prune.end_epoch=1"]),
-     ("deepspeed_stage_2", []), ("deepspeed_stage_3", [])],
-)
-def test_resume_from_a_mid_run_checkpoint(tmp_path, strategy, extra):
-    """An uninterrupted 3-epoch run vs the same run resumed from its epoch-0 checkpoint."""
+@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
+def test_resume_from_a_mid_run_checkpoint(tmp_path, strategy):
+    """An uninterrupted 3-epoch run vs the same run resumed from its epoch-0 checkpoint (a DeepSpeed
+    shard directory). DDP, with QAT and pruning, is checked bitwise in tests/test_preemption.py."""
     run = [f"strategy={strategy}", "trainer.devices=2", "trainer.max_epochs=3", "trainer.limit_train_batches=8",
-           "checkpoint.every_n_epochs=1", *extra]
+           "checkpoint.every_n_epochs=1"]
     full = _train(tmp_path, "full", *run)
-    mid = tmp_path / "full" / "checkpoints" / "epoch000.ckpt"  # a file, or a DeepSpeed shard directory
-    assert mid.exists()
+    mid = tmp_path / "full" / "checkpoints" / "epoch000.ckpt"
+    assert mid.is_dir()
     resumed = _train(tmp_path, "resumed", *run, f"ckpt_path={mid}")
     # It continued at epoch 1: the resumed run wrote no epoch-0 checkpoint of its own.
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("epoch00?.ckpt")) == ["epoch001.ckpt", "epoch002.ckpt"]
     assert set(resumed["student"]) == set(full["student"])
-    if strategy == "ddp":
-        # Bit-exact: weights, optimizer, LR schedule, QAT and pruning state, RNG and the per-epoch
-        # shuffle all continue where they were.
-        assert resumed["student"]["test_acc"] == full["student"]["test_acc"]
-        a = _student_weights(full["student"]["best_checkpoint"])
-        b = _student_weights(resumed["student"]["best_checkpoint"])
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    else:
-        assert abs(resumed["student"]["test_acc"] - full["student"]["test_acc"]) <= 0.02
+    assert abs(resumed["student"]["test_acc"] - full["student"]["test_acc"]) <= 0.02

@@ -53,6 +53,15 @@ def _assert_bitwise_equal(a: Path, b: Path) -> None:
     assert not differ, f"{len(differ)} of {len(wa)} tensors differ, e.g. {differ[:3]}"
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted one-process run, and the teacher cache it filled, shared by the tests below."""
+    base = tmp_path_factory.mktemp("reference")
+    result = run_script("train.py", *RUN, f"hydra.run.dir={base}/run", cwd=base, env=_env(base), timeout=1200)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return base
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
@@ -60,34 +69,35 @@ def _assert_bitwise_equal(a: Path, b: Path) -> None:
      pytest.param(["strategy=ddp", "trainer.devices=2", "quant.bits=8", "prune.method=magnitude", "prune.amount=0.5",
                    "prune.end_epoch=2"], id="ddp-qat-pruning")],
 )
-def test_sigkill_after_a_checkpoint_then_rerun_ends_bitwise_equal(tmp_path, extra):
-    reference = run_script("train.py", *RUN, *extra, f"hydra.run.dir={tmp_path}/reference", cwd=tmp_path,
-                           env=_env(tmp_path), timeout=1200)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_sigkill_after_a_checkpoint_then_rerun_ends_bitwise_equal(tmp_path, request, extra):
+    if extra:
+        base = tmp_path
+        result = run_script("train.py", *RUN, *extra, f"hydra.run.dir={base}/run", cwd=base, env=_env(base), timeout=1200)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        base = request.getfixturevalue("reference")
 
     victim = tmp_path / "victim"
-    proc = _start(tmp_path, victim, *extra)
+    proc = _start(base, victim, *extra)
     _wait_for(victim / "checkpoints" / "last.ckpt", proc)  # end of epoch 0 (written atomically)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (victim / "summary.json").exists(), "killed before it finished"
 
     # The same command again, in the same run directory: resume=auto continues from last.ckpt.
-    again = run_script("train.py", *RUN, *extra, f"hydra.run.dir={victim}", cwd=tmp_path, env=_env(tmp_path), timeout=1200)
+    again = run_script("train.py", *RUN, *extra, f"hydra.run.dir={victim}", cwd=tmp_path, env=_env(base), timeout=1200)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resume: continuing from" in (victim / "train.log").read_text()
-    _assert_bitwise_equal(tmp_path / "reference" / "checkpoints" / "last.ckpt", victim / "checkpoints" / "last.ckpt")
-    ref, got = (json.loads((d / "summary.json").read_text())["student"] for d in (tmp_path / "reference", victim))
+    _assert_bitwise_equal(base / "run" / "checkpoints" / "last.ckpt", victim / "checkpoints" / "last.ckpt")
+    ref, got = (json.loads((d / "summary.json").read_text())["student"] for d in (base / "run", victim))
     assert got["test_acc"] == ref["test_acc"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_signal_saves_a_mid_epoch_checkpoint_exits_128_plus_signum_and_resumes_exactly(tmp_path, sig):
-    reference = run_script("train.py", *RUN, f"hydra.run.dir={tmp_path}/reference", cwd=tmp_path, env=_env(tmp_path), timeout=900)
-    assert reference.returncode == 0, reference.stderr[-3000:]
+def test_signal_saves_a_mid_epoch_checkpoint_exits_128_plus_signum_and_resumes_exactly(tmp_path, reference, sig):
     run_dir = tmp_path / "run"
-    proc = _start(tmp_path, run_dir)
+    proc = _start(reference, run_dir)
     _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)  # epoch 0 is done ...
     time.sleep(0.4)  # ... and epoch 1 under way
     proc.send_signal(sig)
@@ -97,9 +107,9 @@ def test_signal_saves_a_mid_epoch_checkpoint_exits_128_plus_signum_and_resumes_e
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert saved["global_step"] % 12 != 0, "the signal was meant to land mid-epoch"
     # The same command again: it continues from the saved step and ends where the reference did.
-    again = run_script("train.py", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, env=_env(tmp_path), timeout=900)
+    again = run_script("train.py", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, env=_env(reference), timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    _assert_bitwise_equal(tmp_path / "reference" / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    _assert_bitwise_equal(reference / "run" / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.slow
