@@ -468,6 +468,14 @@ def validate(cfg: DictConfig) -> None:
         epochs = cfg.trainer.max_epochs
         if not cfg.trainer.get("fast_dev_run") and epochs is not None and lr_cfg.start_epoch >= epochs:
             raise ConfigError(f"lowrank.start_epoch={lr_cfg.start_epoch} must be < trainer.max_epochs={epochs}")
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3:
+        compression = [k for k, on in (("quant.bits", quant is not None and quant.bits is not None),
+                                       ("prune.method", cfg.prune.method != "none"),
+                                       ("lowrank", cfg.lowrank.rank_ratio is not None or cfg.lowrank.energy is not None),
+                                       ("sharing.bits", cfg.sharing.bits is not None)) if on]
+        if compression:
+            raise ConfigError(f"{compression[0]} with strategy=deepspeed_stage_3 is not supported: ZeRO-3 partitions every "
+                              "weight across ranks; use deepspeed_stage_2 or ddp")
     if cfg.loss.on_nonfinite == "skip" and (cfg.strategy.name != "auto" or str(cfg.trainer.devices) not in ("1", "auto")):
         raise ConfigError("loss.on_nonfinite=skip needs one process: a rank that skips a step would leave the others "
                           "waiting for its gradients; use loss.on_nonfinite=stop")

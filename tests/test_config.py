@@ -121,6 +121,8 @@ BAD_RANGES = [
     ("objective.metric=val_loss", "objective.metric"),
     ("objective.metric=acc_quant", "objective.metric"),  # without quant.bits the run has no acc_quant
     ("objective.size_penalty=-1", "objective.size_penalty"),
+    ("quant.bits=8 strategy=deepspeed_stage_3", "quant.bits with strategy=deepspeed_stage_3"),
+    ("prune.method=magnitude prune.end_epoch=2 strategy=deepspeed_stage_3", "prune.method with strategy=deepspeed_stage_3"),
 ]
 
 

@@ -69,3 +69,14 @@ def test_resume_from_a_mid_run_checkpoint(tmp_path, strategy):
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("epoch00?.ckpt")) == ["epoch001.ckpt", "epoch002.ckpt"]
     assert set(resumed["student"]) == set(full["student"])
     assert abs(resumed["student"]["test_acc"] - full["student"]["test_acc"]) <= 0.02
+
+
+def test_deepspeed_zero2_with_qat_and_pruning_keeps_every_rank_identical(tmp_path):
+    compress = ["quant.bits=8", "prune.method=magnitude", "prune.amount=0.5", "prune.schedule=oneshot"]
+    single = _train(tmp_path, "single", *compress)
+    ds = _train(tmp_path, "zero2", *compress, "strategy=deepspeed_stage_2", "trainer.devices=2")
+    assert set(ds["student"]) == set(single["student"])
+    assert abs(ds["student"]["sparsity"] - 0.5) < 0.01
+    log = (tmp_path / "zero2" / "train.log").read_text()
+    assert "qat: scales and zero points identical on 2 ranks" in log
+    assert "prune: masks identical on 2 ranks" in log
