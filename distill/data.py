@@ -24,6 +24,8 @@ from omegaconf import DictConfig
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Sampler, Subset, TensorDataset
 
+from distill.config import ConfigError
+
 DATASETS: dict[str, Callable[[DictConfig], BaseDataModule]] = {}
 
 
@@ -206,7 +208,7 @@ def _check_fixed_shape(cfg: DictConfig, name: str, **fixed: int) -> None:
     for key, value in fixed.items():
         given = cfg.get(key)
         if given is not None and int(given) != value:
-            raise ValueError(f"data.{key}={given} does not match {name}, which has {key}={value}; leave it null")
+            raise ConfigError(f"data.{key}={given} does not match {name}, which has {key}={value}; leave it null")
 
 
 @register_dataset("digits")
@@ -388,9 +390,9 @@ class ImageFolderDataModule(BaseDataModule):
             raise FileNotFoundError(f"imagefolder: data.root={root} must contain train/ and val/ directories")
         classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
         if len(classes) < 2:
-            raise ValueError(f"imagefolder: {train_dir} has {len(classes)} class folder(s); need at least 2")
+            raise ConfigError(f"data.root: imagefolder: {train_dir} has {len(classes)} class folder(s); need at least 2")
         if cfg.num_classes is not None and cfg.num_classes != len(classes):
-            raise ValueError(f"data.num_classes={cfg.num_classes} but {train_dir} has {len(classes)} class folders")
+            raise ConfigError(f"data.num_classes={cfg.num_classes} but {train_dir} has {len(classes)} class folders")
         self.root, self.classes = root, classes
         self.num_classes = len(classes)
         self.channels = int(cfg.channels or 3)
@@ -406,10 +408,14 @@ class ImageFolderDataModule(BaseDataModule):
         std = list(self.cfg.std or [0.5] * c)
         t_train = _image_transforms(self.cfg, self.image_size, c, mean, std, train=True)
         t_eval = _image_transforms(self.cfg, self.image_size, c, mean, std, train=False)
-        self.train_set = ImageFolder(str(self.root / "train"), transform=t_train)
-        self.val_set = ImageFolder(str(self.root / "val"), transform=t_eval)
         test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
-        self.test_set = ImageFolder(str(test_dir), transform=t_eval)
+        try:
+            self.train_set = ImageFolder(str(self.root / "train"), transform=t_train)
+            self.val_set = ImageFolder(str(self.root / "val"), transform=t_eval)
+            self.test_set = ImageFolder(str(test_dir), transform=t_eval)
+        except FileNotFoundError as err:  # torchvision's message names the classes, not the directory
+            self.train_set = None
+            raise FileNotFoundError(f"imagefolder: data.root={self.root}: {err}".strip()) from err
         for split in (self.val_set, self.test_set):
             if split.classes != self.classes:
-                raise ValueError(f"imagefolder: class folders of {split.root} differ from {self.root / 'train'}")
+                raise ConfigError(f"data.root: imagefolder: class folders of {split.root} differ from {self.root / 'train'}")

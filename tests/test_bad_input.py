@@ -18,7 +18,8 @@ def _files(tmp: Path) -> dict[str, str]:
     (tmp / "corrupt.ckpt").write_bytes(b"PK\x03\x04 not really a zip")
     empty = tmp / "empty_images"
     for split in ("train", "val"):
-        (empty / split / "cat").mkdir(parents=True, exist_ok=True)  # class folders without images
+        for cls in ("cat", "dog"):
+            (empty / split / cls).mkdir(parents=True, exist_ok=True)  # class folders without images
     import torchvision
 
     torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), tmp / "resnet18_5_classes.pt")
