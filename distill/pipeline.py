@@ -345,14 +345,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         student_summary.update(half_export.report)
     # Every run reports latency (CPU, batch 1 and quant.latency_batch_size) next to accuracy and
     # size: the student as trained, when no compression callback measured it, and the teacher.
-    # (Not under ZeRO-3: each rank holds only a slice of the student's weights.)
-    measure = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run") and not zero3
+    measure = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
     sample_shape = (shape["channels"], shape["image_size"], shape["image_size"])
     threads = cfg.quant.latency_threads or torch.get_num_threads()
+    trained = _trained_student_copy(cfg, module, shape, zero3) if not cfg.trainer.get("fast_dev_run") else None
     if measure and "latency_ms_fp32_batch" not in student_summary:
-        from distill.pruning import bake
-
-        trained = bake(copy.deepcopy(module.student)).cpu().eval()
         lat = latency.measure(trained, sample_shape, cfg.quant.latency_batch_size, threads)
         student_summary.update(latency_ms=lat["latency_ms"], latency_ms_batch=lat["latency_ms_batch"],
                                latency_batch_size=cfg.quant.latency_batch_size, latency_threads=threads)
@@ -394,6 +391,23 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         log.info("summary written to %s (wall time %.1fs)", path, summary["wall_time_s"])
     _finish_loggers(trainer)
     return summary
+
+
+def _trained_student_copy(cfg: DictConfig, module: DistillationModule, shape: dict[str, int], zero3: bool) -> nn.Module:
+    """A plain CPU copy of the trained student (pruning masks baked in). Under ZeRO-3 each rank holds
+    a slice of every weight: all ranks gather them (a collective), and the copy is a fresh student
+    loaded with the gathered state."""
+    from distill.pruning import bake
+
+    if not zero3:
+        return bake(copy.deepcopy(module.student)).cpu().eval()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.student.parameters()), modifier_rank=None):
+        state = {k: v.detach().cpu().clone() for k, v in module.student.state_dict().items()}
+    fresh = build_student(cfg.student, **shape)
+    fresh.load_state_dict(state)
+    return fresh.eval()
 
 
 def _teacher_latency(teacher: nn.Module, info: TeacherInfo, sample_shape: tuple[int, int, int], batch: int,
