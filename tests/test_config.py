@@ -28,7 +28,10 @@ def test_every_group_choice_composes_and_validates(make_cfg, tmp_path, group, ch
     if group == "data" and choice in ("cifar10", "cifar100", "imagefolder"):
         overrides.append(f"data.root={tmp_path}")
     cfg = make_cfg(*overrides)
-    if group != "data" or choice in ("digits", "synthetic"):
+    if group == "trainer" and choice == "gpu" and not __import__("torch").cuda.is_available():
+        with pytest.raises(ConfigError, match="trainer.accelerator=gpu but this machine has no CUDA GPU"):
+            validate(cfg)  # composes; refused here before any work
+    elif group != "data" or choice in ("digits", "synthetic"):
         validate(cfg)
     assert cfg[group if group not in ("experiment", "debug", "hparams_search") else "seed"] is not None
 
