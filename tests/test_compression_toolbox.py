@@ -101,6 +101,12 @@ def test_init_from_an_unrelated_teacher_is_a_named_error(make_cfg):
     (["student.init=yes"], "student.init"),
     (["export.dtype=fp8"], "export.dtype"),
     (["export.dtype=fp16", "quant.bits=8"], "export.dtype=fp16 with quant.bits=8"),
+    (["loss.hint.weight=1"], "loss.hint.weight > 0 needs loss.hint.layers"),
+    (["loss.hint.weight=1", "loss.hint.layers=[features.2]"], "loss.hint.layers: 'features.2' is not"),
+    (["loss.hint.weight=1", "loss.hint.layers=[net.1:layer2]", "teacher.precompute_outputs=true"], "loss.hint needs the live teacher"),
+    (["sharing.bits=4", "quant.bits=8"], "sharing.bits=4 with quant.bits"),
+    (["sharing.bits=9"], "sharing.bits"),
+    (["sharing.bits=4", "sharing.start_epoch=30"], "sharing.start_epoch=30 must be <"),
 ])
 def test_bad_toolbox_settings_name_the_key(make_cfg, overrides, key):
     with pytest.raises(ConfigError) as info:
@@ -190,20 +196,6 @@ def test_hint_loss_is_zero_for_identical_features_and_learns_a_projection_otherw
     loss = hints()
     loss.backward()
     assert loss.item() > 0 and hints.regressors[0].weight.grad is not None
-
-
-@pytest.mark.parametrize(("overrides", "key"), [
-    (["loss.hint.weight=1"], "loss.hint.weight > 0 needs loss.hint.layers"),
-    (["loss.hint.weight=1", "loss.hint.layers=[features.2]"], "loss.hint.layers: 'features.2' is not"),
-    (["loss.hint.weight=1", "loss.hint.layers=[net.1:layer2]", "teacher.precompute_outputs=true"], "loss.hint needs the live teacher"),
-    (["sharing.bits=4", "quant.bits=8"], "sharing.bits=4 with quant.bits"),
-    (["sharing.bits=9"], "sharing.bits"),
-    (["sharing.bits=4", "sharing.start_epoch=30"], "sharing.start_epoch=30 must be <"),
-])
-def test_bad_sharing_and_hint_settings_name_the_key(make_cfg, overrides, key):
-    with pytest.raises(ConfigError) as info:
-        validate(make_cfg(*overrides))
-    assert str(info.value).startswith(key)
 
 
 @pytest.mark.integration
