@@ -104,11 +104,16 @@ def save_shared(path: str | Path, model: nn.Module, bits: int, meta: dict[str, A
     return atomic_write(path, lambda fh: fh.write(data))
 
 
-def load_shared(path: str | Path, model: nn.Module) -> nn.Module:
-    """Put the artifact's weights into ``model`` (the student's architecture, freshly built)."""
+def _read_payload(path: str | Path) -> dict[str, Any]:
     payload = torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
     if payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a shared-weight student artifact")
+    return payload
+
+
+def load_shared(path: str | Path, model: nn.Module, payload: dict[str, Any] | None = None) -> nn.Module:
+    """Put the artifact's weights into ``model`` (the student's architecture, freshly built)."""
+    payload = payload if payload is not None else _read_payload(path)
     state = dict(payload["rest"])
     for name, entry in payload["layers"].items():
         count = int(np.prod(entry["shape"]))
@@ -125,10 +130,10 @@ def load_shared_student(path: str | Path) -> tuple[nn.Module, Any]:
     from distill.data import build_datamodule
     from distill.models import build_student
 
-    payload = torch.load(io.BytesIO(lzma.decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    payload = _read_payload(path)
     datamodule = build_datamodule(OmegaConf.create(payload["data"]))
     model = build_student(OmegaConf.create(payload["student"]), **datamodule.shape)
-    return load_shared(path, model).eval(), datamodule
+    return load_shared(path, model, payload).eval(), datamodule
 
 
 class WeightSharing(Callback):
