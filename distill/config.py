@@ -263,6 +263,8 @@ class TrainConfig:
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
     resume: str = "auto"  # auto: continue from this run directory's newest valid checkpoint | never
+    # Extra Lightning callbacks, by name: each a node with a ``_target_`` (see conf/train.yaml).
+    callbacks: dict[str, Any] = field(default_factory=dict)
     experiment: Any = None
     debug: Any = None
     hparams_search: Any = None
@@ -428,6 +430,7 @@ def validate(cfg: DictConfig) -> None:
         name = OmegaConf.select(cfg, key)
         if name not in registry:
             raise ConfigError(f"{key}: unknown {what} {name!r}; choose from: {', '.join(sorted(registry))}")
+    _check_callbacks(cfg)
     data = cfg.data
     if data.name in ("cifar10", "cifar100", "imagefolder") and not data.root:
         raise ConfigError(f"data.root must be set for data={data.name} (the dataset directory)")
@@ -542,6 +545,22 @@ def validate(cfg: DictConfig) -> None:
 
             load_checkpoint(cfg.ckpt_path, what="ckpt_path")
     _check_devices(cfg.trainer)
+
+
+def _check_callbacks(cfg: DictConfig) -> None:
+    """Every ``callbacks.<name>`` names an importable class: a typo fails here, not after the teacher is trained."""
+    from hydra._internal.utils import _locate
+
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:  # callbacks.<name>=null switches a callback off
+            continue
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if not target:
+            raise ConfigError(f"callbacks.{name}: needs a _target_ (e.g. lightning.pytorch.callbacks.EarlyStopping)")
+        try:
+            _locate(target)
+        except ImportError as err:
+            raise ConfigError(f"callbacks.{name}._target_: cannot import {target!r} ({err})") from err
 
 
 def _check_devices(trainer: DictConfig) -> None:

@@ -53,6 +53,24 @@ class EpochCheckpoint(ModelCheckpoint):
     """Keeps every Nth epoch's checkpoint (a class of its own: Lightning keys callback state by class)."""
 
 
+def user_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The config's ``callbacks.<name>`` entries (checked by validate()), instantiated."""
+    from hydra.utils import instantiate
+
+    built = []
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:
+            continue
+        try:
+            callback = instantiate(node)
+        except Exception as err:  # a wrong or missing argument: Hydra's message names it
+            raise ConfigError(f"callbacks.{name}: {err}") from err
+        if not isinstance(callback, Callback):
+            raise ConfigError(f"callbacks.{name}: {node._target_} is not a Lightning Callback")
+        built.append(callback)
+    return built
+
+
 def trainer_kwargs(cfg: DictConfig) -> dict[str, Any]:
     """``cfg.trainer`` as Trainer keyword arguments; unset (null) settings keep Lightning's defaults."""
     kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
@@ -169,6 +187,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil a student as ``cfg`` says; write and return the run summary."""
     start = time.perf_counter()
     validate(cfg)  # every range and name, before any data is loaded
+    extra_callbacks = user_callbacks(cfg)  # a wrong argument fails now, not after the teacher is trained
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
@@ -281,6 +300,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(half_export)
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
+    callbacks += extra_callbacks
     deepspeed = cfg.strategy.name == "deepspeed"  # DeepSpeed writes its own shard directories
     trainer = L.Trainer(
         **trainer_kwargs(cfg), strategy=build_strategy(cfg.strategy, cfg.trainer.accelerator),

@@ -57,6 +57,10 @@ CASES = [
     ("objective.metric=acc_quant", "objective.metric=acc_quant needs quantization-aware training"),
     ("loss.on_nonfinite=ignore", "loss.on_nonfinite='ignore' is out of range"),
     ("resume=sometimes", "resume='sometimes' is out of range"),
+    ("+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStoping", "callbacks.stop._target_: cannot import"),
+    ("+callbacks.stop.monitor=val/acc", "callbacks.stop: needs a _target_"),
+    ("+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping +callbacks.stop.monitr=val/acc", "callbacks.stop:"),
+    ("+callbacks.stop._target_=torch.nn.Identity", "callbacks.stop: torch.nn.Identity is not a Lightning Callback"),
 ]
 
 

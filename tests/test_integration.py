@@ -53,6 +53,15 @@ def test_second_run_reuses_the_cached_teacher(make_cfg):
     assert first["teacher"]["test_acc"] == second["teacher"]["test_acc"]
 
 
+def test_user_callbacks_from_the_config_join_the_trainer(make_cfg, tmp_path):
+    # EarlyStopping that stops at the first validation: 1 epoch of max_epochs=2 is trained.
+    summary = run(make_cfg(*SHORT_RUN, "+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping",
+                           "+callbacks.stop.monitor=val/acc", "+callbacks.stop.mode=max", "+callbacks.stop.stopping_threshold=0.0"))
+    last = torch.load(Path(summary["run_dir"]) / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["epoch"] == 0 and last["global_step"] == 3
+    assert any(k.startswith("EarlyStopping") for k in last["callbacks"])
+
+
 def test_teacher_stays_frozen_and_out_of_checkpoints(make_cfg, tmp_path):
     summary = run(make_cfg(*SHORT_RUN))
     ckpt = torch.load(summary["student"]["best_checkpoint"], map_location="cpu", weights_only=True)

@@ -96,17 +96,18 @@ def test_sigkill_after_a_checkpoint_then_rerun_ends_bitwise_equal(tmp_path, requ
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_saves_a_mid_epoch_checkpoint_exits_128_plus_signum_and_resumes_exactly(tmp_path, reference, sig):
-    run_dir = tmp_path / "run"
-    proc = _start(reference, run_dir)
-    _wait_for(run_dir / "checkpoints" / "last.ckpt", proc)  # epoch 0 is done ...
-    time.sleep(0.4)  # ... and epoch 1 under way
+    run_dir, marker = tmp_path / "run", tmp_path / "at-step-17"
+    # The run holds at step 17 (epoch 1 of 12-batch epochs) until the signal comes: it lands mid-epoch.
+    proc = _start(reference, run_dir, "+callbacks.pause._target_=tests.pause_callback.PauseAtStep",
+                  "+callbacks.pause.step=17", f"+callbacks.pause.marker={marker}")
+    _wait_for(marker, proc)
     proc.send_signal(sig)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 128 + sig, stderr[-3000:]
     assert f"stopped by {signal.Signals(sig).name}: checkpoint saved to {run_dir / 'checkpoints' / 'last.ckpt'}" in stderr
     saved = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    assert saved["global_step"] % 12 != 0, "the signal was meant to land mid-epoch"
-    # The same command again: it continues from the saved step and ends where the reference did.
+    assert saved["global_step"] == 17, "the checkpoint is of the step the signal arrived at"
+    # The same command again (without the pause): it continues from step 17 and ends where the reference did.
     again = run_script("train.py", *RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path, env=_env(reference), timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
     _assert_bitwise_equal(reference / "run" / "checkpoints" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
