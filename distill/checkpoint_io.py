@@ -65,7 +65,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 def find_resume_checkpoint(ckpt_dir: str | os.PathLike, extra_dirs: list[Path] | None = None) -> Path | None:
     """The newest loadable checkpoint in ``ckpt_dir`` (and Lightning's SLURM ``hpc_ckpt_*.ckpt`` in
     ``extra_dirs``), newest first by modification time (ties: ``last.ckpt`` first), or None.
-    Unloadable ones are skipped with a warning naming them."""
+    Unloadable ones are skipped with a warning naming them. Temporary files that a kill left
+    half-written (``.<name>.<random>.tmp``, see distill/atomic.py) are removed: the run directory
+    belongs to this run, and no reader ever opens them."""
+    if Path(ckpt_dir).is_dir():
+        for stale in Path(ckpt_dir).glob(".*.ckpt.*.tmp"):
+            stale.unlink(missing_ok=True)
+            log.info("resume: removed %s, left half-written by an interrupted save", stale.name)
     found = [p for p in Path(ckpt_dir).glob("*.ckpt") if not p.name.startswith(".")] if Path(ckpt_dir).is_dir() else []
     for extra in extra_dirs or []:
         found += list(Path(extra).glob("hpc_ckpt_*.ckpt"))

@@ -204,6 +204,21 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
     assert f"skipping unreadable checkpoint: checkpoint {bad} is corrupt" in caplog.text
 
 
+def test_resume_auto_removes_temporary_files_left_by_a_killed_save(tmp_path, caplog):
+    from distill.checkpoint_io import find_resume_checkpoint
+
+    good = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, good)
+    stale = tmp_path / ".last.ckpt.k2j3h4.tmp"
+    stale.write_bytes(b"PK\x03\x04 half")
+    other = tmp_path / "notes.tmp"  # not ours: kept
+    other.write_text("x")
+    caplog.set_level("INFO", logger="distill.checkpoint_io")
+    assert find_resume_checkpoint(tmp_path) == good
+    assert not stale.exists() and other.exists()
+    assert "removed .last.ckpt.k2j3h4.tmp" in caplog.text
+
+
 def test_a_crafted_pickle_is_refused_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
 
