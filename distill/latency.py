@@ -1,39 +1,53 @@
-"""CPU latency of a model: the median over repeated timed runs after warm-up.
+"""CPU latency of a model: the median over timed blocks of calls, after warm-up.
 
-Uses ``torch.utils.benchmark.Timer``, which warms up, runs blocks of calls until ``min_run_time``
-has elapsed, and pins the number of threads, so numbers are comparable between models measured
-in one process. They are noisy on a shared machine: compare models measured in the same run.
+The block size is chosen from the warm-up so that about ten blocks fill ``min_run_time``; the
+median over blocks ignores a burst of load on a shared machine. (``torch.utils.benchmark``'s
+``blocked_autorange`` grows its blocks tenfold at a time and, for a model that runs in 0.1 ms,
+spent about 2 s per measurement, which made latency most of a short run; its ``timeit`` runs two
+warm-up calls per block, which is as slow for a model that takes a second.) Compare models
+measured in the same run: :func:`measure_many` interleaves them.
 """
 
 from __future__ import annotations
 
+import statistics
+import time
+
 import torch
 from torch import nn
+
+BLOCKS = 10
 
 
 @torch.inference_mode()
 def latency_ms(model: nn.Module, example: torch.Tensor, threads: int | None = None, min_run_time: float = 0.3) -> float:
     """Median milliseconds per ``model(example)`` call on CPU, with ``threads`` torch threads."""
-    import time
-
-    from torch.utils.benchmark import Timer
-
     model = model.eval()
-    threads = threads or torch.get_num_threads()
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(threads or previous)
     try:
-        # Warm-up: the first calls allocate and pick kernels. A slow model (a ResNet-50 on a big
-        # batch) is warm after one call, and more would only cost time.
+        # Warm-up: the first calls allocate and pick kernels; the last one estimates a call's time.
+        # A slow model (a ResNet-50 on a big batch) is warm after one call, and more would only cost time.
         for _ in range(3):
             start = time.perf_counter()
             model(example)
-            if time.perf_counter() - start > 0.1:
+            per_call = time.perf_counter() - start
+            if per_call > 0.1:
                 break
+        number = max(1, round(min_run_time / BLOCKS / max(per_call, 1e-7)))
+        blocks: list[float] = []
+        spent = 0.0
+        # Ten blocks; a model slower than min_run_time / 3 per call stops after three.
+        while len(blocks) < BLOCKS and (spent < min_run_time or len(blocks) < 3):
+            start = time.perf_counter()
+            for _ in range(number):
+                model(example)
+            elapsed = time.perf_counter() - start
+            blocks.append(elapsed / number)
+            spent += elapsed
     finally:
         torch.set_num_threads(previous)
-    timer = Timer(stmt="model(x)", globals={"model": model, "x": example}, num_threads=threads)
-    return timer.blocked_autorange(min_run_time=min_run_time).median * 1e3
+    return statistics.median(blocks) * 1e3
 
 
 def measure(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int, threads: int | None = None) -> dict[str, float]:
@@ -49,8 +63,6 @@ def measure_many(
 ) -> dict[str, dict[str, float]]:
     """:func:`measure` for several models, interleaved over ``rounds`` and the median taken, so a
     burst of load on a shared machine does not land on one model only."""
-    import statistics
-
     runs: dict[str, list[dict[str, float]]] = {name: [] for name in models}
     for _ in range(rounds):
         for name, model in models.items():
