@@ -27,6 +27,7 @@ from torch import nn
 
 from distill import latency
 from distill.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
+from distill.compression import build_compression
 from distill.config import ConfigError, validate
 from distill.data import BaseDataModule, build_datamodule
 from distill.loggers import build_loggers
@@ -34,8 +35,6 @@ from distill.losses import KDLoss
 from distill.models import build_student, count_parameters
 from distill.module import DistillationModule
 from distill.preemption import Preempted, Preemption
-from distill.pruning import Pruning
-from distill.qat import QuantizationAwareTraining
 from distill.redaction import redacted_container
 from distill.report import print_comparison, serialized_size_bytes, write_summary
 from distill.rng_state import RNGState
@@ -141,18 +140,6 @@ def _teacher_outputs(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, dat
     return (outputs.dense() if small else outputs), f"precomputed ({source})"
 
 
-def _qat_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path, resolved: dict[str, Any]) -> QuantizationAwareTraining | None:
-    q = cfg.quant
-    if q.bits is None:
-        return None
-    return QuantizationAwareTraining(
-        bits=q.bits, shape=shape, output_dir=output_dir, backend=q.backend, per_channel=q.per_channel,
-        start_epoch=q.start_epoch, freeze_observers_epoch=q.freeze_observers_epoch,
-        freeze_bn_epoch=q.freeze_bn_epoch, latency_batch_size=q.latency_batch_size,
-        latency_threads=q.latency_threads, student_cfg=resolved["student"], data_cfg=resolved["data"],
-    )
-
-
 def _hint_loss(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, shape: dict[str, int]) -> nn.Module | None:
     if cfg.loss.hint.weight <= 0:
         return None
@@ -167,20 +154,6 @@ def _hint_loss(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, s
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return hints
-
-
-def _pruning_callback(cfg: DictConfig, shape: dict[str, int], output_dir: Path) -> Pruning | None:
-    p = cfg.prune
-    if p.method == "none":
-        return None
-    return Pruning(
-        method=p.method, amount=p.amount, scope=p.scope, schedule=p.schedule, start_epoch=p.start_epoch,
-        end_epoch=p.end_epoch, frequency=p.frequency, interval=p.interval, layers=list(p.layers),
-        norm=p.norm, prune_classifier=p.prune_classifier, remove_channels=p.remove_channels,
-        sample_shape=(shape["channels"], shape["image_size"], shape["image_size"]),
-        latency_batch_size=cfg.quant.latency_batch_size, latency_threads=cfg.quant.latency_threads,
-        output_dir=output_dir,
-    )
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -264,40 +237,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             dirpath=str(output_dir / "checkpoints"), filename="epoch{epoch:03d}", auto_insert_metric_name=False,
             monitor=None, save_top_k=-1, every_n_epochs=cfg.checkpoint.every_n_epochs,
         ))
-    # Low-rank first (it replaces layers before QAT prepares the student), then QAT (it replaces
-    # the student in its setup()), then pruning (it masks the replaced modules).
-    lowrank = None
-    if cfg.lowrank.rank_ratio is not None or cfg.lowrank.energy is not None:
-        from distill.lowrank import LowRankFactorization
-
-        lowrank = LowRankFactorization(
-            cfg.lowrank.rank_ratio, cfg.lowrank.energy, cfg.lowrank.start_epoch,
-            (shape["channels"], shape["image_size"], shape["image_size"]), cfg.quant.latency_batch_size,
-            cfg.quant.latency_threads, output_dir, cfg.lowrank.min_rank, cfg.lowrank.classifier,
-        )
-        callbacks.append(lowrank)
-    sharing = None
-    if cfg.sharing.bits is not None:
-        from distill.weight_sharing import WeightSharing
-
-        sharing = WeightSharing(cfg.sharing.bits, cfg.sharing.start_epoch, output_dir,
-                                {"student": resolved["student"], "data": resolved["data"]})
-        callbacks.append(sharing)
-    qat = _qat_callback(cfg, shape, output_dir, resolved)
-    if qat is not None:
-        callbacks.append(qat)
-    pruning = _pruning_callback(cfg, shape, output_dir)
-    if pruning is not None:
-        callbacks.append(pruning)
-    half_export = None
-    if cfg.export.dtype is not None:
-        from distill.half_export import HalfPrecisionExport
-
-        half_export = HalfPrecisionExport(
-            cfg.export.dtype, output_dir, resolved["student"], resolved["data"],
-            (shape["channels"], shape["image_size"], shape["image_size"]), cfg.quant.latency_batch_size, cfg.quant.latency_threads,
-        )
-        callbacks.append(half_export)
+    compression = build_compression(cfg, shape, output_dir, resolved)
+    callbacks += compression.callbacks
     if loggers:
         callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     callbacks += extra_callbacks
@@ -322,9 +263,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if found is not None:
             log.info("resume: continuing from %s (resume=auto)", found)
             ckpt_path = str(found)
-    for shape_changer in (lowrank, sharing):  # they rebuild the student's shape before weights load
-        if shape_changer is not None:
-            shape_changer.resume_from = ckpt_path
+    compression.resume_from(ckpt_path)
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
     except SIGTERMException as err:
@@ -332,7 +271,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Test the best checkpoint by validation accuracy (the last weights in a debug run). With
     # compression, the last weights: an earlier "best" epoch may predate the final sparsity or
     # the start of quantization-aware training, and would not be the compressed model.
-    compressing = any(c is not None for c in (qat, pruning, lowrank, sharing))
+    compressing = compression.changes_weights
     # DeepSpeed 0.19 cannot restore a ZeRO-3 checkpoint without its optimizer (as trainer.test
     # would): test the final weights in memory instead, which are what last.ckpt holds.
     zero3 = cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3
@@ -349,20 +288,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "tested_checkpoint": "last" if compressing or zero3 else "best by val/acc",
         "train_seconds": student_seconds,
     }
-    if qat is not None and qat.report:
-        student_summary.update(qat.report)
-        student_summary["size_bytes"] = qat.report["size_bytes_fp32"]
-    if pruning is not None and pruning.report:
-        student_summary.update(pruning.report)
-        if qat is None:  # the pruned student's fp32 artifact, masks baked in
-            student_summary["size_bytes"] = pruning.report["size_bytes_dense"]
+    compression.update_summary(student_summary)
     student_summary.update(init_report)
-    if sharing is not None and sharing.report:
-        student_summary.update(sharing.report)
-    if lowrank is not None and lowrank.report:
-        student_summary.update(lowrank.report)
-    if half_export is not None and half_export.report:
-        student_summary.update(half_export.report)
     # Every run reports latency (CPU, batch 1 and quant.latency_batch_size) next to accuracy and
     # size: the student as trained, when no compression callback measured it, and the teacher.
     measure = trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
