@@ -126,6 +126,12 @@ def test_slurm_requeue_resumes_to_the_uninterrupted_result(tmp_path, slurm_parti
     [job] = [p.name for p in (sweep / ".submitit").iterdir() if p.name.endswith("_1")]
     requeue = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True)
     assert requeue.returncode == 0, requeue.stderr
+    # SLURM holds a requeued job for two minutes (its begin time); a cluster would wait, the test need not.
+    deadline = time.monotonic() + 120
+    while subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip() != "PENDING":
+        assert time.monotonic() < deadline, f"job {job} was not requeued"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, capture_output=True)
     _, stderr = launcher.communicate(timeout=1200)
     assert launcher.returncode == 0, stderr[-4000:]
     log = (sweep / "1" / "train.log").read_text()
