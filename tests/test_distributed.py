@@ -22,16 +22,31 @@ def _train(tmp_path, name: str, *overrides: str) -> dict:
     return json.loads((tmp_path / name / "summary.json").read_text())
 
 
-def test_ddp_two_processes_with_qat_and_pruning(tmp_path):
-    compress = ["quant.bits=8", "prune.method=magnitude", "prune.amount=0.5", "prune.schedule=oneshot"]
-    single = _train(tmp_path, "single", *compress)
-    ddp = _train(tmp_path, "ddp", *compress, "strategy=ddp", "trainer.devices=2")
-    assert set(ddp["student"]) == set(single["student"])  # the same report, whatever the strategy
-    assert abs(ddp["student"]["sparsity"] - 0.5) < 0.01
+COMPRESS = ["quant.bits=8", "prune.method=magnitude", "prune.amount=0.5", "prune.schedule=oneshot"]
+# Labels only (alpha=0) and a few more steps: the student learns enough that agreeing accuracies
+# mean something (a broken consolidation would not land on the same number).
+LEARN = ["loss.alpha=0", "trainer.max_epochs=3", "trainer.limit_train_batches=8"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
+    """One-process runs of the settings below, whose summaries the multi-process runs must match."""
+    base = tmp_path_factory.mktemp("single")
+    return {"compress": _train(base, "compress", *COMPRESS), "learn": _train(base, "learn", *LEARN)}
+
+
+def _assert_identical_on_every_rank(run_dir) -> None:
     # Both ranks ended with the same quantization parameters and pruning masks (gathered and compared).
-    log = (tmp_path / "ddp" / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
     assert "qat: scales and zero points identical on 2 ranks" in log
     assert "prune: masks identical on 2 ranks" in log
+
+
+def test_ddp_two_processes_with_qat_and_pruning(tmp_path, single):
+    ddp = _train(tmp_path, "ddp", *COMPRESS, "strategy=ddp", "trainer.devices=2")
+    assert set(ddp["student"]) == set(single["compress"]["student"])  # the same report, whatever the strategy
+    assert abs(ddp["student"]["sparsity"] - 0.5) < 0.01
+    _assert_identical_on_every_rank(tmp_path / "ddp")
     # The distributed test accuracy is exact: a single-process evaluation of the tested checkpoint agrees.
     ev = run_script("evaluate.py", f"ckpt_path={ddp['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -39,44 +54,30 @@ def test_ddp_two_processes_with_qat_and_pruning(tmp_path):
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_two_processes_on_cpu(tmp_path, stage):
-    # Labels only (alpha=0) and a few more steps: the student learns enough that agreeing
-    # accuracies mean something (a broken consolidation would not land on the same number).
-    learn = ["loss.alpha=0", "trainer.max_epochs=3", "trainer.limit_train_batches=8"]
-    single = _train(tmp_path, "single", *learn)
-    ds = _train(tmp_path, f"zero{stage}", *learn, f"strategy=deepspeed_stage_{stage}", "trainer.devices=2")
+def test_deepspeed_two_processes_on_cpu_and_resume(tmp_path, single, stage):
+    run = [*LEARN, f"strategy=deepspeed_stage_{stage}", "trainer.devices=2", "checkpoint.every_n_epochs=1"]
+    ds = _train(tmp_path, "full", *run)
     assert ds["student"]["test_acc"] > 0.3
-    assert set(ds["student"]) == set(single["student"])
-    assert ds["student"]["params"] == single["student"]["params"]  # not a ZeRO-3 shard
+    assert set(ds["student"]) == set(single["learn"]["student"])
+    assert ds["student"]["params"] == single["learn"]["student"]["params"]  # not a ZeRO-3 shard
     # A DeepSpeed checkpoint is a directory of shards: evaluate.py consolidates it and agrees.
     ckpt = ds["student"]["best_checkpoint"]
-    ev = run_script("evaluate.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval{stage}", cwd=tmp_path)
+    ev = run_script("evaluate.py", f"ckpt_path={ckpt}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert f"{100 * ds['student']['test_acc']:.2f} %" in ev.stdout
-
-
-@pytest.mark.parametrize("strategy", ["deepspeed_stage_2", "deepspeed_stage_3"])
-def test_resume_from_a_mid_run_checkpoint(tmp_path, strategy):
-    """An uninterrupted 3-epoch run vs the same run resumed from its epoch-0 checkpoint (a DeepSpeed
-    shard directory). DDP, with QAT and pruning, is checked bitwise in tests/test_preemption.py."""
-    run = [f"strategy={strategy}", "trainer.devices=2", "trainer.max_epochs=3", "trainer.limit_train_batches=8",
-           "checkpoint.every_n_epochs=1"]
-    full = _train(tmp_path, "full", *run)
+    # Resume from the epoch-0 shard directory. (DDP, with QAT and pruning, is checked bitwise in
+    # tests/test_preemption.py; here the weights live in shards, so the check is on accuracy.)
     mid = tmp_path / "full" / "checkpoints" / "epoch000.ckpt"
     assert mid.is_dir()
     resumed = _train(tmp_path, "resumed", *run, f"ckpt_path={mid}")
     # It continued at epoch 1: the resumed run wrote no epoch-0 checkpoint of its own.
     assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").glob("epoch00?.ckpt")) == ["epoch001.ckpt", "epoch002.ckpt"]
-    assert set(resumed["student"]) == set(full["student"])
-    assert abs(resumed["student"]["test_acc"] - full["student"]["test_acc"]) <= 0.02
+    assert set(resumed["student"]) == set(ds["student"])
+    assert abs(resumed["student"]["test_acc"] - ds["student"]["test_acc"]) <= 0.02
 
 
-def test_deepspeed_zero2_with_qat_and_pruning_keeps_every_rank_identical(tmp_path):
-    compress = ["quant.bits=8", "prune.method=magnitude", "prune.amount=0.5", "prune.schedule=oneshot"]
-    single = _train(tmp_path, "single", *compress)
-    ds = _train(tmp_path, "zero2", *compress, "strategy=deepspeed_stage_2", "trainer.devices=2")
-    assert set(ds["student"]) == set(single["student"])
+def test_deepspeed_zero2_with_qat_and_pruning_keeps_every_rank_identical(tmp_path, single):
+    ds = _train(tmp_path, "zero2", *COMPRESS, "strategy=deepspeed_stage_2", "trainer.devices=2")
+    assert set(ds["student"]) == set(single["compress"]["student"])
     assert abs(ds["student"]["sparsity"] - 0.5) < 0.01
-    log = (tmp_path / "zero2" / "train.log").read_text()
-    assert "qat: scales and zero points identical on 2 ranks" in log
-    assert "prune: masks identical on 2 ranks" in log
+    _assert_identical_on_every_rank(tmp_path / "zero2")

@@ -101,21 +101,13 @@ def test_evaluate_rejects_a_corrupt_checkpoint(tmp_path):
     assert "broken.ckpt" in ev.stderr and "corrupt" in ev.stderr
 
 
-@pytest.mark.parametrize(
-    ("override", "message"),
-    [
-        ("loss.temperature=0", "loss.temperature=0.0 is out of range: must be a finite number > 0"),
-        ("loss.alpha=2", "loss.alpha=2.0 is out of range: must be in [0, 1]"),
-        ("student.name=vit", "unknown student 'vit'; choose from"),
-        ("loss.temprature=3", "temprature"),
-        ("student=transformer", "student/transformer"),
-    ],
-)
-def test_bad_input_exits_nonzero_naming_the_key(tmp_path, override, message):
-    result = run_script("train.py", *FAST, override, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
+def test_a_bad_value_exits_2_through_the_command_line(tmp_path):
+    # Through the real command line, an out-of-range value found by validate() (tests/test_bad_input.py
+    # checks 30 more bad inputs, those found at compose time through the command line as well).
+    result = run_script("train.py", *FAST, "loss.temperature=0", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
                         env={"DISTILL_CACHE_DIR": str(tmp_path / "cache")})
-    assert result.returncode != 0
-    assert message in result.stderr
+    assert result.returncode == 2
+    assert "loss.temperature=0.0 is out of range: must be a finite number > 0" in result.stderr
     assert not (tmp_path / "cache").exists()  # failed before any teacher work
 
 
