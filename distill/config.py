@@ -559,7 +559,7 @@ def _check_callbacks(cfg: DictConfig) -> None:
             raise ConfigError(f"callbacks.{name}: needs a _target_ (e.g. lightning.pytorch.callbacks.EarlyStopping)")
         try:
             _locate(target)
-        except ImportError as err:
+        except Exception as err:  # ImportError, or a _target_ that is not a dotted path
             raise ConfigError(f"callbacks.{name}._target_: cannot import {target!r} ({err})") from err
 
 

@@ -131,7 +131,8 @@ def test_slurm_requeue_resumes_to_the_uninterrupted_result(tmp_path, slurm_parti
     while subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], capture_output=True, text=True).stdout.strip() != "PENDING":
         assert time.monotonic() < deadline, f"job {job} was not requeued"
         time.sleep(0.5)
-    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=True, capture_output=True)
+    # (If the job has started again meanwhile, the update fails harmlessly.)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False, capture_output=True)
     _, stderr = launcher.communicate(timeout=1200)
     assert launcher.returncode == 0, stderr[-4000:]
     log = (sweep / "1" / "train.log").read_text()
