@@ -68,11 +68,12 @@ def find_resume_checkpoint(ckpt_dir: str | os.PathLike, extra_dirs: list[Path] |
     Unloadable ones are skipped with a warning naming them. Temporary files that a kill left
     half-written (``.<name>.<random>.tmp``, see distill/atomic.py) are removed: the run directory
     belongs to this run, and no reader ever opens them."""
+    found: list[Path] = []
     if Path(ckpt_dir).is_dir():
         for stale in Path(ckpt_dir).glob(".*.ckpt.*.tmp"):
             stale.unlink(missing_ok=True)
             log.info("resume: removed %s, left half-written by an interrupted save", stale.name)
-    found = [p for p in Path(ckpt_dir).glob("*.ckpt") if not p.name.startswith(".")] if Path(ckpt_dir).is_dir() else []
+        found = [p for p in Path(ckpt_dir).glob("*.ckpt") if not p.name.startswith(".")]
     for extra in extra_dirs or []:
         found += list(Path(extra).glob("hpc_ckpt_*.ckpt"))
     candidates = sorted(found, key=lambda p: (p.stat().st_mtime_ns, p.name == "last.ckpt"), reverse=True)

@@ -103,7 +103,7 @@ def test_evaluate_rejects_a_corrupt_checkpoint(tmp_path):
 
 def test_a_bad_value_exits_2_through_the_command_line(tmp_path):
     # Through the real command line, an out-of-range value found by validate() (tests/test_bad_input.py
-    # checks 30 more bad inputs, those found at compose time through the command line as well).
+    # checks 32 bad inputs, those found at compose time through the command line as well).
     result = run_script("train.py", *FAST, "loss.temperature=0", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path,
                         env={"DISTILL_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 2
