@@ -7,7 +7,7 @@ import hydra
 from omegaconf import DictConfig
 
 from distill.cli import guarded
-from distill.config import register_configs
+from distill.config.schema import register_configs
 from distill.evaluation import evaluate
 
 register_configs()

@@ -6,9 +6,9 @@ import hydra
 from omegaconf import DictConfig
 
 from distill.cli import guarded
-from distill.config import register_configs
-from distill.objective import objective
+from distill.config.schema import register_configs
 from distill.pipeline import run
+from distill.report.objective import objective
 
 register_configs()
 

@@ -13,7 +13,7 @@ and prints the ratios ``cached / student_only`` and ``live / ideal_live``, where
 ``ideal_live = 1 / (1/teacher + 1/student_only)`` is what a live teacher costs if nothing but its
 own inference is added. Each figure is the median of ``--repeats`` timed windows, the methods
 interleaved, so a noisy shared machine biases none of them. All variants use the same data loader,
-batch size, KDLoss and optimizer as training (distill.module / distill.losses); weights are random,
+batch size, KDLoss and optimizer as training (distill.distillation.module / distill.distillation.losses); weights are random,
 which does not change the arithmetic. Peak memory is the process's peak RSS after each method
 (cumulative, so read it as "at most"), and the CUDA peak on a GPU.
 """
@@ -35,12 +35,12 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from distill.data import build_datamodule  # noqa: E402
-from distill.losses import KDLoss  # noqa: E402
-from distill.models import build_student, build_teacher  # noqa: E402
-from distill.module import DistillationModule  # noqa: E402
-from distill.optim import build_optimizer  # noqa: E402
-from distill.teacher_outputs import compute_teacher_logits  # noqa: E402
+from distill.data.datamodules import build_datamodule  # noqa: E402
+from distill.distillation.losses.kd import KDLoss  # noqa: E402
+from distill.distillation.module import DistillationModule  # noqa: E402
+from distill.distillation.optim import build_optimizer  # noqa: E402
+from distill.models.registry import build_student, build_teacher  # noqa: E402
+from distill.teacher.outputs import compute_teacher_logits  # noqa: E402
 
 SETUPS = {
     "digits_mlp": {"teacher": "resnet50", "student": "mlp", "data": "digits", "data_overrides": {}},
@@ -58,7 +58,7 @@ def _cfg(group: str, name: str, **overrides) -> OmegaConf:
 
 
 def _data_cfg(name: str, overrides: dict) -> OmegaConf:
-    from distill.config import DataConfig
+    from distill.config.schema import DataConfig
 
     return OmegaConf.merge(OmegaConf.structured(DataConfig), _cfg("data", name), overrides)
 
@@ -104,7 +104,7 @@ def run_setup(name: str, setup: dict, seconds: float, repeats: int, batch_size: 
         def step(batch: tuple) -> None:
             x, y, idx = (t.to(device, non_blocking=True) for t in batch)
             logits = module.student(x)
-            loss = module.kd_loss(logits, module.teacher_logits(x, idx if use_index else None), y)["loss"]
+            loss = module.distill_loss(logits, module.teacher_logits(x, idx if use_index else None), y)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -1,0 +1,1 @@
+"""distill: teacher-student knowledge distillation with compression (see README "Architecture")."""

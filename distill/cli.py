@@ -7,11 +7,13 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from distill.checkpoint_io import CheckpointError
-from distill.config import ConfigError
-from distill.models import UnknownModelError
-from distill.module import NonFiniteLossError
-from distill.preemption import Preempted
+from distill.errors import (
+    CheckpointError,
+    ConfigError,
+    NonFiniteLossError,
+    Preempted,
+    UnknownModelError,
+)
 
 log = logging.getLogger("distill")
 

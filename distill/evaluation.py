@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +12,19 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from distill.checkpoint_io import CheckpointError, load_checkpoint
-from distill.config import ConfigError
-from distill.data import BaseDataModule, build_datamodule
-from distill.models import build_student, count_parameters
-from distill.report import make_console, serialized_size_bytes
+from distill.compress.prune.sparse_format import is_sparse_file, load_sparse
+from distill.compress.quant.artifact import is_quantized_artifact, load_quantized
+from distill.compress.registry import after_load, rebuild_student
+from distill.data.datamodules import BaseDataModule, build_datamodule
+from distill.errors import CheckpointError, ConfigError
+from distill.measure.accuracy import accuracy_on_test_split
+from distill.measure.size import count_parameters, serialized_size_bytes
+from distill.models.registry import build_student
+from distill.report.comparison import compare, table_columns, to_markdown, write_comparison
+from distill.report.table import make_console
+from distill.runtime.atomic import atomic_write
+from distill.runtime.checkpoint_io import load_checkpoint
+from distill.runtime.loggers import resolve_wandb_mode, wandb_server_reachable
 
 STUDENT_PREFIX = "student."
 
@@ -24,8 +32,9 @@ STUDENT_PREFIX = "student."
 def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, DictConfig]:
     """Rebuild the student and its data module from a distill checkpoint (``weights_only`` load).
 
-    A checkpoint taken during quantization-aware training holds the QAT student (fake quantizers
-    with their scales); it is prepared the same way before its weights are loaded."""
+    A student that a compression technique reshaped during training (QAT-prepared, factorized,
+    weight-shared) is first given the same structure by that technique, from the run's config and
+    the callback state in the checkpoint (:func:`distill.compress.registry.rebuild_student`)."""
     if Path(path).is_dir():  # a DeepSpeed (sharded) checkpoint directory
         path = consolidate_deepspeed_checkpoint(path)
     ckpt = load_checkpoint(path, what="student checkpoint")
@@ -35,25 +44,9 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
     cfg = OmegaConf.create(config)
     data_cfg = OmegaConf.merge(cfg.data, data_overrides or {})
     datamodule = build_datamodule(data_cfg)
-    student = build_student(cfg.student, **datamodule.shape)
-    quant = cfg.get("quant")
-    if quant is not None and quant.get("bits"):
-        from distill.quant_backend import prepare_qat
-
-        shape = datamodule.shape
-        example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
-        student = prepare_qat(student, quant.bits, quant.per_channel, example, quant.backend)
-    # A student that low-rank factorization or weight sharing reshaped during training: the same
-    # shape first, from the callback's saved state.
-    for name, cb_state in (ckpt.get("callbacks") or {}).items():
-        if name.startswith("LowRankFactorization") and cb_state.get("ranks"):
-            from distill.lowrank import apply_ranks
-
-            apply_ranks(student, cb_state["ranks"])
-        if name.startswith("WeightSharing") and cb_state.get("layers"):
-            from distill.weight_sharing import share_weights
-
-            share_weights(student, cb_state["bits"], cb_state["layers"], placeholders=True, codebook_sizes=cb_state.get("codebook_sizes"))
+    shape = datamodule.shape
+    example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
+    student = rebuild_student(build_student(cfg.student, **shape), cfg, ckpt.get("callbacks") or {}, example)
     state = {k[len(STUDENT_PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(STUDENT_PREFIX)}
     # A pruned student stores ``<name>_orig`` and ``<name>_mask`` (torch.nn.utils.prune): bake them.
     for key in [k for k in state if k.endswith("_orig") and k[: -len("_orig")] + "_mask" in state]:
@@ -63,18 +56,12 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
         student.load_state_dict(state)
     except RuntimeError as err:
         raise CheckpointError(f"student checkpoint {path} does not match student={cfg.student.name}: {err}") from err
-    if quant is not None and quant.get("bits"):
-        from distill.quant_backend import set_observers
-
-        set_observers(student, False)  # evaluate with the trained scales; never re-calibrate on test data
-    return student.eval(), datamodule, cfg
+    return after_load(student, cfg).eval(), datamodule, cfg
 
 
 def consolidate_deepspeed_checkpoint(directory: str | Path) -> Path:
     """A single-file fp32 Lightning checkpoint from a DeepSpeed checkpoint directory, written next
     to it as ``<dir>.consolidated.ckpt`` (once; reused when newer than the directory)."""
-    import os
-
     directory = Path(directory)
     out = directory.with_name(directory.name + ".consolidated.ckpt")
     if out.is_file() and out.stat().st_mtime >= directory.stat().st_mtime:
@@ -82,9 +69,8 @@ def consolidate_deepspeed_checkpoint(directory: str | Path) -> Path:
     if not (directory / "latest").is_file() and not any(directory.glob("*/*model_states.pt")):
         raise CheckpointError(f"{directory} is a directory but not a DeepSpeed checkpoint")
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # deferred: it imports DeepSpeed, which picks its accelerator (DS_ACCELERATOR) at import
     from lightning.pytorch.utilities.deepspeed import convert_zero_checkpoint_to_fp32_state_dict
-
-    from distill.atomic import atomic_write
 
     tmp = out.with_name("." + out.name + ".partial")
     convert_zero_checkpoint_to_fp32_state_dict(str(directory), str(tmp))
@@ -95,9 +81,7 @@ def consolidate_deepspeed_checkpoint(directory: str | Path) -> Path:
 
 
 def load_quantized_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, dict[str, Any]]:
-    """The converted integer student from a ``student_quant.pt`` artifact, and its data module."""
-    from distill.quant_artifact import load_quantized
-
+    """The converted integer student from a ``student_quant.pt.xz`` artifact, and its data module."""
     model, meta = load_quantized(path)
     if not meta.get("data"):
         raise CheckpointError(f"quantized student {path} does not record its data settings; cannot evaluate it")
@@ -105,29 +89,20 @@ def load_quantized_student(path: str | Path, data_overrides: dict[str, Any] | No
     return model, datamodule, meta
 
 
-@torch.inference_mode()
-def loader_accuracy(model: nn.Module, loader: Iterable, device: str = "cpu") -> float:
-    """Top-1 accuracy of ``model`` (in eval mode) over every batch of ``loader``."""
-    model = model.to(device).eval()
-    correct = total = 0
-    for x, y, *_ in loader:
-        pred = model(x.to(device)).argmax(dim=1)
-        correct += int((pred == y.to(device)).sum())
-        total += len(y)
-    if total == 0:
-        raise ValueError("the test split is empty")
-    return correct / total
-
-
-def accuracy_on_test_split(model: nn.Module, datamodule: BaseDataModule, device: str = "cpu") -> float:
-    datamodule.setup("test")
-    return loader_accuracy(model, datamodule.test_dataloader(), device)
+def load_sparse_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, dict[str, Any]]:
+    """The pruned student from its sparse file (``student_sparse.pt``), and its data module."""
+    state, meta = load_sparse(path)
+    datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(meta["data"]), data_overrides or {}))
+    student = build_student(OmegaConf.create(meta["student"]), **datamodule.shape)
+    try:
+        student.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"sparse student {path} does not match its own config: {err}") from err
+    return student.eval(), datamodule, meta
 
 
 def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
-    """Test accuracy, parameters and size of a training checkpoint or a quantized artifact."""
-    from distill.quant_artifact import is_quantized_artifact
-
+    """Test accuracy, parameters and size of a training checkpoint, a quantized artifact or a sparse file."""
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else {}
     if cfg.batch_size:
         overrides["batch_size"] = cfg.batch_size
@@ -137,13 +112,17 @@ def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict
         arch, data_name, kind = meta["student"]["name"], meta["data"]["name"], f"{meta['bits']}-bit quantized"
         params = count_parameters(build_student(OmegaConf.create(meta["student"]), **meta["shape"]))
         size = path.stat().st_size
+    elif path.is_file() and is_sparse_file(load_checkpoint(path, what="ckpt_path")):
+        model, datamodule, meta = load_sparse_student(path, overrides)
+        arch, data_name, kind = meta["student"]["name"], meta["data"]["name"], "fp32 (pruned, sparse file)"
+        params, size = int(sum(int((p != 0).sum()) for p in model.parameters())), path.stat().st_size
     else:
         model, datamodule, run_cfg = load_student(path, overrides)
         bits = (run_cfg.get("quant") or {}).get("bits")
         arch, data_name = run_cfg.student.name, run_cfg.data.name
         kind = f"{bits}-bit QAT (fake-quant)" if bits else "fp32"
         params, size = count_parameters(model), serialized_size_bytes(model)
-    device = cfg.accelerator if kind == "fp32" or "QAT" in kind else "cpu"  # int8 kernels are CPU-only
+    device = cfg.accelerator if kind.startswith("fp32") or "QAT" in kind else "cpu"  # int8 kernels are CPU-only
     result = {
         "checkpoint": str(path),
         "student": arch,
@@ -163,8 +142,6 @@ def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict
 
 def compare_runs(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
     """``runs=PATH``: the trade-off table of finished runs, printed and written as Markdown and CSV."""
-    from distill.comparison import compare, to_markdown, write_comparison
-
     paths = [cfg.runs] if isinstance(cfg.runs, str) else list(cfg.runs)
     rows = compare(paths)
     written = write_comparison(rows, cfg.out_dir or paths[0])
@@ -182,10 +159,7 @@ def compare_runs(cfg: DictConfig, console: Console | None = None) -> dict[str, A
 def push_comparison(rows: list[dict[str, Any]], files: dict[str, Path], wcfg: DictConfig, out_dir: Path) -> str:
     """The comparison as one W&B run (job_type "comparison"): the table and both frontier plots.
     Online when logged in and the server answers; offline otherwise (``wandb sync`` later)."""
-    import wandb
-
-    from distill.comparison import table_columns
-    from distill.loggers import resolve_wandb_mode, wandb_server_reachable
+    import wandb  # deferred: heavy, and only a comparison pushed to W&B needs it
 
     mode = resolve_wandb_mode(wcfg.mode)
     if mode == "online" and not wandb_server_reachable():

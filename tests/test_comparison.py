@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from distill.comparison import compare, pareto_front, write_comparison
+from distill.report.comparison import compare, pareto_front, write_comparison
 
 
 def _brute_force_front(points):

@@ -8,10 +8,18 @@ import pytest
 import torch
 from torch import nn
 
-from distill.config import ConfigError, validate
-from distill.lowrank import apply_ranks, choose_rank, factorize_conv, factorize_linear, plan_ranks
-from distill.models import build_student, build_teacher, count_parameters
-from distill.teacher_init import init_from_teacher
+from distill.checks import validate
+from distill.compress.lowrank import (
+    apply_ranks,
+    choose_rank,
+    factorize_conv,
+    factorize_linear,
+    plan_ranks,
+)
+from distill.errors import ConfigError
+from distill.measure.size import count_parameters
+from distill.models.registry import build_student, build_teacher
+from distill.teacher.student_init import init_from_teacher
 
 from .conftest import run_script
 
@@ -138,7 +146,7 @@ def test_lowrank_teacher_init_and_half_export_run_end_to_end(tmp_path):
 
 
 def test_weight_sharing_artifact_round_trips_exactly(make_cfg, tmp_path):
-    from distill.weight_sharing import _shared_modules, load_shared, save_shared, share_weights
+    from distill.compress.sharing import _shared_modules, load_shared, save_shared, share_weights
 
     cfg = make_cfg("student=cnn")
     torch.manual_seed(0)
@@ -158,7 +166,7 @@ def test_weight_sharing_artifact_round_trips_exactly(make_cfg, tmp_path):
 
 
 def test_shared_values_get_the_summed_gradient_of_their_cluster():
-    from distill.weight_sharing import _shared_modules, share_weights
+    from distill.compress.sharing import _shared_modules, share_weights
 
     layer = nn.Linear(4, 3, bias=False)
     with torch.no_grad():
@@ -175,7 +183,7 @@ def test_shared_values_get_the_summed_gradient_of_their_cluster():
 
 
 def test_hint_loss_is_zero_for_identical_features_and_learns_a_projection_otherwise(make_cfg):
-    from distill.hints import HintLoss
+    from distill.distillation.hints import HintLoss
 
     cfg = make_cfg("student=cnn")
     torch.manual_seed(0)
@@ -210,8 +218,8 @@ def test_weight_sharing_and_hints_run_end_to_end(tmp_path):
     assert s["sharing_bits"] == 4 and s["size_bytes_shared"] < s["size_bytes"] / 4
     assert "train/hint" in (tmp_path / "run" / "csv" / "metrics.csv").read_text()
     # The artifact holds the tested model: evaluated from it, the accuracy is the run's.
-    from distill.evaluation import accuracy_on_test_split
-    from distill.weight_sharing import load_shared_student
+    from distill.compress.sharing import load_shared_student
+    from distill.measure.accuracy import accuracy_on_test_split
 
     model, datamodule = load_shared_student(s["shared_artifact"])
     assert accuracy_on_test_split(model, datamodule) == pytest.approx(s["test_acc"])

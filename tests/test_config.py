@@ -6,9 +6,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from distill.config import ConfigError, validate
-from distill.data import build_datamodule
-from distill.models import build_student, build_teacher
+from distill.checks import validate
+from distill.data.datamodules import build_datamodule
+from distill.errors import ConfigError
+from distill.models.registry import build_student, build_teacher
 
 from .conftest import CONF
 
@@ -130,7 +131,7 @@ BAD_RANGES = [
 
 
 def test_objective_is_the_metric_minus_the_size_penalty(make_cfg):
-    from distill.objective import objective
+    from distill.report.objective import objective
 
     summary = {"student": {"test_acc": 0.9, "acc_quant": 0.88, "size_bytes": 4_000_000, "size_bytes_quant": 1_000_000}}
     assert objective(summary, make_cfg()) == 0.9

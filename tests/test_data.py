@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill.data import build_datamodule
+from distill.data.datamodules import build_datamodule
 
 BASE = dict(batch_size=16, num_workers=0, val_fraction=0.1, test_fraction=0.2, split_seed=0, pin_memory=False,
             persistent_workers=False, augment=False, verify_checksums=True, download=False, root=None,

@@ -8,10 +8,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill.losses import KDLoss
-from distill.models import build_student
-from distill.module import DistillationModule
-from distill.strategies import build_strategy
+from distill.distillation.losses.kd import KDLoss
+from distill.distillation.module import DistillationModule
+from distill.models.registry import build_student
+from distill.runtime.strategies import build_strategy
 
 from .conftest import FAST, run_script
 

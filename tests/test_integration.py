@@ -68,7 +68,7 @@ def test_teacher_stays_frozen_and_out_of_checkpoints(make_cfg, tmp_path):
     assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["config"]["student"]["name"] == "mlp"
     # the cached teacher did not move while the student trained
-    from distill.teacher import TeacherCache
+    from distill.teacher.provision import TeacherCache
 
     entry = torch.load(summary["teacher"]["path"], weights_only=True)
     assert TeacherCache  # imported for clarity of what the entry is

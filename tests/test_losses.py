@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.losses import KDLoss
+from distill.distillation.losses.kd import KDLoss
 
 
 def _batch(seed: int = 0, n: int = 8, c: int = 5):

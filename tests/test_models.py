@@ -2,7 +2,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill.models import STUDENTS, TEACHERS, UnknownModelError, build_student, build_teacher
+from distill.errors import UnknownModelError
+from distill.models.registry import STUDENTS, TEACHERS, build_student, build_teacher
 
 SHAPES = [dict(num_classes=10, channels=1, image_size=8), dict(num_classes=7, channels=3, image_size=32)]
 STUDENT_CFG = OmegaConf.create({"hidden_sizes": [32], "channels": [8, 16], "dropout": 0.0})

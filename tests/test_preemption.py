@@ -144,7 +144,7 @@ def test_slurm_requeue_resumes_to_the_uninterrupted_result(tmp_path, slurm_parti
 
 _WRITER = """
 import sys, torch
-from distill.checkpoint_io import AtomicCheckpointIO
+from distill.runtime.checkpoint_io import AtomicCheckpointIO
 io, target, i = AtomicCheckpointIO(), sys.argv[1], 0
 big = torch.arange(1_000_000, dtype=torch.float32)  # 4 MB: a write takes long enough to be killed half-way
 while True:
@@ -172,7 +172,7 @@ def test_random_kills_while_saving_never_leave_a_partial_checkpoint(tmp_path):
 
 
 def test_non_finite_weights_are_never_written(tmp_path):
-    from distill.checkpoint_io import AtomicCheckpointIO
+    from distill.runtime.checkpoint_io import AtomicCheckpointIO
 
     io, target = AtomicCheckpointIO(), tmp_path / "last.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
@@ -182,7 +182,7 @@ def test_non_finite_weights_are_never_written(tmp_path):
 
 
 def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path):
-    from distill.checkpoint_io import AtomicCheckpointIO
+    from distill.runtime.checkpoint_io import AtomicCheckpointIO
 
     disk = tmp_path / "tmpfs"
     disk.mkdir()
@@ -200,7 +200,7 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact(tmp_path):
 
 
 def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
-    from distill.checkpoint_io import find_resume_checkpoint
+    from distill.runtime.checkpoint_io import find_resume_checkpoint
 
     good, bad = tmp_path / "epoch001.ckpt", tmp_path / "last.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, good)
@@ -212,7 +212,7 @@ def test_resume_auto_skips_a_corrupt_newest_checkpoint(tmp_path, caplog):
 
 
 def test_resume_auto_removes_temporary_files_left_by_a_killed_save(tmp_path, caplog):
-    from distill.checkpoint_io import find_resume_checkpoint
+    from distill.runtime.checkpoint_io import find_resume_checkpoint
 
     good = tmp_path / "last.ckpt"
     torch.save({"state_dict": {"w": torch.ones(2)}}, good)
@@ -220,7 +220,7 @@ def test_resume_auto_removes_temporary_files_left_by_a_killed_save(tmp_path, cap
     stale.write_bytes(b"PK\x03\x04 half")
     other = tmp_path / "notes.tmp"  # not ours: kept
     other.write_text("x")
-    caplog.set_level("INFO", logger="distill.checkpoint_io")
+    caplog.set_level("INFO", logger="distill.runtime.checkpoint_io")
     assert find_resume_checkpoint(tmp_path) == good
     assert not stale.exists() and other.exists()
     assert "removed .last.ckpt.k2j3h4.tmp" in caplog.text
@@ -255,9 +255,10 @@ def test_nan_loss_stops_within_one_step_and_writes_no_bad_checkpoint(tmp_path):
 
 
 def test_on_nonfinite_skip_drops_the_batch_and_counts_it(make_cfg):
-    from distill.losses import KDLoss
-    from distill.models import build_student
-    from distill.module import DistillationModule, NonFiniteLossError
+    from distill.distillation.losses.kd import KDLoss
+    from distill.distillation.module import DistillationModule
+    from distill.errors import NonFiniteLossError
+    from distill.models.registry import build_student
 
     cfg = make_cfg()
     batch = (torch.full((4, 1, 8, 8), float("nan")), torch.zeros(4, dtype=torch.long))

@@ -8,14 +8,15 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
 
-from distill import quant_backend
-from distill.channel_removal import count_macs, remove_pruned_channels
-from distill.losses import KDLoss
-from distill.models import build_student
-from distill.module import DistillationModule
-from distill.pruning import Pruning, effective, gradual_sparsity
-from distill.qat import QuantizationAwareTraining
-from distill.sparse_format import decode, encode, sparse_size_bytes
+from distill.compress.prune.callback import Pruning, gradual_sparsity
+from distill.compress.prune.channel_removal import count_macs, remove_pruned_channels
+from distill.compress.prune.masks import effective
+from distill.compress.prune.sparse_format import decode, encode, sparse_size_bytes
+from distill.compress.quant import backend as quant_backend
+from distill.compress.quant.callback import QuantizationAwareTraining
+from distill.distillation.losses.kd import KDLoss
+from distill.distillation.module import DistillationModule
+from distill.models.registry import build_student
 from tests.test_qat import OPTIM, _digits
 
 SHAPE = {"num_classes": 10, "channels": 1, "image_size": 8}
@@ -110,7 +111,7 @@ def test_sparse_encoding_round_trips_and_is_smaller():
     callback = Pruning("magnitude", 0.7, schedule="oneshot")
     holder = _setup(callback, _student("mlp"))
     callback.prune_to(0.7)
-    from distill.pruning import bake
+    from distill.compress.prune.masks import bake
 
     state = bake(holder.student).state_dict()
     decoded = decode(encode(state))

@@ -11,13 +11,14 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import OmegaConf
 
-from distill import quant_backend
-from distill.data import build_datamodule
-from distill.losses import KDLoss
-from distill.models import STUDENTS, build_student
-from distill.module import DistillationModule
-from distill.qat import QuantizationAwareTraining
-from distill.quant_artifact import load_quantized, pack_codes, unpack_codes
+from distill.compress.packing import pack_codes, unpack_codes
+from distill.compress.quant import backend as quant_backend
+from distill.compress.quant.artifact import load_quantized
+from distill.compress.quant.callback import QuantizationAwareTraining
+from distill.data.datamodules import build_datamodule
+from distill.distillation.losses.kd import KDLoss
+from distill.distillation.module import DistillationModule
+from distill.models.registry import STUDENTS, build_student
 
 OPTIM = OmegaConf.create({"name": "adamw", "lr": 3e-3, "weight_decay": 0.0, "momentum": 0.9, "scheduler": "none", "warmup_epochs": 0})
 STUDENT_CFG = {"hidden_sizes": [64, 32], "channels": [8, 16], "dropout": 0.0}
@@ -81,7 +82,7 @@ def test_callback_trains_converts_and_round_trips_every_student(name, tmp_path):
     bits = 4
     module, qat, dm, trainer, _ = _fit(name, bits, tmp_path)
     assert quant_backend.is_prepared(module.student)
-    report = qat.convert_and_measure(module.student, dm.test_dataloader())
+    report = qat.convert_and_measure(module.student, dm.test_dataloader()).summary()
     for key in ("acc_fp32", "acc_quant", "size_bytes_fp32", "size_bytes_quant", "compression", "latency_ms_fp32", "latency_ms_quant"):
         assert key in report
     # The converted model holds b-bit integers only.
@@ -101,8 +102,8 @@ def test_callback_trains_converts_and_round_trips_every_student(name, tmp_path):
 
 def test_artifact_size_follows_the_bit_width(tmp_path):
     # The default-size MLP: weights dominate the file, so its size tracks b/32 of the fp32 one.
-    from distill.quant_artifact import save_quantized
-    from distill.report import serialized_size_bytes
+    from distill.compress.quant.artifact import save_quantized
+    from distill.measure.size import serialized_size_bytes
 
     cfg = {"name": "mlp", "hidden_sizes": [256, 128], "dropout": 0.0}
     shape = {"num_classes": 10, "channels": 1, "image_size": 8}
@@ -120,7 +121,7 @@ def test_artifact_size_follows_the_bit_width(tmp_path):
 
 def test_fake_quant_and_converted_accuracy_agree(tmp_path):
     module, qat, dm, *_ = _fit("mlp", 8, tmp_path, epochs=3, limit=None)
-    report = qat.convert_and_measure(module.student, dm.test_dataloader())
+    report = qat.convert_and_measure(module.student, dm.test_dataloader()).summary()
     assert report["acc_quant"] > 0.8  # it learned something, so the comparison means something
     # Fake quantization simulates the integer kernels but does not reproduce their rounding exactly
     # (requantization between layers): a few of the 360 test images may flip. Seen: 0.0 to 1.1 points.
@@ -171,7 +172,7 @@ def test_resume_with_other_bits_is_refused(tmp_path):
 
 def test_torchscript_artifact_runs_with_plain_pytorch(tmp_path):
     module, qat, dm, *_ = _fit("mlp", 8, tmp_path)
-    report = qat.convert_and_measure(module.student, dm.test_dataloader())
+    report = qat.convert_and_measure(module.student, dm.test_dataloader()).summary()
     x = next(iter(dm.test_dataloader()))[0][:4]
     expected = quant_backend.convert(module.student)(x)
     torch.save(x, tmp_path / "x.pt")

@@ -9,8 +9,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distill.checkpoint_io import CheckpointError
-from distill.teacher import TeacherCache, provision_teacher, teacher_key
+from distill.errors import CheckpointError
+from distill.teacher.provision import TeacherCache, provision_teacher, teacher_key
 
 SHAPE = {"num_classes": 3, "channels": 1, "image_size": 8}
 FP = {"name": "synthetic", "split_seed": 0}
@@ -84,7 +84,7 @@ WORKER = textwrap.dedent(
     """
     import sys, time, torch
     from omegaconf import OmegaConf
-    from distill.teacher import provision_teacher
+    from distill.teacher.provision import provision_teacher
     cache, marker, out = sys.argv[1:4]
     cfg = OmegaConf.create({"teacher": {"name": "resnet18", "pretrained": False, "checkpoint": None, "epochs": 1,
                                         "cache_dir": cache}, "seed": 0})

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from distill.losses import KDLoss
-from distill.module import DistillationModule
-from distill.teacher_outputs import (
-    IndexedDataset,
+from distill.data.datasets import IndexedDataset
+from distill.distillation.losses.kd import KDLoss
+from distill.distillation.module import DistillationModule
+from distill.teacher.outputs import (
     TeacherOutputCache,
     compute_teacher_logits,
     decode_topk,
@@ -125,7 +125,7 @@ WORKER = textwrap.dedent(
     import sys, time, torch
     from torch import nn
     from torch.utils.data import TensorDataset
-    from distill.teacher_outputs import TeacherOutputCache
+    from distill.teacher.outputs import TeacherOutputCache
 
     cache_dir, marker = sys.argv[1], sys.argv[2]
 

@@ -9,8 +9,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchvision.transforms import v2
 
 from distill.pipeline import run
-from distill.teacher_outputs import compute_teacher_logits
-from distill.teacher_views import ReplayedViews
+from distill.teacher.outputs import compute_teacher_logits
+from distill.teacher.views import ReplayedViews
 
 from .conftest import FAST
 

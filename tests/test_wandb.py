@@ -56,7 +56,7 @@ def test_no_secret_reaches_any_file_and_an_unreachable_server_means_offline(tmp_
 def test_run_name_and_tags_come_from_the_config():
     from omegaconf import OmegaConf
 
-    from distill.loggers import run_identity
+    from distill.runtime.loggers import run_identity
 
     cfg = OmegaConf.create({
         "task_name": "train", "teacher": {"name": "resnet50"}, "student": {"name": "cnn"}, "data": {"name": "digits"},

@@ -1,0 +1,46 @@
+"""Every check of a run's config, before any data is loaded: the first stage of the pipeline.
+
+Each feature owns its checks (ranges of its keys, names in its registry, what it does not combine
+with); this module only runs them in order, so a bad value fails in seconds, naming the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from distill.compress.registry import check_techniques
+from distill.config.validate import check_devices, check_in_registry, check_settings
+from distill.data.datamodules import check_data
+from distill.distillation.hints import check_hints
+from distill.distillation.losses.registry import check_loss
+from distill.errors import ConfigError
+from distill.models.registry import STUDENTS
+from distill.report.objective import check_objective
+from distill.runtime.checkpoint_io import load_checkpoint
+from distill.teacher.provision import check_teacher
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check every range and every name against its registry, before any data is touched."""
+    check_settings(cfg)
+    check_loss(cfg)
+    check_hints(cfg)
+    check_in_registry(cfg, "student.name", STUDENTS, "student")
+    check_teacher(cfg)
+    check_data(cfg)
+    check_techniques(cfg)
+    check_objective(cfg)
+    check_resume(cfg)
+    check_devices(cfg.trainer)
+
+
+def check_resume(cfg: DictConfig) -> None:
+    """``ckpt_path``: a readable checkpoint file, or a DeepSpeed checkpoint directory of shards."""
+    if not cfg.ckpt_path:
+        return
+    if not Path(cfg.ckpt_path).exists():
+        raise ConfigError(f"ckpt_path: no such file or directory: {cfg.ckpt_path}")
+    if Path(cfg.ckpt_path).is_file():  # readable, and a checkpoint: before any work is done
+        load_checkpoint(cfg.ckpt_path, what="ckpt_path")

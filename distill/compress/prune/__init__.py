@@ -1,0 +1,1 @@
+"""Pruning: the callback and its schedule, masks, physical channel removal, the sparse file."""

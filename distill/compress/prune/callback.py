@@ -1,0 +1,438 @@
+"""Pruning as a Lightning callback (``prune.method=magnitude|structured``), on ``torch.nn.utils.prune``.
+
+- ``magnitude``: unstructured L1 pruning of weights, over all selected layers at once
+  (``scope=global``) or per layer (``scope=layer``).
+- ``structured``: whole output channels (conv) or neurons (linear) by their Ln norm, per layer. The
+  channel's bias and its BatchNorm scale and shift are masked too, so a pruned channel outputs
+  exactly zero and can later be removed physically (:mod:`distill.compress.prune.channel_removal`) without
+  changing the network's outputs. The classifier's outputs are never removed.
+
+Schedule (a function of the epoch, or of the step with ``interval=step``): ``oneshot`` prunes to
+``amount`` at ``start_epoch``; ``gradual`` follows Zhu & Gupta (2017), "To prune, or not to prune":
+
+    s_t = s_f + (s_i - s_f) * (1 - (t - t_0) / (t_end - t_0))^3,   s_i = 0,
+
+re-pruning every ``frequency`` epochs (or steps) from ``start_epoch`` to ``end_epoch``. Sparsity
+only grows: weights pruned once stay pruned.
+
+Masks are ``torch.nn.utils.prune`` buffers (``weight_mask`` next to ``weight_orig``), so they are
+part of the state dict and of every checkpoint (Lightning's ``ModelPruning`` keeps them only in
+memory). On ``setup``, before Lightning restores a checkpoint, the callback puts identity masks on
+the same tensors, so a resumed run loads its masks and pruned weights are zero from the first step.
+The callback must come after the QAT callback (which replaces the student in its own ``setup``).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+from torch import nn
+from torch.nn.utils import prune
+
+from distill.compress.export import save_torchscript
+from distill.compress.prune.channel_removal import count_macs, remove_pruned_channels
+from distill.compress.prune.masks import bake, effective
+from distill.compress.prune.sparse_format import SPARSE_ARTIFACT, save_sparse
+from distill.compress.quant import backend as quant_backend
+from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.config.validate import at_least, epochs_bound, one_of
+from distill.errors import ConfigError
+from distill.measure import latency
+from distill.measure.record import DeployedModel
+from distill.measure.size import serialized_size_bytes
+from distill.runtime.rank_sync import verify_identical
+
+log = logging.getLogger(__name__)
+
+METHODS = ("none", "magnitude", "structured")
+SHRUNK_ARTIFACT = "student_pruned.torchscript.pt"  # the channel-removed model, runnable with torch.jit.load
+LAYER_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
+
+
+@dataclass
+class ChannelRemoval:
+    """The structured-pruned student with its zeroed channels physically removed, against the masked one."""
+
+    channels_removed: dict[str, int]
+    params_after_removal: int
+    size_bytes_removed: int
+    macs_before: int
+    macs_after: int
+    max_abs_diff_after_removal: float
+    latency_ms_before_removal: float
+    latency_ms_after_removal: float
+    latency_ms_batch_before_removal: float
+    latency_ms_batch_after_removal: float
+    speedup_batch: float
+    latency_threads: int
+    shrunk_artifact: str | None = None
+
+
+@dataclass
+class PruneReport(TechniqueReport):
+    prune_method: str
+    sparsity: float
+    sparsity_per_layer: dict[str, float]
+    nonzero_params: int
+    size_bytes_dense: int  # the fp32 student, masks baked in
+    size_bytes_sparse: int | None = None  # the sparse file (bitmask + non-zero values); not for a QAT student
+    sparse_artifact: str | None = None
+    channels_pruned: dict[str, int] | None = None  # structured
+    removal: ChannelRemoval | None = None  # structured, with prune.remove_channels
+
+    def summary(self) -> dict[str, Any]:
+        out = {k: v for k, v in asdict(self).items() if k != "removal" and (v is not None or k in ("prune_method",))}
+        if self.removal is not None:
+            out.update({k: v for k, v in asdict(self.removal).items() if v is not None})
+        return out
+
+    def deployed(self, student: StudentFigures) -> DeployedModel | None:
+        if self.removal is not None:
+            r = self.removal
+            return DeployedModel(kind="channels-removed", acc=student.test_acc, params=r.params_after_removal,
+                                 size_bytes=r.size_bytes_removed, bits=32, latency_ms=r.latency_ms_after_removal,
+                                 latency_ms_batch=r.latency_ms_batch_after_removal, path=r.shrunk_artifact)
+        if self.size_bytes_sparse is not None:
+            lat = student.latency
+            return DeployedModel(kind="pruned", acc=student.test_acc, params=self.nonzero_params, size_bytes=self.size_bytes_sparse,
+                                 bits=32, latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None,
+                                 path=self.sparse_artifact)
+        return None
+
+    def fp32_size_bytes(self) -> int:
+        return self.size_bytes_dense
+
+
+def gradual_sparsity(t: float, start: float, end: float, final: float, initial: float = 0.0) -> float:
+    """Zhu & Gupta's cubic schedule: ``initial`` at ``start``, ``final`` from ``end`` on."""
+    if t < start:
+        return 0.0
+    if end <= start:
+        return final
+    progress = min((t - start) / (end - start), 1.0)
+    return final + (initial - final) * (1.0 - progress) ** 3
+
+
+@dataclass
+class PrunedTensor:
+    """One masked tensor: ``module.<name>`` (a weight, or a bias/BN tensor tied to a channel mask)."""
+
+    path: str
+    module: nn.Module
+    name: str = "weight"
+
+
+def prunable_layers(model: nn.Module, layer_types: list[str], include_classifier: bool) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs to prune, in module order; the last Linear is the classifier."""
+    unknown = set(layer_types) - set(LAYER_TYPES)
+    if unknown:
+        raise ValueError(f"prune.layers: unknown layer type(s) {sorted(unknown)}; choose from: {', '.join(LAYER_TYPES)}")
+    types = tuple(LAYER_TYPES[t] for t in layer_types)
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, types)]
+    linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    classifier = linears[-1] if linears else None
+    return [(p, m) for p, m in layers if include_classifier or p != classifier]
+
+
+def _following_batchnorm(model: nn.Module, path: str, module: nn.Module) -> nn.Module | None:
+    """The BatchNorm that normalises ``module``'s output channels: fused inside it (QAT ConvBn)
+    or the next module in definition order (conv -> BN blocks)."""
+    if isinstance(getattr(module, "bn", None), nn.modules.batchnorm._BatchNorm):
+        return module.bn
+    names = [p for p, _ in model.named_modules()]
+    modules = dict(model.named_modules())
+    i = names.index(path)
+    for nxt in names[i + 1 :]:
+        m = modules[nxt]
+        if nxt.startswith(path + "."):
+            continue
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features == module.weight.shape[0]:
+            return m
+        return None
+    return None
+
+
+class Pruning(Callback):
+    def __init__(
+        self,
+        method: str,
+        amount: float,
+        scope: str = "global",
+        schedule: str = "gradual",
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+        frequency: int = 1,
+        interval: str = "epoch",
+        layers: list[str] | None = None,
+        norm: float = 2.0,
+        prune_classifier: bool = False,
+        remove_channels: bool = True,
+        sample_shape: tuple[int, int, int] | None = None,
+        latency_batch_size: int = 1024,
+        latency_threads: int | None = None,
+        output_dir: str | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if method not in METHODS or method == "none":
+            raise ValueError(f"prune.method={method!r}: choose from: magnitude, structured")
+        if method == "structured" and scope != "layer":
+            raise ValueError("prune.scope=global is not supported with prune.method=structured; use prune.scope=layer")
+        self.method, self.amount, self.scope = method, float(amount), scope
+        self.schedule, self.start_epoch = schedule, start_epoch
+        self.end_epoch = end_epoch if end_epoch is not None else start_epoch
+        self.frequency, self.interval = max(int(frequency), 1), interval
+        self.layer_types = list(layers or ["Linear", "Conv2d"])
+        self.norm = norm
+        # Structured pruning never removes the classifier's outputs (the classes).
+        self.include_classifier = prune_classifier and method == "magnitude"
+        self.remove_channels = remove_channels and method == "structured"
+        self.sample_shape = sample_shape
+        self.latency_batch_size, self.latency_threads = latency_batch_size, latency_threads
+        self.output_dir = output_dir
+        self.meta = meta or {}  # the student and data config, stored in the sparse file
+        self.report: PruneReport | None = None
+        self.current_sparsity = 0.0
+        self._layers: list[tuple[str, nn.Module]] = []
+        self._tied: dict[str, list[PrunedTensor]] = {}  # structured: bias / BN tensors per layer
+
+    # -- set-up: identity masks on every tensor that may be pruned ------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self._layers:
+            return
+        student = pl_module.student
+        self._layers = prunable_layers(student, self.layer_types, self.include_classifier)
+        if not self._layers:
+            raise ValueError(f"prune.layers={self.layer_types}: the student has no such layers to prune")
+        for path, module in self._layers:
+            self._reparametrize(module, "weight")
+            if self.method == "structured":
+                tied = []
+                if getattr(module, "bias", None) is not None:
+                    tied.append(PrunedTensor(path, module, "bias"))
+                bn = _following_batchnorm(student, path, module)
+                if bn is not None:
+                    tied += [PrunedTensor(path, bn, "weight"), PrunedTensor(path, bn, "bias")]
+                for t in tied:
+                    self._reparametrize(t.module, t.name)
+                self._tied[path] = tied
+
+    @staticmethod
+    def _reparametrize(module: nn.Module, name: str) -> None:
+        if not hasattr(module, name + "_mask"):
+            prune.identity(module, name)
+
+    # -- the schedule ---------------------------------------------------------------------------
+
+    def target_sparsity(self, t: float) -> float:
+        if self.schedule == "oneshot":
+            return self.amount if t >= self.start_epoch else 0.0
+        return gradual_sparsity(t, self.start_epoch, self.end_epoch, self.amount)
+
+    def _is_event(self, t: int, start: int, end: int) -> bool:
+        if t < start:
+            return False
+        if self.schedule == "oneshot":
+            return t == start
+        return t >= end or (t - start) % self.frequency == 0
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.interval == "epoch":
+            epoch = trainer.current_epoch
+            if self._is_event(epoch, self.start_epoch, self.end_epoch):
+                self.prune_to(self.target_sparsity(epoch))
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.interval == "step":
+            per_epoch = max(int(trainer.num_training_batches), 1)
+            step, start, end = trainer.global_step, self.start_epoch * per_epoch, self.end_epoch * per_epoch
+            if self._is_event(step, start, end):
+                self.prune_to(self.target_sparsity(step / per_epoch))
+
+    # -- masks ----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prune_to(self, sparsity: float) -> None:
+        """Grow the masks so that the selected weights (or channels) reach ``sparsity``."""
+        if sparsity <= 0:
+            return
+        if self.method == "magnitude" and self.scope == "global":
+            total = sum(m.weight_mask.numel() for _, m in self._layers)
+            pruned = sum(int((m.weight_mask == 0).sum()) for _, m in self._layers)
+            extra = round(sparsity * total) - pruned
+            if extra > 0:
+                prune.global_unstructured([(m, "weight") for _, m in self._layers], prune.L1Unstructured, amount=extra)
+        else:
+            for path, module in self._layers:
+                mask = module.weight_mask
+                if self.method == "magnitude":
+                    extra = round(sparsity * mask.numel()) - int((mask == 0).sum())
+                    if extra > 0:
+                        prune.l1_unstructured(module, "weight", amount=extra)
+                else:
+                    channels = mask.shape[0]
+                    alive = mask.flatten(1).any(dim=1)
+                    extra = round(sparsity * channels) - int((~alive).sum())
+                    extra = min(extra, int(alive.sum()) - 1)  # keep at least one channel
+                    if extra > 0:
+                        prune.ln_structured(module, "weight", amount=extra, n=self.norm, dim=0)
+                        self._tie(path, module)
+        self.current_sparsity = self.sparsity()["global"]
+        log.info("prune: %s sparsity %.4f (target %.4f)", self.method, self.current_sparsity, sparsity)
+
+    def _tie(self, path: str, module: nn.Module) -> None:
+        """Mask the bias and BatchNorm entries of the channels whose weights are all pruned."""
+        alive = module.weight_mask.flatten(1).any(dim=1).to(module.weight_mask.dtype)
+        for t in self._tied.get(path, []):
+            getattr(t.module, t.name + "_mask").mul_(alive)
+
+    # -- reporting ------------------------------------------------------------------------------
+
+    def sparsity(self) -> dict[str, Any]:
+        """Global and per-layer fraction of zero weights among the pruned layers (``weight`` only)."""
+        per_layer, zeros, total = {}, 0, 0
+        for path, module in self._layers:
+            w = effective(module, "weight")
+            z = int((w == 0).sum())
+            per_layer[path] = z / w.numel()
+            zeros, total = zeros + z, total + w.numel()
+        out: dict[str, Any] = {"global": zeros / max(total, 1), "per_layer": per_layer}
+        if self.method == "structured":
+            out["channels_pruned"] = {
+                p: int((~m.weight_mask.flatten(1).any(dim=1)).sum()) for p, m in self._layers
+            }
+        return out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Masks are computed on every rank from the same (all-reduced) weights: check they agree.
+        verify_identical(pl_module.student, ("_mask",), "prune: masks")
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.is_global_zero:
+            self.report = self.measure(pl_module.student)
+
+    def measure(self, student: nn.Module) -> PruneReport:
+        """Sparsity, non-zero parameters, dense and sparse size (the sparse file is written); for
+        structured pruning the physically shrunk model's MACs and latency against the masked dense one."""
+        sparsity = self.sparsity()
+        dense = bake(copy.deepcopy(student)).cpu().eval()
+        qat = quant_backend.is_prepared(dense)
+        if qat:  # the fp32 view of a QAT student: same weights, fake quantization off
+            quant_backend.set_fake_quant(dense, False)
+        state = {k: v for k, v in dense.state_dict().items() if not qat or "activation_post_process" not in k and "fake_quant" not in k}
+        report = PruneReport(
+            prune_method=self.method,
+            sparsity=sparsity["global"],
+            sparsity_per_layer=sparsity["per_layer"],
+            nonzero_params=int(sum(int((p != 0).sum()) for p in dense.parameters())),
+            size_bytes_dense=serialized_size_bytes(dense) if not qat else sum(v.numel() * v.element_size() for v in state.values()),
+            channels_pruned=sparsity.get("channels_pruned"),
+        )
+        # The sparse file of the fp32 student (a QAT student deploys its integer artifact instead).
+        if not qat and self.output_dir is not None:
+            path = save_sparse(Path(self.output_dir) / SPARSE_ARTIFACT, state, self.meta)
+            report.size_bytes_sparse, report.sparse_artifact = path.stat().st_size, str(path)
+        if self.remove_channels and not qat and self.sample_shape is not None:
+            report.removal = self._remove_channels(dense)
+        log.info("prune: final sparsity %.4f, %d non-zero parameters", report.sparsity, report.nonzero_params)
+        return report
+
+    def _remove_channels(self, dense: nn.Module) -> ChannelRemoval:
+        example = torch.zeros(1, *self.sample_shape)
+        shrunk, removed = remove_pruned_channels(dense, example, [p for p, _ in self._layers])
+        probe = torch.randn(64, *self.sample_shape, generator=torch.Generator().manual_seed(0))
+        threads = self.latency_threads or torch.get_num_threads()
+        lat = latency.measure_many({"before": dense, "after": shrunk}, self.sample_shape, self.latency_batch_size, threads)
+        before, after = lat["before"], lat["after"]
+        removal = ChannelRemoval(
+            channels_removed=removed,
+            params_after_removal=sum(p.numel() for p in shrunk.parameters()),
+            size_bytes_removed=serialized_size_bytes(shrunk),
+            macs_before=count_macs(dense, example),
+            macs_after=count_macs(shrunk, example),
+            max_abs_diff_after_removal=_max_abs_diff(dense, shrunk, probe),
+            latency_ms_before_removal=before["latency_ms"],
+            latency_ms_after_removal=after["latency_ms"],
+            latency_ms_batch_before_removal=before["latency_ms_batch"],
+            latency_ms_batch_after_removal=after["latency_ms_batch"],
+            speedup_batch=before["latency_ms_batch"] / after["latency_ms_batch"],
+            latency_threads=threads,
+        )
+        if self.output_dir is not None:
+            path = save_torchscript(Path(self.output_dir) / SHRUNK_ARTIFACT, shrunk, example, {"channels_removed": removed})
+            removal.shrunk_artifact = str(path)
+        return removal
+
+    def state_dict(self) -> dict[str, Any]:
+        # The masks themselves are model buffers (``*_mask``) inside the checkpoint's state dict.
+        return {"method": self.method, "amount": self.amount, "current_sparsity": self.current_sparsity}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("method") not in (None, self.method):
+            raise ValueError(
+                f"prune.method={self.method!r} but the checkpoint being resumed was pruned with "
+                f"prune.method={state_dict['method']!r}"
+            )
+        self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
+
+
+class PruneTechnique(Technique):
+    """``prune.method=magnitude|structured``: masks grown on a schedule, then the sparse or shrunk student."""
+
+    name, setting, deploy_rank = "prune", "prune.method", 10
+    callback_class = Pruning
+    checks = [
+        ("prune.method", one_of(*METHODS), "one of: none, magnitude, structured"),
+        ("prune.amount", lambda x: 0 <= x < 1, "in [0, 1)"),
+        ("prune.scope", one_of("global", "layer"), "one of: global, layer"),
+        ("prune.schedule", one_of("oneshot", "gradual"), "one of: oneshot, gradual"),
+        ("prune.start_epoch", at_least(0), ">= 0"),
+        ("prune.end_epoch", at_least(0), ">= 0"),
+        ("prune.frequency", at_least(1), ">= 1"),
+        ("prune.interval", one_of("epoch", "step"), "one of: epoch, step"),
+        ("prune.layers", lambda xs: len(xs) >= 1 and all(x in LAYER_TYPES for x in xs), "a non-empty list of: Linear, Conv2d"),
+        ("prune.norm", lambda x: x > 0, "> 0"),
+    ]
+
+    def enabled(self, cfg: DictConfig) -> bool:
+        return cfg.prune.method != "none"
+
+    def check(self, cfg: DictConfig, others: list[Technique]) -> None:
+        pr = cfg.prune
+        if pr.method == "structured" and pr.scope != "layer":
+            raise ConfigError("prune.scope=global is not supported with prune.method=structured: use prune.scope=layer")
+        if pr.schedule == "gradual" and pr.end_epoch < pr.start_epoch:
+            raise ConfigError(f"prune.end_epoch={pr.end_epoch} must be >= prune.start_epoch={pr.start_epoch}")
+        epochs = epochs_bound(cfg)
+        last = pr.end_epoch if pr.schedule == "gradual" else pr.start_epoch
+        if epochs is not None and last >= epochs:
+            raise ConfigError(
+                f"prune.{'end_epoch' if pr.schedule == 'gradual' else 'start_epoch'}={last} must be < "
+                f"trainer.max_epochs={epochs}, or the target sparsity is never reached"
+            )
+
+    def callback(self, cfg: DictConfig, ctx: BuildContext) -> Pruning:
+        p = cfg.prune
+        return Pruning(
+            method=p.method, amount=p.amount, scope=p.scope, schedule=p.schedule, start_epoch=p.start_epoch,
+            end_epoch=p.end_epoch, frequency=p.frequency, interval=p.interval, layers=list(p.layers),
+            norm=p.norm, prune_classifier=p.prune_classifier, remove_channels=p.remove_channels,
+            sample_shape=ctx.sample_shape, latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads,
+            output_dir=ctx.output_dir, meta={"student": ctx.student_cfg, "data": ctx.data_cfg},
+        )
+
+    def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
+        return f"prune{cfg.prune.amount:g}"
+
+
+@torch.no_grad()
+def _max_abs_diff(a: nn.Module, b: nn.Module, x: torch.Tensor) -> float:
+    return float((a(x) - b(x)).abs().max())

@@ -1,0 +1,289 @@
+"""Quantization-aware training as a Lightning callback (``quant.bits=N``).
+
+The LightningModule knows nothing about quantization. This callback
+
+1. at ``setup`` (before Lightning restores a checkpoint, so a resumed run loads the fake-quant
+   state: observer ranges, scales, zero points) replaces ``module.student`` with its QAT version
+   (conv-BN fused, fake quantizers on weights and activations; see distill/compress/quant/backend.py);
+2. at every epoch start applies the schedule, a pure function of the epoch (so resuming lands in
+   the same state): fp32 distillation before ``start_epoch``, fake quantization from then on,
+   observers frozen from ``freeze_observers_epoch``, BatchNorm statistics from ``freeze_bn_epoch``
+   (observers never run on validation or test data);
+3. after testing (the weights that were tested: the best checkpoint) converts the student to a
+   real integer model, evaluates the **converted** model on the test split, saves it (b-bit packed
+   artifact plus a TorchScript file) and measures sizes and CPU latencies. :attr:`report` holds
+   the numbers; the pipeline puts them in ``summary.json``, the table and the loggers.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+from torch import nn
+
+from distill.compress.export import save_torchscript
+from distill.compress.quant import backend as quant_backend
+from distill.compress.quant.artifact import save_quantized
+from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.config.validate import at_least, epochs_bound, one_of
+from distill.errors import ConfigError
+from distill.measure import latency
+from distill.measure.accuracy import loader_accuracy
+from distill.measure.record import DeployedModel, Latency
+from distill.measure.size import serialized_size_bytes
+from distill.runtime.rank_sync import broadcast_buffers, verify_identical
+
+log = logging.getLogger(__name__)
+
+ARTIFACT = "student_quant.pt.xz"
+TORCHSCRIPT = "student_quant.torchscript.pt"
+
+
+@dataclass
+class QATReport(TechniqueReport):
+    """The converted integer student against its fp32 weights: accuracy, sizes, CPU latencies."""
+
+    bits: int
+    backend: str
+    acc_fp32: float  # the trained weights with fake quantization off
+    acc_fakequant: float
+    acc_quant: float  # the converted integer model
+    size_bytes_fp32: int
+    size_bytes_quant: int  # the b-bit packed artifact
+    size_bytes_torchscript: int
+    compression: float
+    latency_ms_fp32: float
+    latency_ms_quant: float
+    latency_ms_fp32_batch: float
+    latency_ms_quant_batch: float
+    latency_batch_size: int
+    latency_threads: int
+    artifact: str
+    torchscript: str
+
+    def deployed(self, student: StudentFigures) -> DeployedModel:
+        return DeployedModel(kind=f"int{self.bits}", acc=self.acc_quant, params=student.params, size_bytes=self.size_bytes_quant,
+                             bits=self.bits, latency_ms=self.latency_ms_quant, latency_ms_batch=self.latency_ms_quant_batch,
+                             path=self.artifact)
+
+    def fp32_latency(self) -> Latency:
+        return Latency(self.latency_ms_fp32, self.latency_ms_fp32_batch)
+
+    def fp32_size_bytes(self) -> int:
+        return self.size_bytes_fp32
+
+
+class QuantizationAwareTraining(Callback):
+    def __init__(
+        self,
+        bits: int,
+        shape: dict[str, int],
+        output_dir: str | Path,
+        backend: str = "x86",
+        per_channel: bool = True,
+        start_epoch: int = 0,
+        freeze_observers_epoch: int | None = None,
+        freeze_bn_epoch: int | None = None,
+        latency_batch_size: int = 256,
+        latency_threads: int | None = None,
+        student_cfg: dict[str, Any] | None = None,
+        data_cfg: dict[str, Any] | None = None,
+    ) -> None:
+        if not 2 <= bits <= 8:
+            raise ValueError(f"quant.bits={bits} is out of range: must be in [2, 8]")
+        self.bits, self.backend, self.per_channel = bits, backend, per_channel
+        self.start_epoch = start_epoch
+        self.freeze_observers_epoch = freeze_observers_epoch
+        self.freeze_bn_epoch = freeze_bn_epoch
+        self.shape = shape
+        self.output_dir = Path(output_dir)
+        self.latency_batch_size, self.latency_threads = latency_batch_size, latency_threads
+        self.student_cfg, self.data_cfg = student_cfg or {}, data_cfg
+        self.float_student: nn.Module | None = None  # the fp32 architecture, for size and latency
+        self.report: QATReport | None = None
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        return (self.shape["channels"], self.shape["image_size"], self.shape["image_size"])
+
+    # -- training ---------------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if quant_backend.is_prepared(pl_module.student):
+            return
+        self.float_student = copy.deepcopy(pl_module.student).cpu().eval()
+        example = torch.zeros(1, *self.sample_shape)
+        pl_module.student = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend)
+        self.apply_schedule(pl_module.student, trainer.current_epoch)
+        log.info("qat: student prepared for %d-bit quantization-aware training (%s backend)", self.bits, self.backend)
+
+    def apply_schedule(self, student: nn.Module, epoch: int) -> None:
+        """Put the fake quantizers and BatchNorm in the state the schedule gives for ``epoch``."""
+        active = epoch >= self.start_epoch
+        observing = active and (self.freeze_observers_epoch is None or epoch < self.freeze_observers_epoch)
+        quant_backend.set_fake_quant(student, active)
+        quant_backend.set_observers(student, observing)
+        if self.freeze_bn_epoch is not None and epoch >= self.freeze_bn_epoch:
+            quant_backend.freeze_bn_stats(student)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply_schedule(pl_module.student, trainer.current_epoch)
+
+    # Observers update their ranges whenever they run, in eval mode too. Only training data may
+    # move the scales: evaluation must measure the model, not change it.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        quant_backend.set_observers(pl_module.student, False)
+        if trainer.sanity_checking and not self._calibrated(pl_module.student):
+            quant_backend.set_fake_quant(pl_module.student, False)  # no ranges yet: check in fp32
+
+    @staticmethod
+    def _calibrated(student: nn.Module) -> bool:
+        """Whether every observer has seen data (a fresh one holds an empty or infinite range)."""
+        for m in quant_backend.fake_quant_modules(student):
+            low = m.activation_post_process.min_val
+            if low.numel() == 0 or not torch.isfinite(low).all():
+                return False
+        return True
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.apply_schedule(pl_module.student, trainer.current_epoch)
+
+    def on_test_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        quant_backend.set_observers(pl_module.student, False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Each rank's observers saw its own last batch: make rank 0's ranges everyone's, and check.
+        suffixes = ("scale", "zero_point", "min_val", "max_val")
+        broadcast_buffers(pl_module.student, suffixes)
+        verify_identical(pl_module.student, suffixes, "qat: scales and zero points")
+
+    def state_dict(self) -> dict[str, Any]:
+        # The fake-quant state itself (scales, zero points, observer ranges) is in the model's
+        # state dict; this records what it was trained for, so a resume with other settings fails.
+        return {"bits": self.bits, "backend": self.backend, "per_channel": self.per_channel}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("bits", "backend", "per_channel"):
+            if key in state_dict and state_dict[key] != getattr(self, key):
+                raise ValueError(
+                    f"quant.{key}={getattr(self, key)!r} but the checkpoint being resumed was trained "
+                    f"with quant.{key}={state_dict[key]!r}"
+                )
+
+    # -- conversion and measurement ---------------------------------------------------------------
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        if not self._calibrated(pl_module.student):
+            # e.g. a fast_dev_run that ended before quant.start_epoch: there are no scales to convert with
+            log.warning("qat: no quantized model: the observers never saw training data "
+                        "(training ended before quant.start_epoch=%d)", self.start_epoch)
+            return
+        datamodule = trainer.datamodule
+        self.report = self.convert_and_measure(pl_module.student, datamodule.test_dataloader(shard=False))
+
+    @torch.inference_mode()
+    def convert_and_measure(self, prepared: nn.Module, test_loader: Any) -> QATReport:
+        prepared = copy.deepcopy(prepared).cpu().eval()
+        quantized = quant_backend.convert(prepared, self.backend)
+        float_view = copy.deepcopy(prepared)
+        quant_backend.set_fake_quant(float_view, False)  # the same weights, unquantized
+
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        artifact = save_quantized(
+            self.output_dir / ARTIFACT, quantized, bits=self.bits, backend=self.backend,
+            per_channel=self.per_channel, student_cfg=self.student_cfg, shape=self.shape, data_cfg=self.data_cfg,
+        )
+        meta = {"bits": self.bits, "backend": self.backend, "student": self.student_cfg, "shape": self.shape}
+        torchscript = save_torchscript(self.output_dir / TORCHSCRIPT, quantized, torch.zeros(1, *self.sample_shape), meta)
+
+        float_student = self.float_student if self.float_student is not None else float_view
+        threads = self.latency_threads or torch.get_num_threads()
+        lat = latency.measure_many({"fp32": float_student, "quant": quantized}, self.sample_shape, self.latency_batch_size, threads)
+        lat_fp32, lat_quant = lat["fp32"], lat["quant"]
+        size_fp32 = serialized_size_bytes(float_student)
+        size_quant = artifact.stat().st_size
+        report = QATReport(
+            bits=self.bits,
+            backend=self.backend,
+            acc_fp32=loader_accuracy(float_view, test_loader),
+            acc_fakequant=loader_accuracy(prepared, test_loader),
+            acc_quant=loader_accuracy(quantized, test_loader),
+            size_bytes_fp32=size_fp32,
+            size_bytes_quant=size_quant,
+            size_bytes_torchscript=torchscript.stat().st_size,
+            compression=size_fp32 / size_quant,
+            latency_ms_fp32=lat_fp32["latency_ms"],
+            latency_ms_quant=lat_quant["latency_ms"],
+            latency_ms_fp32_batch=lat_fp32["latency_ms_batch"],
+            latency_ms_quant_batch=lat_quant["latency_ms_batch"],
+            latency_batch_size=self.latency_batch_size,
+            latency_threads=threads,
+            artifact=str(artifact),
+            torchscript=str(torchscript),
+        )
+        log.info(
+            "qat: %d-bit student: test acc %.4f (fp32 weights %.4f), %d -> %d bytes (%.2fx)",
+            self.bits, report.acc_quant, report.acc_fp32, size_fp32, size_quant, report.compression,
+        )
+        return report
+
+
+class QuantTechnique(Technique):
+    """``quant.bits=N``: quantization-aware training, then the converted integer student."""
+
+    name, setting, deploy_rank = "quant", "quant.bits", 50
+    callback_class = QuantizationAwareTraining
+    checks = [
+        ("quant.bits", lambda x: x is None or 2 <= x <= 8, "an integer in [2, 8], or null (off)"),
+        ("quant.backend", one_of("x86", "qnnpack"), "one of: x86, qnnpack"),
+        ("quant.start_epoch", at_least(0), ">= 0"),
+        ("quant.freeze_observers_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
+        ("quant.freeze_bn_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
+    ]
+
+    def enabled(self, cfg: DictConfig) -> bool:
+        return cfg.quant.bits is not None
+
+    def check(self, cfg: DictConfig, others: list[Technique]) -> None:
+        quant = cfg.quant
+        if quant.freeze_observers_epoch is not None and quant.freeze_observers_epoch <= quant.start_epoch:
+            raise ConfigError(
+                f"quant.freeze_observers_epoch={quant.freeze_observers_epoch} must be > quant.start_epoch="
+                f"{quant.start_epoch}: the observers need at least one epoch to set the scales"
+            )
+        epochs = epochs_bound(cfg)
+        if epochs is not None and quant.start_epoch >= epochs:
+            raise ConfigError(
+                f"quant.start_epoch={quant.start_epoch} must be < trainer.max_epochs={epochs}, "
+                "or quantization-aware training never starts"
+            )
+
+    def callback(self, cfg: DictConfig, ctx: BuildContext) -> QuantizationAwareTraining:
+        q = cfg.quant
+        return QuantizationAwareTraining(
+            bits=q.bits, shape=ctx.shape, output_dir=ctx.output_dir, backend=q.backend, per_channel=q.per_channel,
+            start_epoch=q.start_epoch, freeze_observers_epoch=q.freeze_observers_epoch, freeze_bn_epoch=q.freeze_bn_epoch,
+            latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads,
+            student_cfg=ctx.student_cfg, data_cfg=ctx.data_cfg,
+        )
+
+    def rebuild(self, student: nn.Module, cfg: DictConfig, state: dict[str, Any], example: torch.Tensor) -> nn.Module:
+        # A checkpoint taken during QAT holds the QAT student (fake quantizers with their scales).
+        return quant_backend.prepare_qat(student, cfg.quant.bits, cfg.quant.per_channel, example, cfg.quant.backend)
+
+    def after_load(self, student: nn.Module, cfg: DictConfig) -> nn.Module:
+        quant_backend.set_observers(student, False)  # evaluate with the trained scales; never re-calibrate on test data
+        return student
+
+    def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
+        return f"int{cfg.quant.bits}"

@@ -1,0 +1,141 @@
+"""Every compression technique, by config group, in the order their callbacks run.
+
+Adding a technique: a module in ``distill/compress`` with its :class:`~distill.compress.technique.Technique`
+subclass, a config group in ``conf/``, and one entry below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig
+from torch import nn
+
+from distill.compress.half import HalfTechnique
+from distill.compress.lowrank import LowRankTechnique
+from distill.compress.prune.callback import PruneTechnique
+from distill.compress.quant.callback import QuantTechnique
+from distill.compress.sharing import SharingTechnique
+from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.config.validate import run_checks
+from distill.errors import ConfigError
+from distill.measure.record import DeployedModel, Latency
+
+# Callback order: low-rank replaces layers before QAT prepares the student (in its setup()), then
+# pruning masks the replaced modules; the 16-bit export sees the final student.
+TECHNIQUES: dict[str, Technique] = {
+    t.name: t for t in (LowRankTechnique(), SharingTechnique(), QuantTechnique(), PruneTechnique(), HalfTechnique())
+}
+
+
+def get_technique(name: str) -> Technique:
+    if name not in TECHNIQUES:
+        raise ConfigError(f"unknown compression technique {name!r}; choose from: {', '.join(TECHNIQUES)}")
+    return TECHNIQUES[name]
+
+
+def enabled_techniques(cfg: DictConfig) -> list[Technique]:
+    return [t for t in TECHNIQUES.values() if t.enabled(cfg)]
+
+
+def check_techniques(cfg: DictConfig) -> None:
+    """Every technique's range checks, then the combination checks of those the config turns on."""
+    for technique in TECHNIQUES.values():
+        run_checks(cfg, technique.checks)
+    on = enabled_techniques(cfg)
+    for technique in on:
+        technique.check(cfg, [t for t in on if t is not technique])
+    if cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3:
+        refused = [t for t in on if not t.zero3]
+        if refused:
+            raise ConfigError(f"{refused[0].setting} with strategy=deepspeed_stage_3 is not supported: ZeRO-3 partitions every "
+                              "weight across ranks; use deepspeed_stage_2 or ddp")
+
+
+@dataclass
+class Compression:
+    """The callbacks of one run's techniques, and after testing what they report."""
+
+    applied: list[tuple[Technique, Callback]] = field(default_factory=list)
+
+    @property
+    def callbacks(self) -> list[Callback]:
+        return [callback for _, callback in self.applied]
+
+    @property
+    def changes_weights(self) -> bool:
+        """True when the last weights, not the best-by-validation ones, are the compressed model."""
+        return any(t.changes_weights for t, _ in self.applied)
+
+    def resume_from(self, ckpt_path: str | None) -> None:
+        """Callbacks that reshape the student rebuild it from the checkpoint before its weights load
+        (Lightning sets ``trainer.ckpt_path`` only after the setup hooks)."""
+        for _, callback in self.applied:
+            if hasattr(callback, "resume_from"):
+                callback.resume_from = ckpt_path
+
+    def reports(self) -> list[tuple[Technique, TechniqueReport]]:
+        """(technique, report) of every technique that reported, highest ``deploy_rank`` first."""
+        done = [(t, c.report) for t, c in self.applied if getattr(c, "report", None) is not None]
+        return sorted(done, key=lambda tr: -tr[0].deploy_rank)
+
+    def summary(self) -> dict[str, Any]:
+        """Every report's ``student/*`` keys, merged in callback order."""
+        out: dict[str, Any] = {}
+        for _, callback in self.applied:
+            if getattr(callback, "report", None) is not None:
+                out.update(callback.report.summary())
+        return out
+
+    def fp32_latency(self) -> Latency | None:
+        """The uncompressed student's latency if a technique measured it (else the pipeline does)."""
+        return next((lat for _, r in self.reports() if (lat := r.fp32_latency()) is not None), None)
+
+    def fp32_size_bytes(self) -> int | None:
+        """The fp32 artifact the compressed model is measured against, if a technique says which."""
+        return next((size for _, r in self.reports() if (size := r.fp32_size_bytes()) is not None), None)
+
+    def deployed(self, student: StudentFigures) -> DeployedModel:
+        """The run's deployed model: the strongest technique's, else the student as trained."""
+        for _, report in self.reports():
+            model = report.deployed(student)
+            if model is not None:
+                return model
+        lat = student.latency
+        return DeployedModel(kind="fp32", acc=student.test_acc, params=student.params, size_bytes=student.size_bytes, bits=32,
+                             latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None,
+                             path=student.checkpoint)
+
+    def label(self, cfg: DictConfig) -> list[str]:
+        """Short labels of the techniques that reported (``lowrank0.25``, ``prune0.7``, ``int8``)."""
+        order = {name: i for i, name in enumerate(("lowrank", "prune", "sharing", "quant", "export"))}
+        tags = [(t.name, t.tag(cfg, c.report)) for t, c in self.applied if getattr(c, "report", None) is not None]
+        return [tag for _, tag in sorted(tags, key=lambda nt: order.get(nt[0], len(order))) if tag]
+
+
+def build_compression(cfg: DictConfig, ctx: BuildContext) -> Compression:
+    """The callbacks of the techniques ``cfg`` turns on (checked by :func:`check_techniques`)."""
+    return Compression([(t, t.callback(cfg, ctx)) for t in enabled_techniques(cfg)])
+
+
+def rebuild_student(student: nn.Module, cfg: DictConfig, callback_states: dict[str, Any], example: torch.Tensor) -> nn.Module:
+    """A fresh ``student`` given the structure training left it in (QAT-prepared, factorized, shared),
+    from the run's config and the checkpoint's callback states, before the weights load."""
+    for technique in enabled_techniques(cfg):
+        state = next((v for k, v in callback_states.items() if _callback_of(technique, k)), {})
+        student = technique.rebuild(student, cfg, state or {}, example)
+    return student
+
+
+def after_load(student: nn.Module, cfg: DictConfig) -> nn.Module:
+    for technique in enabled_techniques(cfg):
+        student = technique.after_load(student, cfg)
+    return student
+
+
+def _callback_of(technique: Technique, state_key: str) -> bool:
+    """Whether a checkpoint's callback state key (Lightning's: the class name) is ``technique``'s."""
+    return state_key.split("{")[0] == technique.callback_class.__qualname__

@@ -1,0 +1,231 @@
+"""Weight sharing (Han et al., "Deep Compression", ICLR 2016): ``sharing.bits=b``.
+
+At the start of epoch ``sharing.start_epoch`` each Linear and Conv2d weight of the student is
+clustered by 1-D k-means (scikit-learn, linear initialisation between the layer's min and max, as
+in the paper) into ``2^b`` shared values. From then on the layer's weight *is*
+``codebook[indices]`` (a ``torch.nn.utils.parametrize`` parametrization): the indices are fixed
+and the codebook is trained, the gradient of each shared value being the sum of the gradients of
+the weights in its cluster (the backward of the gather).
+
+The artifact ``student_shared.pt.xz`` stores, per shared layer, the float32 codebook and the
+b-bit packed indices, and every other tensor as float32; :func:`load_shared` rebuilds exactly the
+trained model.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf
+from sklearn.cluster import KMeans
+from torch import nn
+from torch.nn.utils import parametrize
+
+from distill.compress.packing import (
+    pack_codes,
+    torch_bytes,
+    unpack_codes,
+    xz_compress,
+    xz_decompress,
+)
+from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.config.validate import at_least, epochs_bound, one_process
+from distill.data.datamodules import build_datamodule
+from distill.distillation.optim import rebuild_optimizer
+from distill.errors import ConfigError
+from distill.measure.record import DeployedModel
+from distill.models.registry import build_student
+from distill.runtime.atomic import atomic_write
+from distill.runtime.checkpoint_io import saved_callback_state
+
+log = logging.getLogger(__name__)
+FORMAT = "distill.shared-weights-student/1"
+
+
+class SharedWeight(nn.Module):
+    """weight = codebook[indices]; the original tensor is ignored (kept only for the API)."""
+
+    def __init__(self, codebook: torch.Tensor, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.codebook = nn.Parameter(codebook.clone())
+        self.register_buffer("indices", indices.clone())
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        return self.codebook[self.indices]
+
+
+def kmeans_1d(values: torch.Tensor, clusters: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codebook, indices) of 1-D k-means over ``values`` with linear initialisation."""
+    flat = values.detach().reshape(-1, 1).double().cpu().numpy()
+    clusters = min(clusters, len(np.unique(flat)))
+    init = np.linspace(flat.min(), flat.max(), clusters).reshape(-1, 1)
+    km = KMeans(n_clusters=clusters, init=init, n_init=1, random_state=seed).fit(flat)
+    codebook = torch.from_numpy(km.cluster_centers_.reshape(-1)).to(values.dtype)
+    return codebook, torch.from_numpy(km.labels_.astype(np.int64)).reshape(values.shape)
+
+
+def shareable_layers(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+
+
+def share_weights(model: nn.Module, bits: int, layers: list[str] | None = None,
+                  placeholders: bool = False, codebook_sizes: dict[str, int] | None = None) -> list[str]:
+    """Parametrize each layer's weight as codebook[indices] in place; ``placeholders``: shapes only
+    (a resumed run, whose values then come from the checkpoint)."""
+    names = layers if layers is not None else shareable_layers(model)
+    for name in names:
+        module = model.get_submodule(name)
+        weight = module.weight
+        if placeholders:
+            size = (codebook_sizes or {}).get(name, 2**bits)  # a small layer may have fewer distinct values
+            codebook, indices = torch.zeros(size, dtype=weight.dtype), torch.zeros(weight.shape, dtype=torch.int64)
+        else:
+            codebook, indices = kmeans_1d(weight, 2**bits)
+        parametrize.register_parametrization(module, "weight", SharedWeight(codebook.to(weight.device), indices.to(weight.device)),
+                                             unsafe=True)
+    return names
+
+
+def _shared_modules(model: nn.Module) -> dict[str, SharedWeight]:
+    return {name: m.parametrizations.weight[0] for name, m in model.named_modules()
+            if parametrize.is_parametrized(m, "weight") and isinstance(m.parametrizations.weight[0], SharedWeight)}
+
+
+def save_shared(path: str | Path, model: nn.Module, bits: int, meta: dict[str, Any]) -> Path:
+    """The trained shared-weight student: codebooks and b-bit packed indices, xz-compressed."""
+    shared = _shared_modules(model)
+    layers = {}
+    for name, p in shared.items():
+        layers[name] = {"codebook": p.codebook.detach().cpu().float(), "shape": list(p.indices.shape),
+                        "indices": pack_codes(p.indices.cpu(), bits, 0)}
+    skip = tuple(f"{n}.parametrizations.weight" for n in shared)
+    rest = {k: v.detach().cpu() for k, v in model.state_dict().items() if not k.startswith(skip)}
+    data = xz_compress(torch_bytes({"format": FORMAT, "bits": bits, "layers": layers, "rest": rest, **meta}))
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def _read_payload(path: str | Path) -> dict[str, Any]:
+    payload = torch.load(io.BytesIO(xz_decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    if payload.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a shared-weight student artifact")
+    return payload
+
+
+def load_shared(path: str | Path, model: nn.Module, payload: dict[str, Any] | None = None) -> nn.Module:
+    """Put the artifact's weights into ``model`` (the student's architecture, freshly built)."""
+    payload = payload if payload is not None else _read_payload(path)
+    state = dict(payload["rest"])
+    for name, entry in payload["layers"].items():
+        count = int(np.prod(entry["shape"]))
+        indices = unpack_codes(entry["indices"], payload["bits"], 0, count).reshape(entry["shape"])
+        state[f"{name}.weight"] = entry["codebook"][indices]
+    model.load_state_dict(state)
+    return model
+
+
+def load_shared_student(path: str | Path) -> tuple[nn.Module, Any]:
+    """The student and its data module, rebuilt from the artifact's own config."""
+    payload = _read_payload(path)
+    datamodule = build_datamodule(OmegaConf.create(payload["data"]))
+    model = build_student(OmegaConf.create(payload["student"]), **datamodule.shape)
+    return load_shared(path, model, payload).eval(), datamodule
+
+
+@dataclass
+class SharingReport(TechniqueReport):
+    sharing_bits: int
+    sharing_layers: int
+    size_bytes_shared: int  # the artifact: codebooks plus b-bit packed indices, xz-compressed
+    shared_artifact: str
+
+    def deployed(self, student: StudentFigures) -> DeployedModel:
+        lat = student.latency  # it runs as the fp32 student once the codebooks are expanded
+        return DeployedModel(kind=f"shared{self.sharing_bits}b", acc=student.test_acc, params=student.params,
+                             size_bytes=self.size_bytes_shared, bits=self.sharing_bits, latency_ms=lat.ms if lat else None,
+                             latency_ms_batch=lat.ms_batch if lat else None, path=self.shared_artifact)
+
+
+class WeightSharing(Callback):
+    def __init__(self, bits: int, start_epoch: int, output_dir: str | Path, meta: dict[str, Any]) -> None:
+        self.bits, self.start_epoch, self.output_dir, self.meta = bits, start_epoch, Path(output_dir), meta
+        self.layers: list[str] | None = None
+        self.resume_from: str | None = None  # the checkpoint this run resumes, if any
+        self._student: nn.Module | None = None
+        self.report: SharingReport | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._student = pl_module.student
+        if stage != "fit":
+            return
+        # (Lightning sets trainer.ckpt_path only after the setup hooks: the pipeline passes it.)
+        saved = saved_callback_state(self.resume_from, self.state_key)
+        if saved.get("layers") is not None:  # resuming after the clustering: same parametrization, values from the checkpoint
+            self.layers = share_weights(pl_module.student, self.bits, saved["layers"], placeholders=True,
+                                        codebook_sizes=saved.get("codebook_sizes"))
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.layers is not None or trainer.current_epoch < self.start_epoch:
+            return
+        self.layers = share_weights(pl_module.student, self.bits)
+        log.info("sharing: %d layers clustered into %d shared values each", len(self.layers), 2**self.bits)
+        # New parameters (the codebooks) for the optimizer.
+        rebuild_optimizer(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        sizes = None
+        if self.layers is not None and self._student is not None:
+            sizes = {name: int(p.codebook.numel()) for name, p in _shared_modules(self._student).items()}
+        return {"layers": self.layers, "bits": self.bits, "codebook_sizes": sizes}
+
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero or self.layers is None:
+            return
+        student = copy.deepcopy(pl_module.student).cpu().eval()
+        path = save_shared(self.output_dir / "student_shared.pt.xz", student, self.bits, self.meta)
+        self.report = SharingReport(sharing_bits=self.bits, sharing_layers=len(self.layers),
+                                    size_bytes_shared=path.stat().st_size, shared_artifact=str(path))
+
+
+class SharingTechnique(Technique):
+    """``sharing.bits=b``: k-means codebooks of 2^b shared values per layer, fine-tuned."""
+
+    name, setting, deploy_rank = "sharing", "sharing.bits", 30
+    callback_class = WeightSharing
+    checks = [
+        ("sharing.bits", lambda x: x is None or 1 <= x <= 8, "an integer in [1, 8], or null (off)"),
+        ("sharing.start_epoch", at_least(0), ">= 0"),
+    ]
+
+    def enabled(self, cfg: DictConfig) -> bool:
+        return cfg.sharing.bits is not None
+
+    def check(self, cfg: DictConfig, others: list[Technique]) -> None:
+        sh = cfg.sharing
+        clashing = [t.setting for t in others if t.name in ("quant", "prune", "lowrank")]
+        if clashing:
+            raise ConfigError(f"sharing.bits={sh.bits} with {', '.join(clashing)}: combining them is not supported; choose one")
+        if not one_process(cfg):
+            raise ConfigError("sharing.bits needs one process (the codebooks join the optimizer mid-run)")
+        epochs = epochs_bound(cfg)
+        if epochs is not None and sh.start_epoch >= epochs:
+            raise ConfigError(f"sharing.start_epoch={sh.start_epoch} must be < trainer.max_epochs={epochs}, or the weights are never shared")
+
+    def callback(self, cfg: DictConfig, ctx: BuildContext) -> WeightSharing:
+        return WeightSharing(cfg.sharing.bits, cfg.sharing.start_epoch, ctx.output_dir, {"student": ctx.student_cfg, "data": ctx.data_cfg})
+
+    def rebuild(self, student: nn.Module, cfg: DictConfig, state: dict[str, Any], example: torch.Tensor) -> nn.Module:
+        if state.get("layers"):
+            share_weights(student, state["bits"], state["layers"], placeholders=True, codebook_sizes=state.get("codebook_sizes"))
+        return student
+
+    def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
+        return f"shared{cfg.sharing.bits}b"

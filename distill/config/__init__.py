@@ -1,0 +1,1 @@
+"""The configuration: its schema (every key and type), the checks of shared settings, redaction."""

@@ -1,0 +1,295 @@
+"""Structured-config schemas: every key of `conf/` and its type.
+
+The dataclasses below are registered in Hydra's ConfigStore as ``train_schema``; ``conf/train.yaml``
+lists it first in its defaults, so every YAML file in ``conf/`` is merged *into* these types. A
+mistyped key (``loss.temprature=4``) or a wrong type (``data.batch_size=abc``) therefore fails at
+compose time with Hydra's own message naming the key. What a type cannot express (temperature > 0,
+0 <= alpha <= 1, ...) is checked by :func:`distill.checks.validate`, which raises :class:`ConfigError` naming the
+key and the allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sgd"  # sgd | adamw
+    lr: float = 0.05
+    weight_decay: float = 5e-4
+    momentum: float = 0.9  # SGD only
+    scheduler: str = "cosine"  # cosine | step | none
+    step_size: int = 10  # step scheduler: epochs between decays
+    gamma: float = 0.1  # step scheduler: decay factor
+    warmup_epochs: int = 0
+
+
+@dataclass
+class TeacherConfig:
+    name: str = MISSING  # resnet50 | resnet18
+    pretrained: bool = False  # start from torchvision's ImageNet weights (needs network once)
+    checkpoint: str | None = None  # a teacher state dict or cache entry; skips training
+    epochs: int = 20
+    batch_size: int = 64
+    augment: bool | None = None  # random augmentation while the teacher trains; null: data.augment
+    # Run the teacher once over the training split before the student trains and reuse its logits
+    # every epoch. Only valid when the student's training data is not randomly augmented (the
+    # teacher must see the same view as the student); null: on exactly then.
+    precompute_outputs: bool | None = None
+    outputs_dtype: str = "float32"  # how precomputed logits are stored on disk: float32 | float16
+    outputs_topk: int | None = None  # store only the k largest logits per sample (null: all)
+    # With data.augment=true: cache the teacher's logits for K seeded augmented views per sample
+    # and replay exactly those views to the student (Shen & Xing 2022); null: live teacher.
+    cache_views: int | None = None
+    # The live teacher (augmented data): channels-last memory format, and optional torch.compile.
+    channels_last: bool = True
+    compile: bool = False
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    cache_dir: str = MISSING
+
+
+@dataclass
+class StudentConfig:
+    name: str = MISSING  # mlp | cnn | resnet18 | mobilenet_v3_small
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 128])  # mlp
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # cnn
+    dropout: float = 0.1  # mlp, cnn
+    init: str | None = None  # null: random | teacher: copy the teacher's tensors that match by name and shape
+
+
+@dataclass
+class DataConfig:
+    name: str = MISSING  # digits | synthetic | cifar10 | cifar100 | imagefolder
+    root: str | None = None  # dataset directory (cifar*, imagefolder)
+    download: bool = False  # cifar*: fetch from the internet when missing
+    verify_checksums: bool = True  # cifar*: torchvision's md5 check of the archive files
+    batch_size: int = 64
+    num_workers: int = 0
+    pin_memory: bool | None = None  # null: on when CUDA is available
+    persistent_workers: bool = True  # only used when num_workers > 0
+    val_fraction: float = 0.1  # taken from the training split, stratified
+    test_fraction: float = 0.2  # digits / synthetic only (others ship a test split)
+    split_seed: int = 0
+    augment: bool = False  # random crop + flip (cifar*, imagefolder); 1-px shifts (digits)
+    # Shape. Fixed by the dataset for digits/cifar; free for synthetic and imagefolder.
+    num_classes: int | None = None
+    channels: int | None = None
+    image_size: int | None = None
+    num_samples: int = 2048  # synthetic only
+    mean: list[float] | None = None  # normalisation; null = the dataset's own statistics
+    std: list[float] | None = None
+
+
+@dataclass
+class HintConfig:
+    """FitNets hints (distill/distillation/hints.py): ``weight`` > 0 and ``layers`` of '<student path>:<teacher path>'."""
+
+    weight: float = 0.0
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LossConfig:
+    name: str = "kd"
+    temperature: float = 4.0
+    alpha: float = 0.9  # weight of the KD term; 0 = plain cross-entropy (no teacher is built)
+    hint: HintConfig = field(default_factory=HintConfig)
+    on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, no step taken) | skip (drop the batch, count it)
+
+
+@dataclass
+class QuantConfig:
+    """Quantization-aware training of the student (``quant.bits=N``); see distill/compress/quant/callback.py."""
+
+    bits: int | None = None  # null: off; 2..8
+    backend: str = "x86"  # x86 (fbgemm/onednn) | qnnpack (ARM)
+    per_channel: bool = True  # per-output-channel weight scales
+    start_epoch: int = 0  # fp32 distillation before fake quantization begins
+    freeze_observers_epoch: int | None = None  # from this epoch on, scales and zero points are fixed
+    freeze_bn_epoch: int | None = None  # from this epoch on, BatchNorm statistics are fixed
+    latency_batch_size: int = 1024  # the "large batch" of the latency measurement (besides batch 1)
+    latency_threads: int | None = None  # torch threads while measuring latency; null: torch's default
+
+
+@dataclass
+class PruneConfig:
+    """Pruning of the student (``prune.method=magnitude|structured``); see distill/compress/prune/callback.py."""
+
+    method: str = "none"  # none | magnitude (unstructured L1) | structured (channels/neurons, Ln)
+    amount: float = 0.5  # final sparsity: fraction of weights (magnitude) or channels (structured)
+    scope: str = "global"  # global (one threshold for all layers) | layer; structured: layer only
+    schedule: str = "gradual"  # oneshot (at start_epoch) | gradual (Zhu & Gupta 2017)
+    start_epoch: int = 0
+    end_epoch: int = 10  # gradual: the final sparsity is reached here
+    frequency: int = 1  # gradual: prune every `frequency` epochs (or steps, with interval=step)
+    interval: str = "epoch"  # epoch | step
+    layers: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
+    norm: float = 2.0  # structured: the Ln norm that ranks channels
+    prune_classifier: bool = False  # magnitude: also prune the last Linear layer
+    remove_channels: bool = True  # structured: physically remove the zeroed channels after training
+
+
+@dataclass
+class LowRankConfig:
+    """Low-rank factorization of the student (``lowrank.rank_ratio`` or ``lowrank.energy``); see distill/compress/lowrank.py."""
+
+    rank_ratio: float | None = None
+    energy: float | None = None
+    start_epoch: int = 0
+    min_rank: int = 8  # never factorize a layer below this rank
+    classifier: bool = False  # also factorize the last Linear layer
+
+
+@dataclass
+class SharingConfig:
+    """Weight sharing by k-means (``sharing.bits``); see distill/compress/sharing.py."""
+
+    bits: int | None = None
+    start_epoch: int = 20
+
+
+@dataclass
+class StrategyConfig:
+    """How training is spread over devices (``strategy=ddp`` etc.); see distill/runtime/strategies.py."""
+
+    name: str = "auto"  # auto | ddp | deepspeed
+    stage: int = 2  # deepspeed: ZeRO stage 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed: optimizer state in host memory
+    offload_parameters: bool = False  # deepspeed stage 3: parameters in host memory
+
+
+@dataclass
+class ExportConfig:
+    """Extra artifacts of the tested student."""
+
+    dtype: str | None = None  # fp16 | bf16: also save a 16-bit student and report its accuracy and size
+
+
+@dataclass
+class CheckpointConfig:
+    """Besides the best (by val/acc) and last checkpoints, which are always kept."""
+
+    every_n_epochs: int | None = None  # also keep epochNNN.ckpt of every Nth epoch (null: none)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What ``train.py`` returns to a Hydra sweeper (Optuna maximizes it); see distill/report/objective.py."""
+
+    metric: str = "test_acc"  # a student/* number of summary.json: test_acc, acc_quant, ...
+    size_penalty: float = 0.0  # subtracted per MB of the student's smallest artifact
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    precision: Any = "32-true"
+    max_epochs: int = 30
+    min_epochs: int | None = None
+    fast_dev_run: Any = False
+    limit_train_batches: Any = None
+    limit_val_batches: Any = None
+    limit_test_batches: Any = None
+    log_every_n_steps: int = 10
+    check_val_every_n_epoch: int = 1
+    gradient_clip_val: float | None = None
+    accumulate_grad_batches: int = 1
+    deterministic: Any = False
+    enable_progress_bar: bool = True
+    benchmark: bool | None = None
+
+
+@dataclass
+class CSVLoggerConfig:
+    name: str = "csv"
+
+
+@dataclass
+class WandbConfig:
+    project: str = "distill"
+    entity: str | None = None
+    mode: str = "auto"  # auto (online when logged in, else offline) | online | offline | disabled
+    name: str | None = None
+    group: str | None = None
+    tags: list[str] = field(default_factory=list)
+    log_model: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    csv: CSVLoggerConfig | None = field(default_factory=CSVLoggerConfig)
+    wandb: WandbConfig | None = field(default_factory=WandbConfig)
+
+
+@dataclass
+class PathsConfig:
+    root_dir: str = MISSING
+    output_dir: str = MISSING
+    cache_dir: str = MISSING
+
+
+@dataclass
+class TrainConfig:
+    teacher: TeacherConfig = MISSING
+    student: StudentConfig = MISSING
+    data: DataConfig = MISSING
+    loss: LossConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)  # the student's optimizer
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    lowrank: LowRankConfig = field(default_factory=LowRankConfig)
+    sharing: SharingConfig = field(default_factory=SharingConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    seed: int = 0
+    task_name: str = "train"
+    ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint
+    resume: str = "auto"  # auto: continue from this run directory's newest valid checkpoint | never
+    # Extra Lightning callbacks, by name: each a node with a ``_target_`` (see conf/train.yaml).
+    callbacks: dict[str, Any] = field(default_factory=dict)
+    experiment: Any = None
+    debug: Any = None
+    hparams_search: Any = None
+    technique: Any = None
+
+
+@dataclass
+class ComparisonWandbConfig:
+    """``runs=``: also push the comparison to W&B (set ``wandb.project``)."""
+
+    project: str | None = None
+    entity: str | None = None
+    name: str | None = None
+    mode: str = "auto"  # auto | online | offline
+
+
+@dataclass
+class EvaluateConfig:
+    ckpt_path: str | None = None  # a training checkpoint or a student_quant.pt.xz artifact
+    runs: Any = None  # or: run directories / a multirun directory to compare (a path or a list)
+    out_dir: str | None = None  # where runs= writes comparison.{md,csv}; null: the first runs path
+    data: Any = None  # overrides of the checkpoint's data settings, e.g. data.root
+    wandb: ComparisonWandbConfig = field(default_factory=lambda: ComparisonWandbConfig())
+    batch_size: int | None = None
+    accelerator: str = "cpu"
+    task_name: str = "evaluate"
+    paths: PathsConfig = MISSING
+
+
+def register_configs() -> None:
+    """Register the schemas; call before ``@hydra.main`` composes (train.py/evaluate.py do)."""
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="evaluate_schema", node=EvaluateConfig)

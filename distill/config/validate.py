@@ -1,0 +1,154 @@
+"""Range checks of the settings every run has, and the machinery every other check uses.
+
+A :data:`Check` is ``(key, predicate, what is allowed)``; :func:`run_checks` fails on the first
+value the predicate refuses, with ``<key>=<value> is out of range: must be <allowed>``. The
+checks of one feature live with it (a compression technique's in its module under
+``distill/compress``, a loss's with the loss, the teacher's with the teacher); this module holds
+those of the settings no single feature owns: trainer, data loader, student, optimizer, logging,
+strategy, resuming, extra callbacks and the devices of this machine. :func:`distill.checks.validate`
+runs them all.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from hydra.utils import get_object
+from omegaconf import DictConfig, OmegaConf
+
+from distill.errors import ConfigError
+
+Check = tuple[str, Callable[[Any], bool], str]
+
+
+def is_positive(x: Any) -> bool:
+    return x is not None and math.isfinite(x) and x > 0
+
+
+def in_unit(x: Any) -> bool:
+    return x is not None and math.isfinite(x) and 0.0 <= x <= 1.0
+
+
+def at_least(n: int) -> Callable[[Any], bool]:
+    return lambda x: x is not None and x >= n
+
+
+def one_of(*choices: Any) -> Callable[[Any], bool]:
+    return lambda x: x in choices
+
+
+def fraction_open(x: Any) -> bool:
+    return x is not None and 0.0 < x < 1.0
+
+
+def epochs_bound(cfg: DictConfig) -> int | None:
+    """``trainer.max_epochs``, or None when a schedule cannot be checked against it (fast_dev_run)."""
+    return None if cfg.trainer.get("fast_dev_run") else cfg.trainer.max_epochs
+
+
+def one_process(cfg: DictConfig) -> bool:
+    """Whether the run trains in a single process (no DDP, no DeepSpeed, one device)."""
+    return cfg.strategy.name == "auto" and str(cfg.trainer.devices) in ("1", "auto")
+
+
+OPTIM_CHECKS: list[Check] = [
+    ("name", one_of("sgd", "adamw"), "one of: sgd, adamw"),
+    ("lr", is_positive, "a finite number > 0"),
+    ("weight_decay", lambda x: x >= 0, ">= 0"),
+    ("momentum", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("scheduler", one_of("cosine", "step", "none"), "one of: cosine, step, none"),
+    ("step_size", at_least(1), ">= 1"),
+    ("gamma", lambda x: 0 < x <= 1, "in (0, 1]"),
+    ("warmup_epochs", at_least(0), ">= 0"),
+]
+
+SETTINGS_CHECKS: list[Check] = [
+    ("loss.on_nonfinite", one_of("stop", "skip"), "one of: stop, skip"),
+    ("trainer.max_epochs", at_least(0), ">= 0"),
+    ("trainer.num_nodes", at_least(1), ">= 1"),
+    ("trainer.log_every_n_steps", at_least(1), ">= 1"),
+    ("trainer.accumulate_grad_batches", at_least(1), ">= 1"),
+    ("data.batch_size", at_least(1), ">= 1"),
+    ("data.num_workers", at_least(0), ">= 0"),
+    ("data.val_fraction", fraction_open, "in (0, 1)"),
+    ("data.test_fraction", fraction_open, "in (0, 1)"),
+    ("data.num_samples", at_least(1), ">= 1"),
+    ("student.dropout", lambda x: 0 <= x < 1, "in [0, 1)"),
+    ("student.hidden_sizes", lambda xs: all(h >= 1 for h in xs), "a list of sizes >= 1"),
+    ("student.channels", lambda xs: len(xs) >= 1 and all(c >= 1 for c in xs), "a non-empty list of channel counts >= 1"),
+    ("data.num_classes", lambda x: x is None or x >= 2, ">= 2 (or null for the dataset's own)"),
+    ("data.channels", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("data.image_size", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("logger.wandb.mode", lambda x: x in ("auto", "online", "offline", "disabled"), "one of: auto, online, offline, disabled"),
+    ("strategy.name", one_of("auto", "ddp", "deepspeed"), "one of: auto, ddp, deepspeed"),
+    ("strategy.stage", one_of(1, 2, 3), "one of: 1, 2, 3"),
+    ("objective.size_penalty", lambda x: x >= 0, ">= 0"),
+    # Every run measures latency (of the teacher, the student and the deployed model) with these.
+    ("quant.latency_batch_size", at_least(1), ">= 1"),
+    ("quant.latency_threads", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("resume", one_of("auto", "never"), "one of: auto, never"),
+    ("student.init", lambda x: x in (None, "teacher"), "null or teacher"),
+    ("checkpoint.every_n_epochs", lambda x: x is None or x >= 1, ">= 1 (or null: keep only best and last)"),
+    *[(f"optim.{k}", f, m) for k, f, m in OPTIM_CHECKS],
+]
+
+
+def run_checks(cfg: DictConfig, checks: list[Check]) -> None:
+    """Fail on the first ``(key, predicate, allowed)`` whose value the predicate refuses."""
+    for key, ok, allowed in checks:
+        value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        if value is None and key.startswith("logger.wandb"):
+            continue  # wandb switched off
+        try:
+            good = ok(value)
+        except TypeError:
+            good = False
+        if not good:
+            raise ConfigError(f"{key}={value!r} is out of range: must be {allowed}")
+
+
+def check_in_registry(cfg: DictConfig, key: str, registry: Any, what: str) -> None:
+    """``<key>: unknown <what> '<name>'; choose from: ...`` when the name is not in ``registry``."""
+    name = OmegaConf.select(cfg, key)
+    if name not in registry:
+        raise ConfigError(f"{key}: unknown {what} {name!r}; choose from: {', '.join(sorted(registry))}")
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The settings no single feature owns: ranges, then the combinations among them."""
+    run_checks(cfg, SETTINGS_CHECKS)
+    check_callbacks(cfg)
+    if cfg.loss.on_nonfinite == "skip" and not one_process(cfg):
+        raise ConfigError("loss.on_nonfinite=skip needs one process: a rank that skips a step would leave the others "
+                          "waiting for its gradients; use loss.on_nonfinite=stop")
+
+
+def check_callbacks(cfg: DictConfig) -> None:
+    """Every ``callbacks.<name>`` names an importable class: a typo fails here, not after the teacher is trained."""
+    for name, node in (cfg.get("callbacks") or {}).items():
+        if node is None:  # callbacks.<name>=null switches a callback off
+            continue
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        if not target:
+            raise ConfigError(f"callbacks.{name}: needs a _target_ (e.g. lightning.pytorch.callbacks.EarlyStopping)")
+        try:
+            get_object(target)
+        except Exception as err:  # ImportError, or a _target_ that is not a dotted path
+            raise ConfigError(f"callbacks.{name}._target_: cannot import {target!r} ({err})") from err
+
+
+def check_devices(trainer: DictConfig) -> None:
+    """More devices than this machine has, or a GPU where there is none: fail now, naming the key."""
+    accelerator, devices = str(trainer.accelerator), trainer.devices
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (use trainer.accelerator=cpu or auto)")
+    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    available = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    wanted = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
+    if wanted is not None and wanted > available:
+        kind = "CUDA GPUs" if gpu else "CPU cores"
+        raise ConfigError(f"trainer.devices={wanted} but this machine has {available} {kind}")

@@ -1,0 +1,1 @@
+"""Data modules (the `data=` group), their samplers and datasets."""

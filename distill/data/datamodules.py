@@ -1,0 +1,356 @@
+"""Data modules. Each one knows its shape (classes, channels, image size) *before* loading any
+data, so models are built from the data module and a class-count mismatch cannot be configured.
+
+- ``digits``: scikit-learn's bundled ``load_digits`` (1,797 8x8 grey images, 10 classes), a seeded
+  stratified train/val/test split. Ships with scikit-learn: no network needed. ``augment``: random
+  one-pixel shifts.
+- ``synthetic``: class-conditional Gaussian tensors of any shape, for tests and speed measurements.
+- ``cifar10`` / ``cifar100``: torchvision's datasets (``data.root``, ``data.download``), with the
+  standard augmentation (random crop with 4-pixel padding, horizontal flip) and normalisation.
+- ``imagefolder``: any ``root/{train,val[,test]}/<class>/*.png`` tree (``test`` falls back to ``val``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from filelock import FileLock
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from omegaconf import DictConfig
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchvision import datasets
+from torchvision.datasets import ImageFolder
+from torchvision.transforms import v2
+
+from distill.config.validate import check_in_registry
+from distill.data.datasets import IndexedDataset, TransformedSubset
+from distill.data.samplers import EpochShuffleSampler
+from distill.data.transforms import image_transforms
+from distill.errors import ConfigError
+from distill.runtime.rank_sync import is_distributed
+
+DATASETS: dict[str, Callable[[DictConfig], BaseDataModule]] = {}
+
+
+def register_dataset(name: str) -> Callable:
+    def wrap(cls: type) -> type:
+        DATASETS[name] = cls
+        return cls
+
+    return wrap
+
+
+def check_data(cfg: DictConfig) -> None:
+    """``data.name`` is registered, and a dataset read from disk says where it is."""
+    check_in_registry(cfg, "data.name", DATASETS, "dataset")
+    data = cfg.data
+    if DATASETS[data.name].uses_root and not data.root:
+        raise ConfigError(f"data.root must be set for data={data.name} (the dataset directory)")
+
+
+def build_datamodule(cfg: DictConfig) -> BaseDataModule:
+    """Build the data module named by ``cfg.name`` (the ``data`` config group)."""
+    if cfg.name not in DATASETS:
+        raise KeyError(f"unknown dataset {cfg.name!r}; choose from: {', '.join(sorted(DATASETS))}")
+    return DATASETS[cfg.name](cfg)
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Shared loader settings. Subclasses set ``num_classes``, ``channels``, ``image_size`` in
+    ``__init__`` and ``train_set``/``val_set``/``test_set`` in ``setup``."""
+
+    num_classes: int
+    channels: int
+    image_size: int
+    uses_root = True  # whether data.root locates the data (not for built-in or generated data)
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.batch_size = int(cfg.batch_size)
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+        # True: training batches carry each sample's index, to look up precomputed teacher logits.
+        self.index_train = False
+        # (epoch, batches already trained in it) of a mid-epoch checkpoint being resumed; set by
+        # distill.rng_state.RNGState from the checkpoint, read when the training loader is built.
+        self.resume_position: tuple[int, int] | None = None
+
+    @property
+    def shape(self) -> dict[str, int]:
+        return {"num_classes": self.num_classes, "channels": self.channels, "image_size": self.image_size}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """Everything about the data that determines what a model trained on it learns."""
+        keys = ("name", "root", "val_fraction", "test_fraction", "split_seed", "augment", "num_samples", "mean", "std")
+        fp = {k: self.cfg.get(k) for k in keys}
+        # The data's location matters (other files, other teacher) but is stored only as a hash: the
+        # fingerprint is written into cache entries, and a path can be private (${oc.env:...}).
+        if fp["root"] and self.uses_root:
+            fp["root"] = hashlib.sha256(str(Path(fp["root"]).expanduser().resolve()).encode()).hexdigest()[:16]
+        else:
+            fp["root"] = None
+        fp["mean"] = list(fp["mean"]) if fp["mean"] is not None else None
+        fp["std"] = list(fp["std"]) if fp["std"] is not None else None
+        return {**fp, **self.shape}
+
+    def prepare_and_check(self) -> None:
+        """Download the data (if ``data.download``) and read it now, so that a missing or empty
+        dataset fails before any model is built or trained. Idempotent (setup() is)."""
+        if self.uses_root and self.cfg.get("download"):
+            root = Path(self.cfg.root).expanduser()
+            root.mkdir(parents=True, exist_ok=True)
+            with FileLock(str(root / ".download.lock")):  # one download, however many processes
+                self.prepare_data()
+        self.setup("fit")
+
+    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None, shard: bool = False) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("data module used before setup()")
+        sampler = None
+        if shard and is_distributed():
+            # Evaluation shards without padding: Lightning's DistributedSampler would repeat samples
+            # to even out the ranks, and the repeats would count twice in the synced accuracy.
+            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+        # Every loader has its own generator: creating an iterator then never draws from the global
+        # RNG (which would shift dropout and augmentation in a resumed run, see rng_state.py).
+        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**62)
+        if sampler is None and shuffle:
+            # The order of epoch e is a function of (seed, e) alone, sharded over the ranks; this
+            # module does the sharding (the Trainer runs with use_distributed_sampler=False).
+            world = torch.distributed.get_world_size() if is_distributed() else 1
+            rank = torch.distributed.get_rank() if is_distributed() else 0
+            sampler = EpochShuffleSampler(len(dataset), torch.initial_seed(), generator, world, rank, batch_size or self.batch_size)
+            if self.resume_position is not None:
+                sampler.resume_at(*self.resume_position)
+            shuffle = False
+        workers = int(self.cfg.num_workers)
+        pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
+        return DataLoader(
+            dataset,
+            batch_size=batch_size or self.batch_size,
+            shuffle=shuffle,
+            sampler=sampler,
+            num_workers=workers,
+            pin_memory=pin,
+            persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
+            generator=generator,
+            drop_last=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+
+        dataset = self.train_set
+        if self.index_train and dataset is not None:
+            dataset = IndexedDataset(dataset)
+        return self._loader(dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False, shard=True)
+
+    def test_dataloader(self, shard: bool = True) -> DataLoader:
+        """The test split; under data parallelism each rank gets its own shard (``shard=False``:
+        all of it, e.g. to evaluate a converted model on one process)."""
+        return self._loader(self.test_set, shuffle=False, shard=shard)
+
+
+def _stratified_split(
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Indices of a stratified train/val/test split; the same seed gives the same split."""
+    idx = np.arange(len(labels))
+    train_val, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
+    rel_val = val_fraction / (1.0 - test_fraction)
+    train, val = train_test_split(train_val, test_size=rel_val, stratify=labels[train_val], random_state=seed)
+    return train, val, test
+
+
+def _check_fixed_shape(cfg: DictConfig, name: str, **fixed: int) -> None:
+    for key, value in fixed.items():
+        given = cfg.get(key)
+        if given is not None and int(given) != value:
+            raise ConfigError(f"data.{key}={given} does not match {name}, which has {key}={value}; leave it null")
+
+
+@register_dataset("digits")
+class DigitsDataModule(BaseDataModule):
+    """scikit-learn's 8x8 handwritten digits, standardised with train-split statistics."""
+
+    uses_root = False
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        _check_fixed_shape(cfg, "digits", num_classes=10, channels=1, image_size=8)
+        self.num_classes, self.channels, self.image_size = 10, 1, 8
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        digits = load_digits()
+        x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # N,1,8,8 in [0,1]
+        y = torch.tensor(digits.target, dtype=torch.long)
+        train, val, test = _stratified_split(
+            digits.target, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed
+        )
+        mean = self.cfg.mean[0] if self.cfg.mean else x[train].mean().item()
+        std = self.cfg.std[0] if self.cfg.std else x[train].std().item()
+        x = (x - mean) / std
+        full = TensorDataset(x, y)
+        self.train_set, self.val_set, self.test_set = (Subset(full, i.tolist()) for i in (train, val, test))
+        if self.cfg.augment:
+            # One-pixel random shifts, drawn per sample; edge padding repeats the (blank) border.
+            shift = v2.RandomCrop(8, padding=1, padding_mode="edge")
+            self.train_set = TransformedSubset(full, train.tolist(), shift)
+
+
+@register_dataset("synthetic")
+class SyntheticDataModule(BaseDataModule):
+    """Class-conditional Gaussians: each class has its own random mean image, plus unit noise.
+
+    Learnable (a model can beat chance), seeded, any shape. For tests and benchmarks only."""
+
+    uses_root = False
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.num_classes = int(cfg.num_classes or 10)
+        self.channels = int(cfg.channels or 3)
+        self.image_size = int(cfg.image_size or 32)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        g = torch.Generator().manual_seed(int(self.cfg.split_seed))
+        n = int(self.cfg.num_samples)
+        shape = (self.channels, self.image_size, self.image_size)
+        means = torch.randn(self.num_classes, *shape, generator=g)
+        y = torch.arange(n) % self.num_classes
+        y = y[torch.randperm(n, generator=g)]
+        x = means[y] + torch.randn(n, *shape, generator=g)
+        train, val, test = _stratified_split(y.numpy(), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed)
+        full = TensorDataset(x, y)
+        self.train_set, self.val_set, self.test_set = (Subset(full, i.tolist()) for i in (train, val, test))
+
+
+_CIFAR_STATS = {
+    "cifar10": ([0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]),
+    "cifar100": ([0.5071, 0.4865, 0.4409], [0.2673, 0.2564, 0.2762]),
+}
+
+
+class _CIFARDataModule(BaseDataModule):
+    name = "cifar10"
+    classes = 10
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        _check_fixed_shape(cfg, self.name, num_classes=self.classes, channels=3, image_size=32)
+        self.num_classes, self.channels, self.image_size = self.classes, 3, 32
+
+    def _dataset_cls(self) -> type:
+        base = datasets.CIFAR10 if self.name == "cifar10" else datasets.CIFAR100
+        if self.cfg.verify_checksums:
+            return base
+
+        # For local copies whose files differ from the published archive: torchvision's
+        # check_integrity() accepts any existing file when its md5 is None.
+        return type(
+            f"Unverified{base.__name__}",
+            (base,),
+            {
+                "train_list": [[name, None] for name, _ in base.train_list],
+                "test_list": [[name, None] for name, _ in base.test_list],
+                "meta": {**base.meta, "md5": None},
+            },
+        )
+
+    def prepare_data(self) -> None:
+        if self.cfg.download:
+            cls = self._dataset_cls()
+            for train in (True, False):
+                cls(self.cfg.root, train=train, download=True)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        cls = self._dataset_cls()
+        root = str(Path(self.cfg.root).expanduser())
+        try:
+            train_full = cls(root, train=True, download=False)
+            test = cls(root, train=False, download=False)
+        except RuntimeError as err:
+            raise FileNotFoundError(
+                f"{self.name}: no valid dataset under data.root={root} ({err}); "
+                "set data.download=true to fetch it, or data.verify_checksums=false for a local copy"
+            ) from err
+        mean, std = _CIFAR_STATS[self.name]
+        mean, std = list(self.cfg.mean or mean), list(self.cfg.std or std)
+        labels = np.asarray(train_full.targets)
+        train_idx, val_idx = train_test_split(
+            np.arange(len(labels)), test_size=self.cfg.val_fraction, stratify=labels, random_state=self.cfg.split_seed
+        )
+        t_train = image_transforms(self.cfg, 32, 3, mean, std, train=True)
+        t_eval = image_transforms(self.cfg, 32, 3, mean, std, train=False)
+        self.train_set = TransformedSubset(train_full, train_idx.tolist(), t_train)
+        self.val_set = TransformedSubset(train_full, val_idx.tolist(), t_eval)
+        self.test_set = TransformedSubset(test, list(range(len(test))), t_eval)
+
+
+@register_dataset("cifar10")
+class CIFAR10DataModule(_CIFARDataModule):
+    name, classes = "cifar10", 10
+
+
+@register_dataset("cifar100")
+class CIFAR100DataModule(_CIFARDataModule):
+    name, classes = "cifar100", 100
+
+
+@register_dataset("imagefolder")
+class ImageFolderDataModule(BaseDataModule):
+    """``root/train/<class>/*`` and ``root/val/<class>/*`` (and optionally ``root/test``)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        root = Path(cfg.root).expanduser()
+        train_dir = root / "train"
+        if not train_dir.is_dir() or not (root / "val").is_dir():
+            raise FileNotFoundError(f"imagefolder: data.root={root} must contain train/ and val/ directories")
+        classes = sorted(p.name for p in train_dir.iterdir() if p.is_dir())
+        if len(classes) < 2:
+            raise ConfigError(f"data.root: imagefolder: {train_dir} has {len(classes)} class folder(s); need at least 2")
+        if cfg.num_classes is not None and cfg.num_classes != len(classes):
+            raise ConfigError(f"data.num_classes={cfg.num_classes} but {train_dir} has {len(classes)} class folders")
+        self.root, self.classes = root, classes
+        self.num_classes = len(classes)
+        self.channels = int(cfg.channels or 3)
+        self.image_size = int(cfg.image_size or 64)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        c = self.channels
+        mean = list(self.cfg.mean or [0.5] * c)
+        std = list(self.cfg.std or [0.5] * c)
+        t_train = image_transforms(self.cfg, self.image_size, c, mean, std, train=True)
+        t_eval = image_transforms(self.cfg, self.image_size, c, mean, std, train=False)
+        test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
+        try:
+            self.train_set = ImageFolder(str(self.root / "train"), transform=t_train)
+            self.val_set = ImageFolder(str(self.root / "val"), transform=t_eval)
+            self.test_set = ImageFolder(str(test_dir), transform=t_eval)
+        except FileNotFoundError as err:  # torchvision's message names the classes, not the directory
+            self.train_set = None
+            raise FileNotFoundError(f"imagefolder: data.root={self.root}: {err}".strip()) from err
+        for split in (self.val_set, self.test_set):
+            if split.classes != self.classes:
+                raise ConfigError(f"data.root: imagefolder: class folders of {split.root} differ from {self.root / 'train'}")

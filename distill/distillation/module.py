@@ -1,0 +1,156 @@
+"""The LightningModule that trains a student, from a frozen teacher and/or from labels.
+
+Training the teacher itself is the same module with ``teacher=None`` and ``alpha=0``: plain
+cross-entropy. Compression (quantization, pruning) lives in callbacks, not here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from omegaconf import DictConfig
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.distillation.losses.base import DistillationLoss
+from distill.distillation.optim import build_optimizer, build_scheduler
+from distill.errors import NonFiniteLossError
+
+TEACHER_PREFIX = "teacher."
+
+
+class DistillationModule(L.LightningModule):
+    def __init__(
+        self,
+        student: nn.Module,
+        teacher: nn.Module | None,
+        loss: DistillationLoss,
+        optim: DictConfig,
+        num_classes: int,
+        hparams: dict[str, Any] | None = None,
+        teacher_outputs: Any = None,  # a logits tensor, or a TeacherOutputs table (see distill/teacher/outputs.py)
+        teacher_channels_last: bool = False,
+        skip_nonfinite: bool = False,
+        hints: nn.Module | None = None,  # a distill.distillation.hints.HintLoss, attached to student and teacher
+    ) -> None:
+        super().__init__()
+        self.hints = hints
+        self.skip_nonfinite, self.skipped_batches = skip_nonfinite, 0
+        # Only plain data goes into the checkpoint's hyper_parameters (the resolved config as a
+        # dict), so checkpoints load with torch.load(weights_only=True).
+        self.save_hyperparameters(hparams or {})
+        self.student = student
+        self.teacher = teacher
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
+        self.teacher_channels_last = teacher_channels_last
+        if teacher is not None and teacher_channels_last:
+            teacher.to(memory_format=torch.channels_last)
+        # Precomputed teacher logits for the training split, looked up by sample index (see
+        # distill/teacher/outputs.py). A non-persistent buffer: it follows the module to its device
+        # but stays out of checkpoints.
+        # A TeacherOutputs (memory-mapped table, too large for memory) is looked up row by row.
+        self.teacher_table = None
+        if teacher_outputs is not None and not isinstance(teacher_outputs, torch.Tensor):
+            self.teacher_table, teacher_outputs = teacher_outputs, None
+        self.register_buffer("teacher_outputs", teacher_outputs, persistent=False)
+        self.distill_loss = loss
+        self.optim_cfg = optim
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Epoch means of the loss terms as metrics: exact over data-parallel ranks (synchronised
+        # once at epoch end, not at every step).
+        self.train_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", *loss.terms, "hint")})
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    # The teacher is frozen: Lightning calls .train() on the whole module at every epoch start,
+    # which would put its BatchNorm layers back in training mode (updating running statistics).
+    def train(self, mode: bool = True) -> DistillationModule:
+        super().train(mode)
+        if self.teacher is not None:
+            self.teacher.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def teacher_logits(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.distill_loss.alpha == 0:
+            return None
+        if self.teacher_outputs is not None and index is not None:
+            return self.teacher_outputs[index]
+        if self.teacher_table is not None and index is not None:
+            return self.teacher_table.rows(index).to(x.device, non_blocking=True)
+        if self.teacher is None:
+            return None
+        if self.teacher_channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        # no_grad, not inference_mode: the logits enter the KD loss's autograd graph as constants.
+        # On GPUs the teacher runs in bf16, or fp16 where the GPU has no bf16 (the loss promotes
+        # the logits back to fp32).
+        half = torch.bfloat16 if x.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
+        with torch.no_grad(), torch.autocast("cuda", dtype=half, enabled=x.is_cuda):
+            return self.teacher(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
+        # (x, y), or (x, y, sample index) when the teacher's logits were precomputed.
+        x, y, *index = batch
+        logits = self.student(x)
+        terms = self.distill_loss(logits, self.teacher_logits(x, index[0] if index else None), y)
+        if self.hints is not None:  # the forward passes above filled the hooked features
+            terms["hint"] = self.hints()
+            terms["loss"] = terms["loss"] + terms["hint"]
+        if not torch.isfinite(terms["loss"]):
+            # Stop now, before the optimizer step puts NaN into the weights (and into a
+            # checkpoint); or, with loss.on_nonfinite=skip, drop this batch and count it.
+            parts = ", ".join(f"{name}={value.item()}" for name, value in terms.items() if name != "loss")
+            where = f"epoch {self.current_epoch}, step {self.global_step} ({parts})"
+            if not self.skip_nonfinite:
+                raise NonFiniteLossError(f"non-finite training loss at {where}; lower optim.lr, check the data, "
+                                         "or set loss.on_nonfinite=skip to drop such batches")
+            self.skipped_batches += 1
+            self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
+            return None  # Lightning skips the backward pass and the optimizer step
+        self.train_acc(logits, y)
+        for name, value in terms.items():
+            self.train_means[name](value.detach())
+            self.log(f"train/{name}", self.train_means[name], on_step=True, on_epoch=True)
+        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        return terms["loss"]
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.val_acc(self.student(x), y)
+        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        self.test_acc(self.student(x), y)
+        self.log("test/acc", self.test_acc, on_epoch=True)
+
+    def configure_optimizers(self) -> Any:
+        # Only the student's parameters: the teacher never enters the optimizer.
+        params = list(self.student.parameters()) + (list(self.hints.parameters()) if self.hints is not None else [])
+        optimizer = build_optimizer(params, self.optim_cfg)
+        total = self.trainer.estimated_stepping_batches
+        epochs = max(self.trainer.max_epochs or 1, 1)
+        total = int(total) if total != float("inf") else epochs
+        scheduler = build_scheduler(optimizer, self.optim_cfg, total, steps_per_epoch=max(total // epochs, 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # The teacher is not part of the student's checkpoint: it is cached on its own (and can be
+    # hundreds of MB). On load, the live teacher's weights are put back so strict loading works.
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+            del state[key]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.teacher is not None:
+            state = checkpoint["state_dict"]
+            for key, value in self.teacher.state_dict().items():
+                state.setdefault(TEACHER_PREFIX + key, value)

@@ -1,0 +1,1 @@
+"""Teacher and student networks by name (the `teacher=` / `student=` groups)."""

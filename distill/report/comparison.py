@@ -1,0 +1,200 @@
+"""Compare finished runs: ``python evaluate.py runs=PATH`` (a multirun directory or run directories).
+
+Reads every run's ``summary.json`` (and Hydra's ``.hydra/overrides.yaml`` for the swept settings),
+and writes one row per run as Markdown and CSV: the settings that differ between runs, then the
+accuracy / size / latency trade-off, with the Pareto-optimal runs marked (no other run is at
+least as accurate *and* at least as small, or as fast, and better in one of the two). Runs that
+have a Hydra config but no summary are listed as unfinished, never silently dropped.
+
+Per run, ``acc``, ``size_bytes`` and ``latency_ms_batch`` are those of the run's deployed model
+(``summary.json``'s ``deployed``: the converted integer model when quantized, the channel-removed
+or sparse pruned model, the 16-bit, low-rank or shared-weight model, else the fp32 student).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.report.plots import plot_tradeoff
+from distill.report.summary import deployed_model
+from distill.runtime.atomic import atomic_write_text
+
+# (column, formatter) for the trade-off part of a row; values come from summary.json.
+TRADE_OFF = [
+    "student", "technique", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
+    "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
+    "pareto_size", "pareto_latency", "deployed",
+]
+
+
+def find_runs(paths: list[str | Path]) -> list[Path]:
+    """Every run directory under ``paths``: one holding summary.json or a Hydra config."""
+    runs: set[Path] = set()
+    for root in map(Path, paths):
+        if not root.exists():
+            raise FileNotFoundError(f"runs: no such directory: {root}")
+        for marker in ("summary.json", ".hydra/config.yaml"):
+            runs.update(p.parent if marker == "summary.json" else p.parent.parent for p in root.rglob(marker))
+    return sorted(runs, key=lambda p: (len(p.parts), str(p)))
+
+
+def _overrides(run: Path) -> dict[str, str]:
+    path = run / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    items = yaml.safe_load(path.read_text()) or []
+    return dict(item.split("=", 1) for item in items if "=" in item and not item.startswith("hydra."))
+
+
+def run_row(run: Path) -> dict[str, Any]:
+    """One run as a flat row: its overrides, its status and its trade-off numbers."""
+    row: dict[str, Any] = {"run": str(run), **{f"+{k}": v for k, v in _overrides(run).items()}}
+    summary_path = run / "summary.json"
+    if not summary_path.is_file():
+        return {**row, "status": "unfinished"}
+    try:
+        summary = json.loads(summary_path.read_text())
+    except json.JSONDecodeError:
+        return {**row, "status": "corrupt summary"}
+    s, t = summary["student"], summary.get("teacher") or {}
+    deployed = deployed_model(summary)
+    fp32_size = s.get("size_bytes_fp32", s.get("size_bytes"))
+    row.update(
+        status="ok",
+        student=s["arch"],
+        technique=summary.get("technique") or technique(summary),
+        bits=deployed.bits,
+        teacher=t.get("arch"),
+        teacher_acc=t.get("test_acc"),
+        acc_fp32=s.get("acc_fp32", s.get("test_acc")),
+        acc=deployed.acc,
+        size_bytes=deployed.size_bytes,
+        size_bytes_fp32=fp32_size,
+        compression=fp32_size / deployed.size_bytes,
+        latency_ms=deployed.latency_ms,
+        latency_ms_batch=deployed.latency_ms_batch,
+        latency_ms_fp32_batch=s.get("latency_ms_fp32_batch"),
+        latency_batch_size=s.get("latency_batch_size"),
+        latency_threads=s.get("latency_threads"),
+        sparsity=s.get("sparsity"),
+        macs=s.get("macs_after"),
+        speedup_batch=s.get("speedup_batch"),
+        teacher_size_bytes=t.get("size_bytes"),
+        teacher_latency_ms_batch=t.get("latency_ms_batch"),
+        deployed=deployed.kind,
+        deployed_path=deployed.path,
+    )
+    return row
+
+
+def technique(summary: dict[str, Any]) -> str:
+    """An older summary's label of the compression its run applied, e.g. ``int8+prune0.7`` or
+    ``fp32`` (newer runs store theirs as ``technique``)."""
+    s, h = summary["student"], summary.get("hparams", {})
+    parts = []
+    if h.get("student_init"):
+        parts.append(f"init:{h['student_init']}")
+    if h.get("hint_weight"):
+        parts.append("hints")
+    if s.get("lowrank_layers"):
+        parts.append(f"lowrank{h.get('lowrank'):g}" if h.get("lowrank") is not None else "lowrank")
+    if s.get("sparsity") is not None and h.get("prune_method") not in (None, "none"):
+        parts.append(f"prune{h.get('prune_amount'):g}")
+    if s.get("sharing_bits"):
+        parts.append(f"shared{s['sharing_bits']}b")
+    if s.get("bits"):
+        parts.append(f"int{s['bits']}")
+    elif s.get("half_dtype"):
+        parts.append(s["half_dtype"])
+    return "+".join(parts) or "fp32"
+
+
+def _display_name(run: Path, roots: list[Path]) -> str:
+    for root in roots:
+        if run == root:
+            return run.name
+        if root in run.parents:
+            return str(run.relative_to(root))
+    return str(run)
+
+
+def pareto_front(points: list[tuple[float, float] | None]) -> list[bool]:
+    """For (accuracy, cost) points: True where no other point has accuracy >= and cost <=, with one
+    of the two strict. ``None`` (not measured) is never on the front."""
+    def dominated(p: tuple[float, float]) -> bool:
+        return any(q is not None and q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points)
+
+    return [p is not None and not dominated(p) for p in points]
+
+
+def mark_pareto(rows: list[dict[str, Any]]) -> None:
+    """Set ``pareto_size`` and ``pareto_latency`` on every finished row (accuracy vs each cost)."""
+    ok = [r for r in rows if r.get("status") == "ok"]
+    for cost in ("size", "latency"):
+        key = "size_bytes" if cost == "size" else "latency_ms_batch"
+        points = [(r["acc"], r[key]) if r.get(key) is not None and r.get("acc") is not None else None for r in ok]
+        for row, on_front in zip(ok, pareto_front(points), strict=True):
+            row[f"pareto_{cost}"] = on_front
+
+
+def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
+    roots = [Path(p) for p in paths]
+    rows = [{**run_row(r), "run": _display_name(r, roots)} for r in find_runs(paths)]
+    if not rows:
+        raise FileNotFoundError(f"runs: no run directories (with summary.json or .hydra/) under {', '.join(map(str, paths))}")
+    mark_pareto(rows)
+    return rows
+
+
+def table_columns(rows: list[dict[str, Any]]) -> list[str]:
+    # Only the overrides that differ between runs are worth a column.
+    swept = sorted({k for r in rows for k in r if k.startswith("+")})
+    swept = [k for k in swept if len({str(r.get(k)) for r in rows}) > 1 and k.lstrip("+") not in TRADE_OFF]
+    return ["run", *swept, "status", *TRADE_OFF]
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "★" if value else ""
+    if isinstance(value, float):
+        return f"{value:.4f}" if value < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def to_markdown(rows: list[dict[str, Any]]) -> str:
+    cols = table_columns(rows)
+    header = [c.lstrip("+") for c in cols]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    cols = table_columns(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([c.lstrip("+") for c in cols])
+    writer.writerows([[r.get(c, "") for c in cols] for r in rows])
+    return buffer.getvalue()
+
+
+def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path) -> dict[str, Path]:
+    """comparison.md, comparison.csv and the two frontier plots (tradeoff_size.png, tradeoff_latency.png)."""
+    out_dir = Path(out_dir)
+    written = {
+        "markdown": atomic_write_text(out_dir / "comparison.md", to_markdown(rows)),
+        "csv": atomic_write_text(out_dir / "comparison.csv", to_csv(rows)),
+    }
+    for cost in ("size", "latency"):
+        path = plot_tradeoff(rows, cost, out_dir / f"tradeoff_{cost}.png")
+        if path is not None:
+            written[f"plot_{cost}"] = path
+    return written

@@ -1,0 +1,79 @@
+"""PNG plots of a sweep's trade-off: test accuracy against size, and against latency.
+
+Every finished run is a point; the Pareto-optimal runs are joined by a step line (the frontier);
+the teacher and the uncompressed (fp32) student are drawn as reference points. Rows come from
+:func:`distill.report.comparison.compare`.
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from distill.runtime.atomic import atomic_write
+
+
+def _references(rows: list[dict[str, Any]], cost: str) -> list[tuple[str, float, float, str]]:
+    """(label, accuracy %, cost, marker) for the teacher and each fp32 student architecture."""
+    refs = []
+    scale = 1e-3 if cost == "size" else 1.0
+    teacher = [r for r in rows if r.get("teacher_acc") is not None]
+    t_cost = "teacher_size_bytes" if cost == "size" else "teacher_latency_ms_batch"
+    if teacher and teacher[0].get(t_cost) is not None:
+        refs.append((f"teacher ({teacher[0].get('teacher', 'fp32')})", 100 * teacher[0]["teacher_acc"], teacher[0][t_cost] * scale, "*"))
+    for arch in sorted({r["student"] for r in rows}):
+        plain = [r for r in rows if r["student"] == arch and r.get("technique") == "fp32"]
+        if plain:  # runs of the uncompressed student: they are the reference
+            label, accs = f"student fp32 ({arch})", [r["acc"] for r in plain]
+            costs = [r.get("size_bytes") if cost == "size" else r.get("latency_ms_batch") for r in plain]
+        else:  # else the fp32 weights of the compressed runs (each run trains its own): their median
+            plain = [r for r in rows if r["student"] == arch and r.get("acc_fp32") is not None]
+            label, accs = f"student fp32 weights ({arch}, median of {len(plain)} runs)", [r["acc_fp32"] for r in plain]
+            costs = [r.get("size_bytes_fp32") if cost == "size" else r.get("latency_ms_fp32_batch") for r in plain]
+        costs = [c for c in costs if c is not None]
+        if accs and costs:
+            refs.append((label, 100 * statistics.median(accs), statistics.median(costs) * scale, "D"))
+    return refs
+
+
+def plot_tradeoff(rows: list[dict[str, Any]], cost: str, path: str | Path) -> Path | None:
+    """Accuracy vs ``cost`` ("size" or "latency") as a PNG at ``path``; None if nothing to plot."""
+    import matplotlib  # deferred: heavy (~0.5 s), and only comparisons draw plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred, as matplotlib above
+
+    key = "size_bytes" if cost == "size" else "latency_ms_batch"
+    ok = [r for r in rows if r.get("status") == "ok" and r.get(key) is not None and r.get("acc") is not None]
+    if not ok:
+        return None
+    scale = 1e-3 if cost == "size" else 1.0
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    on = [r for r in ok if r.get(f"pareto_{cost}")]
+    off = [r for r in ok if not r.get(f"pareto_{cost}")]
+    ax.scatter([r[key] * scale for r in off], [100 * r["acc"] for r in off], c="tab:gray", s=30, label="run", zorder=2)
+    front = sorted(on, key=lambda r: r[key])
+    ax.step([r[key] * scale for r in front], [100 * r["acc"] for r in front], where="post", c="tab:red", lw=1.5, zorder=3)
+    ax.scatter([r[key] * scale for r in front], [100 * r["acc"] for r in front], c="tab:red", s=45, label="Pareto-optimal run", zorder=4)
+    for r in ok:
+        label = r.get("technique") or f"{r['bits']}b"
+        ax.annotate(label, (r[key] * scale, 100 * r["acc"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
+    for label, acc, x, marker in _references(ok, cost):
+        ax.scatter([x], [acc], marker=marker, s=120, edgecolors="black", zorder=5, label=label)
+    ax.set_xscale("log")
+    if cost == "size":
+        ax.set_xlabel("size of the deployed student (KB, log scale)")
+        ax.set_title("Accuracy vs size")
+    else:
+        batch, threads = ok[0].get("latency_batch_size"), ok[0].get("latency_threads")
+        ax.set_xlabel(f"CPU latency per batch of {batch} (ms, {threads} thread(s), log scale)")
+        ax.set_title("Accuracy vs latency")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

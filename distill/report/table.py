@@ -1,0 +1,80 @@
+"""The end-of-run table: teacher, student and deployed model, printed from the summary's figures."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from distill.report.summary import deployed_model
+
+
+def make_console() -> Console:
+    """A rich console; when output goes to a file or a job log, wide enough that tables don't wrap."""
+    return Console() if sys.stdout.isatty() else Console(width=160)
+
+
+def _fmt_acc(acc: float | None) -> str:
+    return "-" if acc is None else f"{100 * acc:.2f} %"
+
+
+def _fmt_int(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+def _fmt_ms(ms: float | None) -> str:
+    return "-" if ms is None else f"{ms:.3f}"
+
+
+def print_comparison(summary: dict[str, Any], console: Console | None = None) -> None:
+    """A rich table from the summary's own figures: the teacher, the student as trained, and the
+    model the run deploys (when a compression technique made one), with accuracy, parameters, size
+    and CPU latency at batch 1 and at the large batch."""
+    s, teacher, deployed = summary["student"], summary.get("teacher"), deployed_model(summary)
+    batch = s.get("latency_batch_size")
+    table = Table(title=f"distill: {summary['data']['name']} — teacher vs student")
+    columns = ["model", "arch", "test acc", "params", "size (bytes)", "latency b=1 (ms)", f"latency b={batch or '-'} (ms)"]
+    for col in columns:
+        table.add_column(col, justify="left" if col in ("model", "arch") else "right")
+    if teacher:
+        table.add_row(
+            "teacher", teacher["arch"], _fmt_acc(teacher.get("test_acc")), _fmt_int(teacher.get("params")),
+            _fmt_int(teacher.get("size_bytes")), _fmt_ms(teacher.get("latency_ms")), _fmt_ms(teacher.get("latency_ms_batch")),
+        )
+    table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")),
+                  _fmt_ms(s.get("latency_ms")), _fmt_ms(s.get("latency_ms_batch")))
+    if deployed.kind != "fp32":
+        table.add_row(f"student {deployed.kind}", s["arch"], _fmt_acc(deployed.acc), _fmt_int(deployed.params),
+                      _fmt_int(deployed.size_bytes), _fmt_ms(deployed.latency_ms), _fmt_ms(deployed.latency_ms_batch))
+    out = console or make_console()
+    out.print(table)
+    if deployed.kind != "fp32" and deployed.path:
+        out.print(f"deployed model: {deployed.path}", markup=False)
+    for line in pruning_lines(s):
+        out.print(line, markup=False)
+    if s.get("bits"):
+        out.print(
+            f"quantized student: {s['compression']:.2f}x smaller than fp32 (fp32 weights: {_fmt_acc(s.get('acc_fp32'))}); "
+            f"TorchScript: {s['torchscript']}; latency with {s['latency_threads']} thread(s)", markup=False,
+        )
+
+
+def pruning_lines(student: dict[str, Any]) -> list[str]:
+    """What pruning did, in words, for the end-of-run printout."""
+    if not student.get("prune_method"):
+        return []
+    lines = [
+        f"pruned ({student['prune_method']}): sparsity {100 * student['sparsity']:.2f} %, "
+        f"{student['nonzero_params']:,} non-zero parameters, dense {student['size_bytes_dense']:,} bytes"
+        + (f", sparse file (bitmask + non-zero values) {student['size_bytes_sparse']:,} bytes" if "size_bytes_sparse" in student else "")
+    ]
+    if "macs_after" in student:
+        lines.append(
+            f"channels removed: {student['macs_before']:,} -> {student['macs_after']:,} MACs, "
+            f"batch latency {student['latency_ms_batch_before_removal']:.3f} -> "
+            f"{student['latency_ms_batch_after_removal']:.3f} ms ({student['speedup_batch']:.2f}x faster), "
+            f"max |output difference| {student['max_abs_diff_after_removal']:.2e}"
+        )
+    return lines

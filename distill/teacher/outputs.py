@@ -1,0 +1,211 @@
+"""Teacher outputs computed once, stored on disk, and reused by every run and sweep job.
+
+When the student's training data is not randomly augmented, the teacher sees the same input for a
+sample in every epoch, so its logits are a fixed table. Computing it once (batched, inference
+mode) and looking rows up by sample index makes distillation cost about as much as training the
+student alone: a ResNet-50 teacher runs ~700 8x8 images/s on 2 CPU cores while an MLP student
+trains at ~16,000/s, so the live teacher would otherwise dominate every epoch.
+
+The table lives next to the cached teachers, ``<cache_dir>/outputs/<key>.npy`` (a NumPy array,
+memory-mapped when read, so DDP ranks share the page cache and each reads only its own rows), with
+``<key>.json`` describing it. The key hashes the teacher's identity (its cache key, or the
+checksum of ``teacher.checkpoint``), the data fingerprint (dataset, split, normalisation,
+augmentation) and the storage format. Writing happens under a file lock, into a temporary file
+that is fsynced and renamed, and the description is written last: a reader either finds a complete
+entry or none. An entry whose description and array disagree (truncated, wrong shape, non-finite
+values) is rebuilt.
+
+Storage: ``float32`` (exact), ``float16`` (half the size; logits lose ~3 significant digits, far
+below what the softmax at temperature T resolves), or the top-k logits per sample
+(``teacher.outputs_topk``): the rest are filled in as ``min(top-k) - 10``, i.e. a probability
+e^-10 times the smallest kept one, which is what top-k distillation means.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from distill.data.datamodules import BaseDataModule
+from distill.data.datasets import TransformedSubset
+from distill.errors import ConfigError
+from distill.runtime.atomic import atomic_write, atomic_write_text
+from distill.teacher.provision import TeacherInfo
+from distill.teacher.views import ReplayedViews
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+DTYPES = {"float32": np.float32, "float16": np.float16}
+TOPK_FILL_GAP = 10.0
+
+
+@torch.inference_mode()
+def compute_teacher_logits(
+    teacher: nn.Module, dataset: Dataset, batch_size: int = 256, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Teacher logits for every sample of ``dataset``, in dataset order, as a float32 CPU tensor."""
+    teacher = teacher.to(device).eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    chunks = [teacher(batch[0].to(device)).float().cpu() for batch in loader]
+    logits = torch.cat(chunks)
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError("the teacher produced non-finite logits on the training split")
+    return logits
+
+
+def outputs_key(teacher_identity: str, data_fingerprint: dict[str, Any], dtype: str, topk: int | None) -> str:
+    blob = json.dumps({"format": FORMAT, "teacher": teacher_identity, "data": data_fingerprint, "dtype": dtype, "topk": topk}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def file_checksum(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def encode_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:
+    values, indices = logits.topk(k, dim=1)
+    return values.numpy().astype(np.float32), indices.numpy().astype(np.int32)
+
+
+def decode_topk(values: torch.Tensor, indices: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Dense logits from the top-k ones: the others at ``min(top-k) - 10``."""
+    fill = values.min(dim=1, keepdim=True).values - TOPK_FILL_GAP
+    dense = fill.expand(-1, num_classes).clone()
+    return dense.scatter_(1, indices.long(), values)
+
+
+class TeacherOutputs:
+    """The stored table for one (teacher, data, format): look up rows by sample index."""
+
+    def __init__(self, values: np.ndarray, indices: np.ndarray | None, num_classes: int) -> None:
+        self.values, self.indices, self.num_classes = values, indices, num_classes
+
+    def __len__(self) -> int:
+        return self.values.shape[0]
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        idx = index.cpu().numpy()
+        values = torch.from_numpy(np.ascontiguousarray(self.values[idx])).float()
+        if self.indices is None:
+            return values
+        return decode_topk(values, torch.from_numpy(np.ascontiguousarray(self.indices[idx])), self.num_classes)
+
+    def dense(self) -> torch.Tensor:
+        """The whole table as dense float32 logits (small tables are kept on the device)."""
+        return self.rows(torch.arange(len(self)))
+
+
+class TeacherOutputCache:
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.dir = Path(cache_dir) / "outputs"
+
+    def paths(self, key: str) -> dict[str, Path]:
+        return {"values": self.dir / f"{key}.npy", "indices": self.dir / f"{key}.indices.npy", "meta": self.dir / f"{key}.json"}
+
+    def read(self, key: str, rows: int, num_classes: int) -> TeacherOutputs | None:
+        """The entry for ``key`` if it is complete and consistent; None if absent or damaged."""
+        p = self.paths(key)
+        if not p["meta"].is_file():
+            return None
+        try:
+            meta = json.loads(p["meta"].read_text())
+            values = np.load(p["values"], mmap_mode="r")
+            indices = np.load(p["indices"], mmap_mode="r") if meta["topk"] else None
+            width = meta["topk"] or num_classes
+            if values.shape != (rows, width) or meta["rows"] != rows or meta["num_classes"] != num_classes:
+                raise ValueError(f"shape {values.shape} does not match {rows} samples x {width}")
+            if indices is not None and indices.shape != (rows, width):
+                raise ValueError(f"index shape {indices.shape} does not match {rows} x {width}")
+            if not np.isfinite(values[: min(rows, 4096)]).all():
+                raise ValueError("non-finite values")
+        except Exception as err:  # truncated .npy, bad JSON, wrong shape: rebuild
+            log.warning("teacher outputs: cache entry %s is unusable (%s); rebuilding it", p["values"], err)
+            return None
+        return TeacherOutputs(values, indices, num_classes)
+
+    def write(self, key: str, logits: torch.Tensor, dtype: str, topk: int | None, meta: dict[str, Any]) -> None:
+        p = self.paths(key)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        p["meta"].unlink(missing_ok=True)  # the description goes last: no reader trusts a half entry
+        if topk:
+            values, indices = encode_topk(logits, topk)
+            atomic_write(p["indices"], lambda fh: np.save(fh, indices))
+        else:
+            values = logits.numpy()
+        stored = values.astype(DTYPES[dtype])
+        atomic_write(p["values"], lambda fh: np.save(fh, stored))
+        info = {**meta, "rows": logits.shape[0], "num_classes": logits.shape[1], "dtype": dtype, "topk": topk, "format": FORMAT}
+        atomic_write_text(p["meta"], json.dumps(info, indent=2, sort_keys=True))
+
+    def get_or_build(
+        self, key: str, teacher: nn.Module, dataset: Dataset, num_classes: int, *, dtype: str = "float32",
+        topk: int | None = None, device: str = "cpu", meta: dict[str, Any] | None = None,
+    ) -> tuple[TeacherOutputs, str]:
+        """The stored outputs for ``key``, computing and storing them first if needed (once, under a
+        lock, however many processes ask). Returns (outputs, "cache" | "computed")."""
+        rows = len(dataset)  # type: ignore[arg-type]
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(self.dir / f"{key}.lock")):
+            found = self.read(key, rows, num_classes)
+            if found is not None:
+                return found, "cache"
+            start = time.perf_counter()
+            logits = compute_teacher_logits(teacher, dataset, device=device)
+            self.write(key, logits, dtype, topk, {**(meta or {}), "seconds": time.perf_counter() - start})
+            found = self.read(key, rows, num_classes)
+            if found is None:
+                raise RuntimeError(f"teacher outputs written to {self.paths(key)['values']} cannot be read back")
+            return found, "computed"
+
+
+def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, datamodule: BaseDataModule) -> tuple[Any, str]:
+    """The teacher's logits for the training split, from the on-disk cache or computed into it, and
+    where they came from. With ``teacher.cache_views`` the data module's training set becomes the
+    replayed views (:mod:`distill.teacher.views`); else its batches carry the sample index."""
+    tcfg = cfg.teacher
+    datamodule.setup("fit")
+    if tcfg.outputs_topk is not None and tcfg.outputs_topk > datamodule.num_classes:
+        raise ConfigError(f"teacher.outputs_topk={tcfg.outputs_topk} exceeds the {datamodule.num_classes} classes of data={cfg.data.name}")
+    identity = info.key if info.key else file_checksum(info.path)
+    fingerprint = datamodule.fingerprint()
+    table_data: Any = datamodule.train_set
+    if tcfg.cache_views:
+        # K seeded views per sample; the student replays exactly those.
+        train = datamodule.train_set
+        if not isinstance(train, TransformedSubset):
+            raise ConfigError(f"teacher.cache_views: data={cfg.data.name} has no per-sample training transform to replay")
+        replay = ReplayedViews(train.dataset, train.indices, train.transform, tcfg.cache_views, int(cfg.seed))
+        datamodule.train_set = replay  # yields (x, y, row of its view)
+        table_data = replay.all_views()
+        fingerprint = {**fingerprint, "views": tcfg.cache_views, "view_seed": int(cfg.seed)}
+    else:
+        datamodule.index_train = True  # batches carry the sample index
+    key = outputs_key(f"{info.arch}:{identity}", fingerprint, tcfg.outputs_dtype, tcfg.outputs_topk)
+    device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    cache = TeacherOutputCache(tcfg.cache_dir)
+    outputs, source = cache.get_or_build(
+        key, teacher, table_data, datamodule.num_classes, dtype=tcfg.outputs_dtype,
+        topk=tcfg.outputs_topk, device=device, meta={"teacher": info.arch, "teacher_identity": identity},
+    )
+    log.info("teacher: logits for %d training %s %s (%s)", len(outputs), "views" if tcfg.cache_views else "samples",
+             "read from the cache" if source == "cache" else "computed and cached", cache.paths(key)["values"])
+    # A table that fits comfortably in memory is kept dense on the device (no per-step copy);
+    # a large one (ImageNet-scale) stays memory-mapped and each step reads only its rows.
+    small = len(outputs) * datamodule.num_classes * 4 <= 256 * 2**20
+    return (outputs.dense() if small else outputs), f"precomputed ({source})"

@@ -1,0 +1,193 @@
+"""Teacher provisioning: load a given checkpoint, reuse a cached teacher, or train one and cache it.
+
+The cache key is a hash of everything that determines the trained teacher: architecture,
+``pretrained``, the data fingerprint (dataset, split, normalisation, shape), the seed and the
+teacher's own training settings. An entry is ``<cache_dir>/<arch>-<key>.pt`` holding the state dict
+and metadata (including its test accuracy), written atomically. A :class:`filelock.FileLock` per
+key makes concurrent runs (a sweep, or DDP ranks) train it once: the first trains, the others wait
+and then reuse it. A corrupt entry is reported, set aside and rebuilt, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from distill.config.validate import (
+    OPTIM_CHECKS,
+    Check,
+    at_least,
+    check_in_registry,
+    one_of,
+    run_checks,
+)
+from distill.errors import CheckpointError, ConfigError
+from distill.measure.size import count_parameters
+from distill.models.registry import TEACHERS, build_teacher
+from distill.runtime.atomic import atomic_torch_save
+from distill.runtime.checkpoint_io import load_checkpoint
+
+log = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+# Settings that change only how a teacher is provisioned, not what it learns.
+_NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile", "cache_views")
+
+
+TEACHER_CHECKS: list[Check] = [
+    ("teacher.epochs", at_least(0), ">= 0"),
+    ("teacher.batch_size", at_least(1), ">= 1"),
+    ("teacher.outputs_dtype", one_of("float32", "float16"), "one of: float32, float16"),
+    ("teacher.outputs_topk", lambda x: x is None or x >= 1, ">= 1 (or null: all logits)"),
+    ("teacher.cache_views", lambda x: x is None or x >= 1, ">= 1 (or null: live teacher with augmentation)"),
+    *[(f"teacher.optim.{k}", f, m) for k, f, m in OPTIM_CHECKS],
+]
+
+
+def check_teacher(cfg: DictConfig) -> None:
+    """The teacher's name, ranges and file, and how its outputs may be cached for this data."""
+    run_checks(cfg, TEACHER_CHECKS)
+    check_in_registry(cfg, "teacher.name", TEACHERS, "teacher")
+    if cfg.teacher.checkpoint and cfg.loss.alpha != 0 and not Path(cfg.teacher.checkpoint).is_file():
+        raise ConfigError(f"teacher.checkpoint: no such file: {cfg.teacher.checkpoint}")
+    if cfg.teacher.cache_views is not None:
+        if not cfg.data.augment:
+            raise ConfigError("teacher.cache_views needs data.augment=true (without augmentation every run already reuses one view)")
+        if cfg.teacher.precompute_outputs is False:
+            raise ConfigError("teacher.cache_views conflicts with teacher.precompute_outputs=false")
+    elif cfg.teacher.precompute_outputs and cfg.data.augment:
+        raise ConfigError(
+            "teacher.precompute_outputs=true needs data.augment=false: with random augmentation the "
+            "teacher must see the same random view as the student, so it runs live (or set "
+            "teacher.cache_views=K to cache K replayable views per sample)"
+        )
+
+
+@dataclass
+class TeacherInfo:
+    arch: str
+    params: int
+    test_acc: float | None
+    source: str  # "checkpoint" | "cache" | "trained"
+    path: str | None
+    key: str | None
+    train_seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def teacher_key(teacher_cfg: DictConfig, data_fingerprint: dict[str, Any], seed: int) -> str:
+    settings = OmegaConf.to_container(teacher_cfg, resolve=True)
+    for k in _NOT_IN_KEY:
+        settings.pop(k, None)
+    blob = json.dumps({"format": CACHE_FORMAT, "teacher": settings, "data": data_fingerprint, "seed": seed}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+class TeacherCache:
+    """Directory of trained teachers, one atomic ``.pt`` file and one lock file per key."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.dir = Path(cache_dir).expanduser()
+
+    def path(self, arch: str, key: str) -> Path:
+        return self.dir / f"{arch}-{key}.pt"
+
+    def lock(self, arch: str, key: str) -> FileLock:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.path(arch, key)) + ".lock")
+
+    def read(self, arch: str, key: str) -> dict[str, Any] | None:
+        """The entry, or None when absent. A corrupt entry is renamed aside (kept for inspection)."""
+        path = self.path(arch, key)
+        if not path.exists():
+            return None
+        try:
+            entry = load_checkpoint(path, what="cached teacher")
+            if entry.get("format") != CACHE_FORMAT or "state_dict" not in entry:
+                raise CheckpointError(f"cached teacher {path} has an unknown layout")
+            return entry
+        except CheckpointError as err:
+            aside = path.with_suffix(f".corrupt-{int(time.time())}")
+            path.rename(aside)
+            log.warning("%s; moved it to %s and will rebuild it", err, aside)
+            return None
+
+    def write(self, arch: str, key: str, model: nn.Module, meta: dict[str, Any]) -> Path:
+        entry = {"format": CACHE_FORMAT, "state_dict": model.state_dict(), "meta": meta}
+        return atomic_torch_save(entry, self.path(arch, key))
+
+
+def _state_dict_from(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Accept a cache entry, a Lightning checkpoint of the teacher, or a bare state dict."""
+    if "state_dict" in obj:
+        state = obj["state_dict"]
+        prefix = "student."  # a Lightning checkpoint of the teacher's own training
+        if any(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        return state
+    return obj
+
+
+def provision_teacher(
+    cfg: DictConfig,
+    shape: dict[str, int],
+    data_fingerprint: dict[str, Any],
+    train_fn: Callable[[nn.Module], float],
+) -> tuple[nn.Module, TeacherInfo]:
+    """Return a frozen, eval-mode teacher and where it came from.
+
+    ``train_fn(model)`` trains the model in place and returns its test accuracy; it is called only
+    when neither ``teacher.checkpoint`` nor a valid cache entry exists.
+    """
+    tcfg = cfg.teacher
+    model = build_teacher(tcfg, **shape)
+    if tcfg.checkpoint:
+        path = Path(tcfg.checkpoint)
+        obj = load_checkpoint(path, what="teacher.checkpoint")
+        try:
+            model.load_state_dict(_state_dict_from(obj))
+        except RuntimeError as err:
+            raise CheckpointError(f"teacher.checkpoint {path} does not fit teacher={tcfg.name} on this data: {err}") from err
+        acc = obj.get("meta", {}).get("test_acc") if isinstance(obj.get("meta"), dict) else None
+        info = TeacherInfo(tcfg.name, count_parameters(model), acc, "checkpoint", str(path), None)
+        log.info("teacher: loaded %s from %s", tcfg.name, path)
+        return _freeze(model), info
+
+    cache = TeacherCache(tcfg.cache_dir)
+    key = teacher_key(tcfg, data_fingerprint, int(cfg.seed))
+    path = cache.path(tcfg.name, key)
+    with cache.lock(tcfg.name, key):
+        entry = cache.read(tcfg.name, key)
+        if entry is not None:
+            model.load_state_dict(entry["state_dict"])
+            meta = entry["meta"]
+            log.info("teacher: reusing cached %s (test acc %.4f) from %s", tcfg.name, meta["test_acc"], path)
+            info = TeacherInfo(tcfg.name, count_parameters(model), meta["test_acc"], "cache", str(path), key)
+            return _freeze(model), info
+        log.info("teacher: no cached %s for key %s; training it for %d epochs", tcfg.name, key, tcfg.epochs)
+        start = time.perf_counter()
+        test_acc = train_fn(model)
+        seconds = time.perf_counter() - start
+        meta = {"arch": tcfg.name, "test_acc": test_acc, "train_seconds": seconds, "key": key, "data": data_fingerprint}
+        cache.write(tcfg.name, key, model, meta)
+        log.info("teacher: trained %s in %.1fs, test acc %.4f; cached at %s", tcfg.name, seconds, test_acc, path)
+    info = TeacherInfo(tcfg.name, count_parameters(model), test_acc, "trained", str(path), key, seconds)
+    return _freeze(model), info
+
+
+def _freeze(model: nn.Module) -> nn.Module:
+    model.requires_grad_(False)
+    return model.eval()
