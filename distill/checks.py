@@ -1,7 +1,8 @@
 """Every check of a run's config, before any data is loaded: the first stage of the pipeline.
 
 Each feature owns its checks (ranges of its keys, names in its registry, what it does not combine
-with); this module only runs them in order, so a bad value fails in seconds, naming the key.
+with); this module runs them in order, so a bad value fails in seconds, naming the key: every
+range first, then the names, then the files, then the combinations.
 """
 
 from __future__ import annotations
@@ -10,28 +11,39 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from distill.compress.registry import check_techniques
-from distill.config.validate import check_devices, check_in_registry, check_settings
-from distill.data.datamodules import check_data
-from distill.distillation.hints import check_hints
+from distill.compress.registry import check_techniques, technique_range_checks
+from distill.config.validate import (
+    SETTINGS_CHECKS,
+    check_callbacks,
+    check_devices,
+    check_in_registry,
+    check_nonfinite_policy,
+    run_checks,
+)
+from distill.data.datamodules import DATASETS, check_data
+from distill.distillation.hints import HINT_CHECKS, check_hints
 from distill.distillation.losses.registry import check_loss
 from distill.errors import ConfigError
 from distill.models.registry import STUDENTS
 from distill.report.objective import check_objective
 from distill.runtime.checkpoint_io import load_checkpoint
-from distill.teacher.provision import check_teacher
+from distill.teacher.provision import TEACHER_CHECKS, check_teacher, check_teacher_outputs
 
 
 def validate(cfg: DictConfig) -> None:
     """Check every range and every name against its registry, before any data is touched."""
-    check_settings(cfg)
     check_loss(cfg)
-    check_hints(cfg)
+    run_checks(cfg, SETTINGS_CHECKS + HINT_CHECKS + TEACHER_CHECKS + technique_range_checks())
+    check_objective(cfg)
     check_in_registry(cfg, "student.name", STUDENTS, "student")
     check_teacher(cfg)
+    check_in_registry(cfg, "data.name", DATASETS, "dataset")
+    check_callbacks(cfg)
     check_data(cfg)
     check_techniques(cfg)
-    check_objective(cfg)
+    check_nonfinite_policy(cfg)
+    check_hints(cfg)
+    check_teacher_outputs(cfg)
     check_resume(cfg)
     check_devices(cfg.trainer)
 

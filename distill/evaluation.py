@@ -12,9 +12,9 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from distill.compress.prune.sparse_format import is_sparse_file, load_sparse
-from distill.compress.quant.artifact import is_quantized_artifact, load_quantized
-from distill.compress.registry import after_load, rebuild_student
+from distill.compress.packing import is_xz, read_xz_payload
+from distill.compress.registry import TECHNIQUES, after_load, rebuild_student
+from distill.compress.technique import LoadedArtifact
 from distill.data.datamodules import BaseDataModule, build_datamodule
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.accuracy import accuracy_on_test_split
@@ -29,7 +29,8 @@ from distill.runtime.loggers import resolve_wandb_mode, wandb_server_reachable
 STUDENT_PREFIX = "student."
 
 
-def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, DictConfig]:
+def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None,
+                 ckpt: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, DictConfig]:
     """Rebuild the student and its data module from a distill checkpoint (``weights_only`` load).
 
     A student that a compression technique reshaped during training (QAT-prepared, factorized,
@@ -37,7 +38,8 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None)
     the callback state in the checkpoint (:func:`distill.compress.registry.rebuild_student`)."""
     if Path(path).is_dir():  # a DeepSpeed (sharded) checkpoint directory
         path = consolidate_deepspeed_checkpoint(path)
-    ckpt = load_checkpoint(path, what="student checkpoint")
+    if ckpt is None:  # (evaluate_checkpoint passes the file it already read)
+        ckpt = load_checkpoint(path, what="student checkpoint")
     config = (ckpt.get("hyper_parameters") or {}).get("config")
     if not isinstance(config, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"student checkpoint {path} was not written by distill's train.py (no config inside)")
@@ -80,62 +82,47 @@ def consolidate_deepspeed_checkpoint(directory: str | Path) -> Path:
     return out
 
 
-def load_quantized_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, dict[str, Any]]:
-    """The converted integer student from a ``student_quant.pt.xz`` artifact, and its data module."""
-    model, meta = load_quantized(path)
-    if not meta.get("data"):
-        raise CheckpointError(f"quantized student {path} does not record its data settings; cannot evaluate it")
-    datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(meta["data"]), data_overrides or {}))
-    return model, datamodule, meta
-
-
-def load_sparse_student(path: str | Path, data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, BaseDataModule, dict[str, Any]]:
-    """The pruned student from its sparse file (``student_sparse.pt``), and its data module."""
-    state, meta = load_sparse(path)
-    datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(meta["data"]), data_overrides or {}))
-    student = build_student(OmegaConf.create(meta["student"]), **datamodule.shape)
-    try:
-        student.load_state_dict(state)
-    except RuntimeError as err:
-        raise CheckpointError(f"sparse student {path} does not match its own config: {err}") from err
-    return student.eval(), datamodule, meta
+def load_artifact(path: str | Path, data_overrides: dict[str, Any] | None = None) -> LoadedArtifact:
+    """Any file a run writes, loaded for evaluation: a technique's deployed file (the quantized,
+    sparse, shared-weight or 16-bit student; each technique recognizes its own), else a training
+    checkpoint or a DeepSpeed checkpoint directory. The file is read once."""
+    path, overrides = Path(path), data_overrides or {}
+    payload = None
+    if path.is_file():
+        payload = read_xz_payload(path) if is_xz(path) else load_checkpoint(path, what="student checkpoint")
+        for technique in TECHNIQUES.values():
+            loaded = technique.load_artifact(path, payload, overrides)
+            if loaded is not None:
+                return loaded
+        if is_xz(path):
+            raise CheckpointError(f"{path} is not a distill artifact (format {payload.get('format')!r})")
+    model, datamodule, run_cfg = load_student(path, overrides, ckpt=payload)
+    bits = (run_cfg.get("quant") or {}).get("bits")
+    kind = f"{bits}-bit QAT (fake-quant)" if bits else "fp32"
+    return LoadedArtifact(model, datamodule, run_cfg.student.name, run_cfg.data.name, kind, count_parameters(model),
+                          serialized_size_bytes(model))
 
 
 def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:
-    """Test accuracy, parameters and size of a training checkpoint, a quantized artifact or a sparse file."""
+    """Test accuracy, parameters and size of a training checkpoint or of a deployed file."""
     overrides = OmegaConf.to_container(cfg.data, resolve=True) if cfg.data else {}
     if cfg.batch_size:
         overrides["batch_size"] = cfg.batch_size
     path = Path(cfg.ckpt_path)
-    if path.is_file() and is_quantized_artifact(path):
-        model, datamodule, meta = load_quantized_student(path, overrides)
-        arch, data_name, kind = meta["student"]["name"], meta["data"]["name"], f"{meta['bits']}-bit quantized"
-        params = count_parameters(build_student(OmegaConf.create(meta["student"]), **meta["shape"]))
-        size = path.stat().st_size
-    elif path.is_file() and is_sparse_file(load_checkpoint(path, what="ckpt_path")):
-        model, datamodule, meta = load_sparse_student(path, overrides)
-        arch, data_name, kind = meta["student"]["name"], meta["data"]["name"], "fp32 (pruned, sparse file)"
-        params, size = int(sum(int((p != 0).sum()) for p in model.parameters())), path.stat().st_size
-    else:
-        model, datamodule, run_cfg = load_student(path, overrides)
-        bits = (run_cfg.get("quant") or {}).get("bits")
-        arch, data_name = run_cfg.student.name, run_cfg.data.name
-        kind = f"{bits}-bit QAT (fake-quant)" if bits else "fp32"
-        params, size = count_parameters(model), serialized_size_bytes(model)
-    device = cfg.accelerator if kind.startswith("fp32") or "QAT" in kind else "cpu"  # int8 kernels are CPU-only
+    a = load_artifact(path, overrides)
     result = {
         "checkpoint": str(path),
-        "student": arch,
-        "kind": kind,
-        "data": data_name,
-        "test_acc": accuracy_on_test_split(model, datamodule, device),
-        "params": params,
-        "size_bytes": size,
+        "student": a.arch,
+        "kind": a.kind,
+        "data": a.data,
+        "test_acc": accuracy_on_test_split(a.model, a.datamodule, "cpu" if a.cpu_only else cfg.accelerator),
+        "params": a.params,
+        "size_bytes": a.size_bytes,
     }
     table = Table(title=f"evaluate: {path.name}")
     for col in ("student", "kind", "data", "test acc", "params", "size (bytes)"):
         table.add_column(col, justify="left" if col in ("student", "kind", "data") else "right")
-    table.add_row(arch, kind, data_name, f"{100 * result['test_acc']:.2f} %", f"{params:,}", f"{size:,}")
+    table.add_row(a.arch, a.kind, a.data, f"{100 * result['test_acc']:.2f} %", f"{a.params:,}", f"{a.size_bytes:,}")
     (console or make_console()).print(table)
     return result
 

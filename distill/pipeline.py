@@ -19,6 +19,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,7 +28,7 @@ from torch import nn
 
 from distill.checks import validate
 from distill.compress.prune.masks import bake
-from distill.compress.registry import Compression, build_compression
+from distill.compress.registry import Compression, build_compression, technique_hparams
 from distill.compress.technique import BuildContext, StudentFigures
 from distill.config.redaction import redacted_container
 from distill.data.datamodules import BaseDataModule, build_datamodule
@@ -108,10 +109,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     teacher = provide_teacher(cfg, datamodule, output_dir, start)
     L.seed_everything(int(cfg.seed), workers=True)
     fit = fit_student(cfg, datamodule, teacher, output_dir, extra_callbacks)
-    tested = test_student(cfg, fit, datamodule)
+    tested = evaluate_student(cfg, fit, datamodule)
     student = measure_student(cfg, fit, tested, datamodule.shape)
     summary = make_summary(cfg, fit, tested, student, teacher, datamodule.shape, output_dir, start)
-    report(cfg, fit.trainer, summary)
+    report(cfg, fit.trainer, fit.compression, summary)
     return summary
 
 
@@ -122,8 +123,7 @@ def check_config(cfg: DictConfig) -> list[Callback]:
 
 
 def load_data(cfg: DictConfig) -> BaseDataModule:
-    """The data module, read now: it fixes the shape every model is built for, and a missing or
-    empty dataset fails here, before any model work."""
+    """The data module, read now (it fixes every model's shape; a missing dataset fails before any model work)."""
     datamodule = build_datamodule(cfg.data)
     datamodule.prepare_and_check()
     return datamodule
@@ -182,8 +182,7 @@ def fit_student(cfg: DictConfig, datamodule: BaseDataModule, teacher: Teacher, o
 
 def _trainer(cfg: DictConfig, module: DistillationModule, compression: Compression, output_dir: Path,
              loggers: list[Any], extra_callbacks: list[Callback]) -> Fit:
-    """The Trainer with its checkpoints (best by val/acc, last every epoch, every Nth), resume state,
-    preemption, compression callbacks and loggers."""
+    """The Trainer: checkpoints (best, last, every Nth), resume state, preemption, compression, loggers."""
     ckpt_dir = str(output_dir / "checkpoints")
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}-val_acc{val/acc:.4f}", auto_insert_metric_name=False,
                            monitor="val/acc", mode="max")
@@ -209,8 +208,8 @@ def _trainer(cfg: DictConfig, module: DistillationModule, compression: Compressi
 
 
 def resume_checkpoint(cfg: DictConfig, output_dir: Path) -> str | None:
-    """An explicit ``ckpt_path``, else (``resume=auto``) the newest valid checkpoint this run
-    directory holds from an earlier attempt (a crash, a preemption, a SLURM requeue)."""
+    """``ckpt_path``, else (``resume=auto``) the newest valid checkpoint an earlier attempt left here."""
+    # (an earlier attempt: a crash, a preemption, a SLURM requeue)
     if cfg.ckpt_path is not None or cfg.resume != "auto":
         return cfg.ckpt_path
     found = find_resume_checkpoint(output_dir / "checkpoints", extra_dirs=[output_dir])
@@ -223,11 +222,11 @@ def _zero3(cfg: DictConfig) -> bool:
     return cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3
 
 
-def test_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule) -> Tested:
-    """Test the best checkpoint by validation accuracy; the last weights when compressing (an
-    earlier "best" epoch may predate the final sparsity or the start of QAT, and would not be the
-    compressed model) or under ZeRO-3 (DeepSpeed 0.19 cannot restore a ZeRO-3 checkpoint without
-    its optimizer, as trainer.test would: the final weights in memory are what last.ckpt holds)."""
+def evaluate_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule) -> Tested:
+    """Test the best checkpoint by validation accuracy, or the last weights when compressing or under ZeRO-3."""
+    # Compressing: an earlier "best" epoch may predate the final sparsity or the start of QAT, and
+    # would not be the compressed model. ZeRO-3: DeepSpeed 0.19 cannot restore a ZeRO-3 checkpoint
+    # without its optimizer, as trainer.test would; the final weights in memory are what last.ckpt holds.
     use_last = fit.compression.changes_weights or _zero3(cfg)
     best = (fit.last.best_model_path if use_last else fit.best.best_model_path) or None
     [result] = fit.trainer.test(fit.module, datamodule=datamodule, ckpt_path=None if _zero3(cfg) else best, verbose=False)
@@ -235,8 +234,7 @@ def test_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule) -> Teste
 
 
 def measure_student(cfg: DictConfig, fit: Fit, tested: Tested, shape: dict[str, int]) -> StudentFigures:
-    """The student's latency (CPU, batch 1 and ``quant.latency_batch_size``), unless a compression
-    technique measured it beside its own model; with its size and accuracy, the student's figures."""
+    """The student's figures: size, accuracy and CPU latency (timed here unless a technique timed it)."""
     measured = fit.compression.fp32_latency()  # reports exist on rank 0 only
     if not cfg.trainer.get("fast_dev_run"):
         trained = _trained_student_copy(cfg, fit.module, shape)  # a collective under ZeRO-3: every rank takes part
@@ -271,8 +269,7 @@ def _trained_student_copy(cfg: DictConfig, module: DistillationModule, shape: di
 
 def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigures, teacher: Teacher,
                  shape: dict[str, int], output_dir: Path, start: float) -> dict[str, Any]:
-    """``summary.json``: teacher, student (as trained, and every technique's report), the deployed
-    model, the data, the hyper-parameters and the timings."""
+    """``summary.json``: teacher, student, every technique's report, the deployed model, settings and timings."""
     measure = fit.trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
     student_summary: dict[str, Any] = {
         "arch": cfg.student.name, "params": fit.params, "test_acc": tested.test_acc, "size_bytes": fit.size_bytes,
@@ -280,7 +277,7 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         **fit.compression.summary(), **fit.init_report,
     }
     student_summary["size_bytes"] = fit.compression.fp32_size_bytes() or fit.size_bytes
-    if measure and fit.compression.fp32_latency() is None and student.latency is not None:  # else the technique's keys say it
+    if measure and student.latency is not None:  # the student as configured (uncompressed), as the table shows it
         student_summary.update(latency_ms=student.latency.ms, latency_ms_batch=student.latency.ms_batch,
                                latency_batch_size=cfg.quant.latency_batch_size, latency_threads=_threads(cfg))
     teacher_summary = None
@@ -312,11 +309,8 @@ def _labels(cfg: DictConfig, fit: Fit) -> list[str]:
 def _hparams(cfg: DictConfig) -> dict[str, Any]:
     return {
         "temperature": cfg.loss.temperature, "alpha": cfg.loss.alpha, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
-        "max_epochs": cfg.trainer.max_epochs, "batch_size": cfg.data.batch_size, "seed": cfg.seed, "bits": cfg.quant.bits,
-        "prune_method": cfg.prune.method, "prune_amount": cfg.prune.amount if cfg.prune.method != "none" else None,
-        "lowrank": cfg.lowrank.rank_ratio if cfg.lowrank.rank_ratio is not None else cfg.lowrank.energy,
-        "sharing_bits": cfg.sharing.bits, "hint_weight": cfg.loss.hint.weight or None, "student_init": cfg.student.init,
-        "export_dtype": cfg.export.dtype,
+        "max_epochs": cfg.trainer.max_epochs, "batch_size": cfg.data.batch_size, "seed": cfg.seed,
+        "hint_weight": cfg.loss.hint.weight or None, "student_init": cfg.student.init, **technique_hparams(cfg),
     }
 
 
@@ -339,12 +333,12 @@ def _teacher_latency(teacher: nn.Module, info: TeacherInfo, sample_shape: tuple[
     return dict(known[key])
 
 
-def report(cfg: DictConfig, trainer: L.Trainer, summary: dict[str, Any]) -> None:
+def report(cfg: DictConfig, trainer: L.Trainer, compression: Compression, summary: dict[str, Any]) -> None:
     """On rank 0: the final metrics to every logger, summary.json, the printed table; then close the loggers."""
     if trainer.is_global_zero:
         _log_final_metrics(trainer, summary, cfg)
         path = write_summary(Path(summary["run_dir"]) / "summary.json", summary)
-        print_comparison(summary)
+        print_comparison(summary, notes=compression.describe())
         log.info("summary written to %s (wall time %.1fs)", path, summary["wall_time_s"])
     for logger in trainer.loggers:
         logger.finalize("success")
@@ -387,8 +381,6 @@ def _upload_model(logger: WandbLogger, summary: dict[str, Any]) -> None:
 
 def user_callbacks(cfg: DictConfig) -> list[Callback]:
     """The config's ``callbacks.<name>`` entries (checked by validate()), instantiated."""
-    from hydra.utils import instantiate  # deferred: only runs with extra callbacks use it
-
     built = []
     for name, node in (cfg.get("callbacks") or {}).items():
         if node is None:

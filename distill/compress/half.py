@@ -18,19 +18,29 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils import parametrize
 
 from distill.compress.prune.masks import bake
-from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.compress.technique import (
+    BuildContext,
+    LoadedArtifact,
+    StudentFigures,
+    Technique,
+    TechniqueReport,
+)
+from distill.data.datamodules import build_datamodule
 from distill.errors import ConfigError
 from distill.measure import latency
 from distill.measure.record import DeployedModel, Latency
+from distill.measure.size import count_parameters
+from distill.models.registry import build_student
 from distill.runtime.atomic import atomic_torch_save
 
 log = logging.getLogger(__name__)
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+FORMAT = "distill-half"
 
 
 def half_accuracy(model: nn.Module, loader: Any, dtype: torch.dtype) -> tuple[float, str]:
@@ -97,7 +107,7 @@ class HalfPrecisionExport(Callback):
             if parametrize.is_parametrized(module, "weight"):
                 parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
         state = {k: (v.to(self.dtype) if v.is_floating_point() else v) for k, v in student.state_dict().items()}
-        path = atomic_torch_save({"format": "distill-half", "dtype": self.dtype_name, "student": self.student_cfg,
+        path = atomic_torch_save({"format": FORMAT, "dtype": self.dtype_name, "student": self.student_cfg,
                                   "data": self.data_cfg, "state_dict": state}, self.output_dir / f"student_{self.dtype_name}.pt")
         acc, mode = half_accuracy(student, trainer.datamodule.test_dataloader(shard=False), self.dtype)
         lat = None
@@ -116,7 +126,7 @@ class HalfPrecisionExport(Callback):
 class HalfTechnique(Technique):
     """``export.dtype=fp16|bf16``: the tested student saved and measured in 16 bits."""
 
-    name, setting, deploy_rank, changes_weights, zero3 = "export", "export.dtype", 40, False, True
+    name, setting, deploy_rank, label_rank, changes_weights = "export", "export.dtype", 40, 4, False
     callback_class = HalfPrecisionExport
     checks = [("export.dtype", lambda x: x in (None, *DTYPES), "null, fp16 or bf16")]
 
@@ -131,6 +141,19 @@ class HalfTechnique(Technique):
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> HalfPrecisionExport:
         return HalfPrecisionExport(cfg.export.dtype, ctx.output_dir, ctx.student_cfg, ctx.data_cfg, ctx.sample_shape,
                                    ctx.latency_batch_size, ctx.latency_threads)
+
+    def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
+        if payload.get("format") != FORMAT:
+            return None
+        datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(payload["data"]), data_overrides))
+        model = build_student(OmegaConf.create(payload["student"]), **datamodule.shape)
+        # The 16-bit weights, evaluated with fp32 arithmetic: what every CPU can run.
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})
+        return LoadedArtifact(model.eval(), datamodule, payload["student"]["name"], payload["data"]["name"],
+                              f"{payload['dtype']} weights (fp32 arithmetic)", count_parameters(model), path.stat().st_size)
+
+    def hparams(self, cfg: DictConfig) -> dict[str, Any]:
+        return {"export_dtype": cfg.export.dtype}
 
     def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
         return str(cfg.export.dtype)

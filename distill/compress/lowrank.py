@@ -37,7 +37,7 @@ from distill.distillation.optim import rebuild_optimizer
 from distill.errors import ConfigError
 from distill.measure import latency
 from distill.measure.accuracy import loader_accuracy
-from distill.measure.record import DeployedModel
+from distill.measure.record import DeployedModel, Latency
 from distill.measure.size import serialized_size_bytes
 from distill.runtime.checkpoint_io import saved_callback_state
 
@@ -131,6 +131,10 @@ class LowRankReport(TechniqueReport):
     latency_ms_batch_before_lowrank: float
     latency_ms_batch_after_lowrank: float
 
+    def fp32_latency(self) -> Latency:
+        # The student as configured (unfactorized), which the summary's params and size describe.
+        return Latency(None, self.latency_ms_batch_before_lowrank)
+
     def deployed(self, student: StudentFigures) -> DeployedModel:
         # The factorized student is the trained one: it deploys as the tested checkpoint.
         return DeployedModel(kind="lowrank", acc=student.test_acc, params=self.params_after_lowrank,
@@ -210,8 +214,9 @@ class LowRankFactorization(Callback):
 class LowRankTechnique(Technique):
     """``lowrank.rank_ratio`` or ``lowrank.energy``: SVD-factorized layers, then recovery training."""
 
-    name, setting, deploy_rank = "lowrank", "lowrank", 20
+    name, setting, deploy_rank, label_rank = "lowrank", "lowrank", 20, 0
     callback_class = LowRankFactorization
+    reshapes_student = True
     checks = [
         ("lowrank.rank_ratio", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
         ("lowrank.energy", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
@@ -247,6 +252,11 @@ class LowRankTechnique(Technique):
     def rebuild(self, student: nn.Module, cfg: DictConfig, state: dict[str, Any], example: torch.Tensor) -> nn.Module:
         return apply_ranks(student, state["ranks"]) if state.get("ranks") else student
 
-    def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
+    def hparams(self, cfg: DictConfig) -> dict[str, Any]:
+        return {"lowrank": cfg.lowrank.rank_ratio if cfg.lowrank.rank_ratio is not None else cfg.lowrank.energy}
+
+    def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str | None:
+        if isinstance(report, LowRankReport) and not report.lowrank_layers:
+            return None  # no layer was worth factorizing: the student is unchanged
         amount = cfg.lowrank.rank_ratio if cfg.lowrank.rank_ratio is not None else cfg.lowrank.energy
         return f"lowrank{amount:g}"

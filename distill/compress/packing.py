@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.errors import CheckpointError
+
 XZ_MAGIC = b"\xfd7zXZ\x00"
 # lc=0, pb=0: the codes are close to independent symbols, so conditioning the literal coder on
 # the previous byte or on the position only dilutes its statistics (measured: ~2 % smaller).
@@ -51,6 +53,20 @@ def xz_compress(data: bytes) -> bytes:
 
 def xz_decompress(data: bytes) -> bytes:
     return lzma.decompress(data)
+
+
+def read_xz_payload(path: str | Path, what: str = "compressed artifact") -> dict[str, Any]:
+    """The ``torch.save`` dict inside an xz artifact (``weights_only`` load), or a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{what} not found: {path}")
+    try:
+        payload = torch.load(io.BytesIO(xz_decompress(path.read_bytes())), map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, corrupt, or not an artifact at all
+        raise CheckpointError(f"{what} {path} is corrupt or not a distill artifact: {type(err).__name__}: {err}") from err
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{what} {path} holds a {type(payload).__name__}, expected a dict")
+    return payload
 
 
 def is_xz(path: str | Path) -> bool:

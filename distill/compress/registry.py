@@ -20,7 +20,7 @@ from distill.compress.prune.callback import PruneTechnique
 from distill.compress.quant.callback import QuantTechnique
 from distill.compress.sharing import SharingTechnique
 from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
-from distill.config.validate import run_checks
+from distill.config.validate import Check
 from distill.errors import ConfigError
 from distill.measure.record import DeployedModel, Latency
 
@@ -38,21 +38,33 @@ def get_technique(name: str) -> Technique:
 
 
 def enabled_techniques(cfg: DictConfig) -> list[Technique]:
-    return [t for t in TECHNIQUES.values() if t.enabled(cfg)]
+    """The techniques ``cfg`` turns on. A config without a technique's group (a checkpoint written
+    before the technique existed) does not use it."""
+    on = []
+    for technique in TECHNIQUES.values():
+        try:
+            enabled = technique.enabled(cfg)
+        except (AttributeError, KeyError):  # omegaconf's ConfigAttributeError / ConfigKeyError: no such group
+            enabled = False
+        if enabled:
+            on.append(technique)
+    return on
+
+
+def technique_range_checks() -> list[Check]:
+    """Every technique's range checks: they apply whether or not the technique is on."""
+    return [check for technique in TECHNIQUES.values() for check in technique.checks]
 
 
 def check_techniques(cfg: DictConfig) -> None:
-    """Every technique's range checks, then the combination checks of those the config turns on."""
-    for technique in TECHNIQUES.values():
-        run_checks(cfg, technique.checks)
+    """What the techniques the config turns on do not combine with: ZeRO-3 first, then each one's own."""
     on = enabled_techniques(cfg)
+    refused = [t for t in on if not t.zero3]
+    if refused and cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3:
+        raise ConfigError(f"{refused[0].setting} with strategy=deepspeed_stage_3 is not supported: ZeRO-3 partitions every "
+                          "weight across ranks; use deepspeed_stage_2 or ddp")
     for technique in on:
         technique.check(cfg, [t for t in on if t is not technique])
-    if cfg.strategy.name == "deepspeed" and cfg.strategy.stage == 3:
-        refused = [t for t in on if not t.zero3]
-        if refused:
-            raise ConfigError(f"{refused[0].setting} with strategy=deepspeed_stage_3 is not supported: ZeRO-3 partitions every "
-                              "weight across ranks; use deepspeed_stage_2 or ddp")
 
 
 @dataclass
@@ -73,8 +85,8 @@ class Compression:
     def resume_from(self, ckpt_path: str | None) -> None:
         """Callbacks that reshape the student rebuild it from the checkpoint before its weights load
         (Lightning sets ``trainer.ckpt_path`` only after the setup hooks)."""
-        for _, callback in self.applied:
-            if hasattr(callback, "resume_from"):
+        for technique, callback in self.applied:
+            if technique.reshapes_student:
                 callback.resume_from = ckpt_path
 
     def reports(self) -> list[tuple[Technique, TechniqueReport]]:
@@ -111,9 +123,21 @@ class Compression:
 
     def label(self, cfg: DictConfig) -> list[str]:
         """Short labels of the techniques that reported (``lowrank0.25``, ``prune0.7``, ``int8``)."""
-        order = {name: i for i, name in enumerate(("lowrank", "prune", "sharing", "quant", "export"))}
-        tags = [(t.name, t.tag(cfg, c.report)) for t, c in self.applied if getattr(c, "report", None) is not None]
-        return [tag for _, tag in sorted(tags, key=lambda nt: order.get(nt[0], len(order))) if tag]
+        done = sorted((t for t, c in self.applied if getattr(c, "report", None) is not None), key=lambda t: t.label_rank)
+        reports = {t.name: c.report for t, c in self.applied}
+        return [tag for t in done if (tag := t.tag(cfg, reports[t.name]))]
+
+    def describe(self) -> list[str]:
+        """Every report's description lines, in callback order."""
+        return [line for _, c in self.applied if getattr(c, "report", None) is not None for line in c.report.describe()]
+
+
+def technique_hparams(cfg: DictConfig) -> dict[str, Any]:
+    """Every technique's settings for ``summary.json``'s ``hparams``."""
+    out: dict[str, Any] = {}
+    for technique in TECHNIQUES.values():
+        out.update(technique.hparams(cfg))
+    return out
 
 
 def build_compression(cfg: DictConfig, ctx: BuildContext) -> Compression:

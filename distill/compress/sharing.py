@@ -15,7 +15,6 @@ trained model.
 from __future__ import annotations
 
 import copy
-import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,17 +31,24 @@ from torch.nn.utils import parametrize
 
 from distill.compress.packing import (
     pack_codes,
+    read_xz_payload,
     torch_bytes,
     unpack_codes,
     xz_compress,
-    xz_decompress,
 )
-from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.compress.technique import (
+    BuildContext,
+    LoadedArtifact,
+    StudentFigures,
+    Technique,
+    TechniqueReport,
+)
 from distill.config.validate import at_least, epochs_bound, one_process
 from distill.data.datamodules import build_datamodule
 from distill.distillation.optim import rebuild_optimizer
-from distill.errors import ConfigError
+from distill.errors import CheckpointError, ConfigError
 from distill.measure.record import DeployedModel
+from distill.measure.size import count_parameters
 from distill.models.registry import build_student
 from distill.runtime.atomic import atomic_write
 from distill.runtime.checkpoint_io import saved_callback_state
@@ -114,9 +120,9 @@ def save_shared(path: str | Path, model: nn.Module, bits: int, meta: dict[str, A
 
 
 def _read_payload(path: str | Path) -> dict[str, Any]:
-    payload = torch.load(io.BytesIO(xz_decompress(Path(path).read_bytes())), map_location="cpu", weights_only=True)
+    payload = read_xz_payload(path, what="shared-weight student")
     if payload.get("format") != FORMAT:
-        raise ValueError(f"{path} is not a shared-weight student artifact")
+        raise CheckpointError(f"{path} is not a shared-weight student artifact (expected format {FORMAT})")
     return payload
 
 
@@ -132,10 +138,12 @@ def load_shared(path: str | Path, model: nn.Module, payload: dict[str, Any] | No
     return model
 
 
-def load_shared_student(path: str | Path) -> tuple[nn.Module, Any]:
-    """The student and its data module, rebuilt from the artifact's own config."""
-    payload = _read_payload(path)
-    datamodule = build_datamodule(OmegaConf.create(payload["data"]))
+def load_shared_student(path: str | Path, payload: dict[str, Any] | None = None,
+                        data_overrides: dict[str, Any] | None = None) -> tuple[nn.Module, Any]:
+    """The student and its data module, rebuilt from the artifact's own config (``payload``: the
+    file's contents, when already read)."""
+    payload = payload if payload is not None else _read_payload(path)
+    datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(payload["data"]), data_overrides or {}))
     model = build_student(OmegaConf.create(payload["student"]), **datamodule.shape)
     return load_shared(path, model, payload).eval(), datamodule
 
@@ -198,8 +206,9 @@ class WeightSharing(Callback):
 class SharingTechnique(Technique):
     """``sharing.bits=b``: k-means codebooks of 2^b shared values per layer, fine-tuned."""
 
-    name, setting, deploy_rank = "sharing", "sharing.bits", 30
+    name, setting, deploy_rank, label_rank = "sharing", "sharing.bits", 30, 2
     callback_class = WeightSharing
+    reshapes_student = True
     checks = [
         ("sharing.bits", lambda x: x is None or 1 <= x <= 8, "an integer in [1, 8], or null (off)"),
         ("sharing.start_epoch", at_least(0), ">= 0"),
@@ -226,6 +235,16 @@ class SharingTechnique(Technique):
         if state.get("layers"):
             share_weights(student, state["bits"], state["layers"], placeholders=True, codebook_sizes=state.get("codebook_sizes"))
         return student
+
+    def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
+        if payload.get("format") != FORMAT:
+            return None
+        model, datamodule = load_shared_student(path, payload, data_overrides)
+        return LoadedArtifact(model, datamodule, payload["student"]["name"], payload["data"]["name"],
+                              f"{payload['bits']}-bit shared weights", count_parameters(model), path.stat().st_size)
+
+    def hparams(self, cfg: DictConfig) -> dict[str, Any]:
+        return {"sharing_bits": cfg.sharing.bits}
 
     def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
         return f"shared{cfg.sharing.bits}b"

@@ -8,8 +8,9 @@ object in :data:`distill.compress.registry.TECHNIQUES`, keyed by its config grou
   still fails) and what it does not combine with (:meth:`Technique.check`);
 - its Lightning callback (:meth:`Technique.callback`), which after testing holds a typed
   :class:`TechniqueReport` in ``callback.report`` (None until then);
-- how to rebuild a student it trained from a checkpoint (:meth:`Technique.rebuild`), so
-  ``evaluate.py`` reloads every technique's student the same way.
+- how to rebuild a student it trained from a checkpoint (:meth:`Technique.rebuild`), and how to
+  load the file it deploys (:meth:`Technique.load_artifact`), so ``evaluate.py`` reloads every
+  technique's student and artifact the same way.
 
 A report is a dataclass of what the technique measured. :meth:`TechniqueReport.summary` gives its
 ``student/*`` keys of ``summary.json``; :meth:`TechniqueReport.deployed` the model it deploys, if
@@ -49,6 +50,20 @@ class BuildContext:
         return (self.shape["channels"], self.shape["image_size"], self.shape["image_size"])
 
 
+@dataclass(frozen=True)
+class LoadedArtifact:
+    """A deployed file loaded back for evaluation: the model, its data, and how to describe it."""
+
+    model: nn.Module
+    datamodule: Any  # a distill.data.datamodules.BaseDataModule
+    arch: str
+    data: str
+    kind: str  # e.g. "8-bit quantized", "fp32 (pruned, sparse file)"
+    params: int
+    size_bytes: int
+    cpu_only: bool = False  # integer kernels run on CPU only
+
+
 @dataclass
 class TechniqueReport:
     """Base of the typed reports. Subclasses are dataclasses whose fields are ``student/*`` keys."""
@@ -60,6 +75,10 @@ class TechniqueReport:
     def deployed(self, student: StudentFigures) -> DeployedModel | None:
         """The model this technique deploys, measured; None when it deploys none of its own."""
         return None
+
+    def describe(self) -> list[str]:
+        """What the technique did, in words, for the end-of-run printout."""
+        return []
 
     def fp32_latency(self) -> Latency | None:
         """The uncompressed student's latency, when the technique measured it beside its own model
@@ -92,10 +111,15 @@ class Technique(ABC):
     checks: ClassVar[list[Check]] = []  # range checks of its keys
     # Higher wins when several techniques each deploy a model (QAT's integer model over a pruned one).
     deploy_rank: ClassVar[int] = 0
+    # Position of its tag in a run's label (``lowrank0.25+prune0.7+int8``): lower first.
+    label_rank: ClassVar[int] = 0
     # True when the last weights, not the best-by-validation ones, are the compressed model.
     changes_weights: ClassVar[bool] = True
     # False when it cannot run under DeepSpeed ZeRO-3 (which partitions every weight across ranks).
     zero3: ClassVar[bool] = False
+    # True when its callback changes the student's structure, and so must be told the checkpoint a
+    # run resumes from (``callback.resume_from``) to rebuild that structure before the weights load.
+    reshapes_student: ClassVar[bool] = False
 
     @abstractmethod
     def enabled(self, cfg: DictConfig) -> bool:
@@ -113,10 +137,19 @@ class Technique(ABC):
         (before the checkpoint's weights load). The default: unchanged."""
         return student
 
+    def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
+        """The model in ``path`` if it is this technique's deployed file (``payload``: its contents),
+        else None. The default: the technique writes no file of its own."""
+        return None
+
     def after_load(self, student: nn.Module, cfg: DictConfig) -> nn.Module:
         """Put a rebuilt student, its weights loaded, in its evaluation state. The default: as is."""
         return student
 
-    def tag(self, cfg: DictConfig, report: TechniqueReport) -> str | None:
+    @abstractmethod
+    def hparams(self, cfg: DictConfig) -> dict[str, Any]:
+        """Its settings in ``summary.json``'s ``hparams`` (on or off: a sweep compares both)."""
+
+    def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str | None:
         """A short label for comparisons (``int8``, ``prune0.7``)."""
         return None

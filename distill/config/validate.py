@@ -118,10 +118,8 @@ def check_in_registry(cfg: DictConfig, key: str, registry: Any, what: str) -> No
         raise ConfigError(f"{key}: unknown {what} {name!r}; choose from: {', '.join(sorted(registry))}")
 
 
-def check_settings(cfg: DictConfig) -> None:
-    """The settings no single feature owns: ranges, then the combinations among them."""
-    run_checks(cfg, SETTINGS_CHECKS)
-    check_callbacks(cfg)
+def check_nonfinite_policy(cfg: DictConfig) -> None:
+    """``loss.on_nonfinite=skip`` works in one process only."""
     if cfg.loss.on_nonfinite == "skip" and not one_process(cfg):
         raise ConfigError("loss.on_nonfinite=skip needs one process: a rank that skips a step would leave the others "
                           "waiting for its gradients; use loss.on_nonfinite=stop")

@@ -8,6 +8,7 @@ written before that section existed (before the package was split into subpackag
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,24 +29,33 @@ def deployed_model(summary: dict[str, Any]) -> DeployedModel:
 
 
 def _legacy_deployed(s: dict[str, Any]) -> DeployedModel:
-    """An older summary's deployed model: the converted integer student when quantized, the 16-bit
-    one when exported so, else the trained student, at its smallest artifact's size."""
-    sizes = [v for k, v in s.items() if k.startswith("size_bytes") and isinstance(v, int)]
-    quantized, half = bool(s.get("bits")), not s.get("bits") and "acc_half" in s
-    if quantized:
-        kind, acc, lat = f"int{s['bits']}", s["acc_quant"], (s.get("latency_ms_quant"), s.get("latency_ms_quant_batch"))
-    elif half:
-        kind, acc, lat = s.get("half_dtype", "fp16"), s["acc_half"], (None, s.get("latency_ms_half_batch"))
-    elif "latency_ms_batch_after_lowrank" in s:
-        kind, acc, lat = "lowrank", s["test_acc"], (None, s["latency_ms_batch_after_lowrank"])
-    elif "latency_ms_after_removal" in s:
-        kind, acc, lat = "channels-removed", s["test_acc"], (s["latency_ms_after_removal"], s["latency_ms_batch_after_removal"])
-    else:
-        kind, acc = "fp32", s["test_acc"]
-        lat = (s.get("latency_ms_fp32", s.get("latency_ms")), s.get("latency_ms_fp32_batch", s.get("latency_ms_batch")))
-    bits = s.get("bits") or (16 if half else 32)
-    return DeployedModel(kind=kind, acc=acc, params=s.get("params"), size_bytes=min(sizes), bits=bits,
-                         latency_ms=lat[0], latency_ms_batch=lat[1], path=s.get("artifact") or s.get("best_checkpoint"))
+    """An older summary's deployed model, named as the technique reports name it now (the integer
+    student, else the 16-bit, shared-weight, low-rank, channel-removed or sparse one, else the
+    trained student), at the size the comparison gave such runs then: their smallest artifact."""
+    return replace(_legacy_kind(s), size_bytes=min(v for k, v in s.items() if k.startswith("size_bytes") and isinstance(v, int)))
+
+
+def _legacy_kind(s: dict[str, Any]) -> DeployedModel:
+    fp32 = (s.get("latency_ms_fp32", s.get("latency_ms")), s.get("latency_ms_fp32_batch", s.get("latency_ms_batch")))
+    params, acc, path = s.get("params"), s.get("test_acc"), s.get("best_checkpoint")
+    if s.get("bits"):
+        return DeployedModel(f"int{s['bits']}", s["acc_quant"], params, s.get("size_bytes_quant", 0), s["bits"],
+                             s.get("latency_ms_quant"), s.get("latency_ms_quant_batch"), s.get("artifact"))
+    if "acc_half" in s:
+        return DeployedModel(s.get("half_dtype", "fp16"), s["acc_half"], params, s.get("size_bytes_half", 0), 16, None,
+                             s.get("latency_ms_half_batch"), s.get("half_artifact"))
+    if s.get("sharing_bits"):
+        return DeployedModel(f"shared{s['sharing_bits']}b", acc, params, s.get("size_bytes_shared", 0), s["sharing_bits"], *fp32,
+                             s.get("shared_artifact"))
+    if "latency_ms_batch_after_lowrank" in s:
+        return DeployedModel("lowrank", acc, s.get("params_after_lowrank"), s.get("size_bytes_lowrank", 0), 32, None,
+                             s["latency_ms_batch_after_lowrank"], path)
+    if "latency_ms_after_removal" in s:
+        return DeployedModel("channels-removed", acc, s.get("params_after_removal"), s.get("size_bytes_removed", 0), 32,
+                             s["latency_ms_after_removal"], s["latency_ms_batch_after_removal"], s.get("shrunk_artifact"))
+    if "size_bytes_sparse" in s:
+        return DeployedModel("pruned", acc, s.get("nonzero_params"), s.get("size_bytes_sparse", 0), 32, *fp32, None)
+    return DeployedModel("fp32", acc, params, s.get("size_bytes", 0), 32, *fp32, path)
 
 
 def final_metrics(summary: dict[str, Any]) -> dict[str, float]:

@@ -28,10 +28,10 @@ def _fmt_ms(ms: float | None) -> str:
     return "-" if ms is None else f"{ms:.3f}"
 
 
-def print_comparison(summary: dict[str, Any], console: Console | None = None) -> None:
+def print_comparison(summary: dict[str, Any], console: Console | None = None, notes: list[str] | None = None) -> None:
     """A rich table from the summary's own figures: the teacher, the student as trained, and the
     model the run deploys (when a compression technique made one), with accuracy, parameters, size
-    and CPU latency at batch 1 and at the large batch."""
+    and CPU latency at batch 1 and at the large batch; then ``notes`` (what each technique did, in words)."""
     s, teacher, deployed = summary["student"], summary.get("teacher"), deployed_model(summary)
     batch = s.get("latency_batch_size")
     table = Table(title=f"distill: {summary['data']['name']} — teacher vs student")
@@ -52,29 +52,5 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None) ->
     out.print(table)
     if deployed.kind != "fp32" and deployed.path:
         out.print(f"deployed model: {deployed.path}", markup=False)
-    for line in pruning_lines(s):
+    for line in notes or []:
         out.print(line, markup=False)
-    if s.get("bits"):
-        out.print(
-            f"quantized student: {s['compression']:.2f}x smaller than fp32 (fp32 weights: {_fmt_acc(s.get('acc_fp32'))}); "
-            f"TorchScript: {s['torchscript']}; latency with {s['latency_threads']} thread(s)", markup=False,
-        )
-
-
-def pruning_lines(student: dict[str, Any]) -> list[str]:
-    """What pruning did, in words, for the end-of-run printout."""
-    if not student.get("prune_method"):
-        return []
-    lines = [
-        f"pruned ({student['prune_method']}): sparsity {100 * student['sparsity']:.2f} %, "
-        f"{student['nonzero_params']:,} non-zero parameters, dense {student['size_bytes_dense']:,} bytes"
-        + (f", sparse file (bitmask + non-zero values) {student['size_bytes_sparse']:,} bytes" if "size_bytes_sparse" in student else "")
-    ]
-    if "macs_after" in student:
-        lines.append(
-            f"channels removed: {student['macs_before']:,} -> {student['macs_after']:,} MACs, "
-            f"batch latency {student['latency_ms_batch_before_removal']:.3f} -> "
-            f"{student['latency_ms_batch_after_removal']:.3f} ms ({student['speedup_batch']:.2f}x faster), "
-            f"max |output difference| {student['max_abs_diff_after_removal']:.2e}"
-        )
-    return lines

@@ -30,7 +30,6 @@ from distill.config.validate import (
     at_least,
     check_in_registry,
     one_of,
-    run_checks,
 )
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.size import count_parameters
@@ -56,11 +55,14 @@ TEACHER_CHECKS: list[Check] = [
 
 
 def check_teacher(cfg: DictConfig) -> None:
-    """The teacher's name, ranges and file, and how its outputs may be cached for this data."""
-    run_checks(cfg, TEACHER_CHECKS)
+    """The teacher's name, and its file when one is given."""
     check_in_registry(cfg, "teacher.name", TEACHERS, "teacher")
     if cfg.teacher.checkpoint and cfg.loss.alpha != 0 and not Path(cfg.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher.checkpoint: no such file: {cfg.teacher.checkpoint}")
+
+
+def check_teacher_outputs(cfg: DictConfig) -> None:
+    """How the teacher's outputs may be cached for this data (augmented or not)."""
     if cfg.teacher.cache_views is not None:
         if not cfg.data.augment:
             raise ConfigError("teacher.cache_views needs data.augment=true (without augmentation every run already reuses one view)")

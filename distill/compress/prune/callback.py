@@ -33,21 +33,34 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.nn.utils import prune
 
 from distill.compress.export import save_torchscript
 from distill.compress.prune.channel_removal import count_macs, remove_pruned_channels
 from distill.compress.prune.masks import bake, effective
-from distill.compress.prune.sparse_format import SPARSE_ARTIFACT, save_sparse
+from distill.compress.prune.sparse_format import (
+    SPARSE_ARTIFACT,
+    decode,
+    is_sparse_file,
+    save_sparse,
+)
 from distill.compress.quant import backend as quant_backend
-from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.compress.technique import (
+    BuildContext,
+    LoadedArtifact,
+    StudentFigures,
+    Technique,
+    TechniqueReport,
+)
 from distill.config.validate import at_least, epochs_bound, one_of
-from distill.errors import ConfigError
+from distill.data.datamodules import build_datamodule
+from distill.errors import CheckpointError, ConfigError
 from distill.measure import latency
 from distill.measure.record import DeployedModel
 from distill.measure.size import serialized_size_bytes
+from distill.models.registry import build_student
 from distill.runtime.rank_sync import verify_identical
 
 log = logging.getLogger(__name__)
@@ -83,7 +96,7 @@ class PruneReport(TechniqueReport):
     sparsity_per_layer: dict[str, float]
     nonzero_params: int
     size_bytes_dense: int  # the fp32 student, masks baked in
-    size_bytes_sparse: int | None = None  # the sparse file (bitmask + non-zero values); not for a QAT student
+    size_bytes_sparse: int | None = None  # the sparse file (bitmask + non-zero values)
     sparse_artifact: str | None = None
     channels_pruned: dict[str, int] | None = None  # structured
     removal: ChannelRemoval | None = None  # structured, with prune.remove_channels
@@ -109,6 +122,19 @@ class PruneReport(TechniqueReport):
 
     def fp32_size_bytes(self) -> int:
         return self.size_bytes_dense
+
+    def describe(self) -> list[str]:
+        lines = [
+            f"pruned ({self.prune_method}): sparsity {100 * self.sparsity:.2f} %, {self.nonzero_params:,} non-zero parameters, "
+            f"dense {self.size_bytes_dense:,} bytes"
+            + (f", sparse file (bitmask + non-zero values) {self.size_bytes_sparse:,} bytes" if self.size_bytes_sparse else "")
+        ]
+        if self.removal is not None:
+            r = self.removal
+            lines.append(f"channels removed: {r.macs_before:,} -> {r.macs_after:,} MACs, batch latency "
+                         f"{r.latency_ms_batch_before_removal:.3f} -> {r.latency_ms_batch_after_removal:.3f} ms "
+                         f"({r.speedup_batch:.2f}x faster), max |output difference| {r.max_abs_diff_after_removal:.2e}")
+        return lines
 
 
 def gradual_sparsity(t: float, start: float, end: float, final: float, initial: float = 0.0) -> float:
@@ -336,8 +362,9 @@ class Pruning(Callback):
             size_bytes_dense=serialized_size_bytes(dense) if not qat else sum(v.numel() * v.element_size() for v in state.values()),
             channels_pruned=sparsity.get("channels_pruned"),
         )
-        # The sparse file of the fp32 student (a QAT student deploys its integer artifact instead).
-        if not qat and self.output_dir is not None:
+        # The sparse file of the fp32 weights (for a QAT student, of its prepared model with fake
+        # quantization off; it deploys its integer artifact, which a higher-ranked technique reports).
+        if self.output_dir is not None:
             path = save_sparse(Path(self.output_dir) / SPARSE_ARTIFACT, state, self.meta)
             report.size_bytes_sparse, report.sparse_artifact = path.stat().st_size, str(path)
         if self.remove_channels and not qat and self.sample_shape is not None:
@@ -387,7 +414,7 @@ class Pruning(Callback):
 class PruneTechnique(Technique):
     """``prune.method=magnitude|structured``: masks grown on a schedule, then the sparse or shrunk student."""
 
-    name, setting, deploy_rank = "prune", "prune.method", 10
+    name, setting, deploy_rank, label_rank = "prune", "prune.method", 10, 1
     callback_class = Pruning
     checks = [
         ("prune.method", one_of(*METHODS), "one of: none, magnitude, structured"),
@@ -426,11 +453,44 @@ class PruneTechnique(Technique):
             end_epoch=p.end_epoch, frequency=p.frequency, interval=p.interval, layers=list(p.layers),
             norm=p.norm, prune_classifier=p.prune_classifier, remove_channels=p.remove_channels,
             sample_shape=ctx.sample_shape, latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads,
-            output_dir=ctx.output_dir, meta={"student": ctx.student_cfg, "data": ctx.data_cfg},
+            output_dir=ctx.output_dir, meta={"student": ctx.student_cfg, "data": ctx.data_cfg, "quant": _quant_meta(cfg)},
         )
+
+    def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
+        if not is_sparse_file(payload):
+            return None
+        for key in ("student", "data"):
+            if not payload.get(key):
+                raise CheckpointError(f"sparse student {path} does not record its {key} settings; cannot evaluate it")
+        state = decode(payload["state"])
+        datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(payload["data"]), data_overrides))
+        shape = datamodule.shape
+        student = build_student(OmegaConf.create(payload["student"]), **shape)
+        quant = payload.get("quant")
+        if quant:  # the fp32 weights of a QAT student: its prepared structure, fake quantization off
+            example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
+            student = quant_backend.prepare_qat(student, quant["bits"], quant["per_channel"], example, quant["backend"])
+            quant_backend.set_fake_quant(student, False)
+            quant_backend.set_observers(student, False)
+        missing, unexpected = student.load_state_dict(state, strict=False)
+        missing = [k for k in missing if not (quant and ("activation_post_process" in k or "fake_quant" in k))]
+        if missing or unexpected:
+            raise CheckpointError(f"sparse student {path} does not match its own config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        nonzero = int(sum(int((p != 0).sum()) for p in student.parameters()))
+        return LoadedArtifact(student.eval(), datamodule, payload["student"]["name"], payload["data"]["name"],
+                              "fp32 (pruned, sparse file)", nonzero, path.stat().st_size)
+
+    def hparams(self, cfg: DictConfig) -> dict[str, Any]:
+        on = cfg.prune.method != "none"
+        return {"prune_method": cfg.prune.method, "prune_amount": cfg.prune.amount if on else None}
 
     def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
         return f"prune{cfg.prune.amount:g}"
+
+
+def _quant_meta(cfg: DictConfig) -> dict[str, Any] | None:
+    q = cfg.quant
+    return {"bits": q.bits, "per_channel": q.per_channel, "backend": q.backend} if q.bits is not None else None
 
 
 @torch.no_grad()

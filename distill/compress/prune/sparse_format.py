@@ -5,21 +5,18 @@ Each floating-point tensor is stored as a bitmask of its non-zero positions (1 b
 are. At 70 % sparsity an fp32 weight costs 0.3 x 4 + 1/8 = 1.325 bytes instead of 4. The
 encoding is exact: :func:`decode` returns the identical tensors. The file holds the encoded state
 dict and the student's and data's config, so ``evaluate.py ckpt_path=run/student_sparse.pt``
-rebuilds and tests the student from it alone (:func:`load_sparse`).
+rebuilds and tests the student from it alone (:meth:`distill.compress.prune.callback.PruneTechnique.load_artifact`).
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from distill.errors import CheckpointError
 from distill.runtime.atomic import atomic_torch_save
-from distill.runtime.checkpoint_io import load_checkpoint
 
 FORMAT = "distill.sparse-student/1"
 SPARSE_ARTIFACT = "student_sparse.pt"
@@ -55,13 +52,6 @@ def decode(encoded: dict[str, Any]) -> dict[str, torch.Tensor]:
     return out
 
 
-def sparse_size_bytes(state: dict[str, torch.Tensor]) -> int:
-    """Bytes of ``torch.save(encode(state))``."""
-    buffer = io.BytesIO()
-    torch.save(encode(state), buffer)
-    return buffer.getbuffer().nbytes
-
-
 def save_sparse(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str, Any]) -> Path:
     """Write ``state`` sparse-encoded, with ``meta`` (the student and data config), atomically."""
     return atomic_torch_save({"format": FORMAT, **meta, "state": encode(state)}, path)
@@ -69,11 +59,3 @@ def save_sparse(path: str | Path, state: dict[str, torch.Tensor], meta: dict[str
 
 def is_sparse_file(payload: dict[str, Any]) -> bool:
     return payload.get("format") == FORMAT
-
-
-def load_sparse(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """(the dense state dict, the file's metadata) from a file written by :func:`save_sparse`."""
-    payload = load_checkpoint(path, what="sparse student")
-    if not is_sparse_file(payload):
-        raise CheckpointError(f"{path} is not a distill sparse student (expected format {FORMAT})")
-    return decode(payload["state"]), {k: v for k, v in payload.items() if k != "state"}

@@ -15,7 +15,6 @@ file that plain PyTorch runs without this package (``torch.jit.load``), at int8 
 
 from __future__ import annotations
 
-import io
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,11 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from distill.compress.packing import (
-    is_xz,
     pack_codes,
+    read_xz_payload,
     torch_bytes,
     unpack_codes,
     xz_compress,
-    xz_decompress,
 )
 from distill.compress.quant.backend import convert, prepare_qat
 from distill.errors import CheckpointError
@@ -155,26 +153,12 @@ def save_quantized(
     return atomic_write(path, lambda fh: fh.write(data))
 
 
-def is_quantized_artifact(path: str | Path) -> bool:
-    return is_xz(path)
-
-
-def _read_payload(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"quantized student not found: {path}")
-    try:
-        payload = torch.load(io.BytesIO(xz_decompress(path.read_bytes())), map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, corrupt, or not an artifact at all
-        raise CheckpointError(f"quantized student {path} is corrupt or not a distill artifact: {type(err).__name__}: {err}") from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+def load_quantized(path: str | Path, payload: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the quantized student saved by :func:`save_quantized` (``payload``: the file's
+    contents, when already read); returns (model, metadata)."""
+    payload = payload if payload is not None else read_xz_payload(path, what="quantized student")
+    if payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a distill quantized student (expected format {FORMAT})")
-    return payload
-
-
-def load_quantized(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the quantized student saved by :func:`save_quantized`; returns (model, metadata)."""
-    payload = _read_payload(path)
     shape = payload["shape"]
     student = build_student(OmegaConf.create(payload["student"]), **shape)
     example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])

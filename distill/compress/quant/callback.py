@@ -26,19 +26,28 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill.compress.export import save_torchscript
 from distill.compress.quant import backend as quant_backend
-from distill.compress.quant.artifact import save_quantized
-from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.compress.quant.artifact import FORMAT as ARTIFACT_FORMAT
+from distill.compress.quant.artifact import load_quantized, save_quantized
+from distill.compress.technique import (
+    BuildContext,
+    LoadedArtifact,
+    StudentFigures,
+    Technique,
+    TechniqueReport,
+)
 from distill.config.validate import at_least, epochs_bound, one_of
-from distill.errors import ConfigError
+from distill.data.datamodules import build_datamodule
+from distill.errors import CheckpointError, ConfigError
 from distill.measure import latency
 from distill.measure.accuracy import loader_accuracy
 from distill.measure.record import DeployedModel, Latency
-from distill.measure.size import serialized_size_bytes
+from distill.measure.size import count_parameters, serialized_size_bytes
+from distill.models.registry import build_student
 from distill.runtime.rank_sync import broadcast_buffers, verify_identical
 
 log = logging.getLogger(__name__)
@@ -76,6 +85,10 @@ class QATReport(TechniqueReport):
 
     def fp32_latency(self) -> Latency:
         return Latency(self.latency_ms_fp32, self.latency_ms_fp32_batch)
+
+    def describe(self) -> list[str]:
+        return [f"quantized student: {self.compression:.2f}x smaller than fp32 (fp32 weights: {100 * self.acc_fp32:.2f} %); "
+                f"TorchScript: {self.torchscript}; latency with {self.latency_threads} thread(s)"]
 
     def fp32_size_bytes(self) -> int:
         return self.size_bytes_fp32
@@ -241,7 +254,7 @@ class QuantizationAwareTraining(Callback):
 class QuantTechnique(Technique):
     """``quant.bits=N``: quantization-aware training, then the converted integer student."""
 
-    name, setting, deploy_rank = "quant", "quant.bits", 50
+    name, setting, deploy_rank, label_rank = "quant", "quant.bits", 50, 3
     callback_class = QuantizationAwareTraining
     checks = [
         ("quant.bits", lambda x: x is None or 2 <= x <= 8, "an integer in [2, 8], or null (off)"),
@@ -281,9 +294,23 @@ class QuantTechnique(Technique):
         # A checkpoint taken during QAT holds the QAT student (fake quantizers with their scales).
         return quant_backend.prepare_qat(student, cfg.quant.bits, cfg.quant.per_channel, example, cfg.quant.backend)
 
+    def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
+        if payload.get("format") != ARTIFACT_FORMAT:
+            return None
+        model, meta = load_quantized(path, payload)
+        if not meta.get("data"):
+            raise CheckpointError(f"quantized student {path} does not record its data settings; cannot evaluate it")
+        datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(meta["data"]), data_overrides))
+        params = count_parameters(build_student(OmegaConf.create(meta["student"]), **meta["shape"]))
+        return LoadedArtifact(model, datamodule, meta["student"]["name"], meta["data"]["name"], f"{meta['bits']}-bit quantized",
+                              params, path.stat().st_size, cpu_only=True)
+
     def after_load(self, student: nn.Module, cfg: DictConfig) -> nn.Module:
         quant_backend.set_observers(student, False)  # evaluate with the trained scales; never re-calibrate on test data
         return student
+
+    def hparams(self, cfg: DictConfig) -> dict[str, Any]:
+        return {"bits": cfg.quant.bits}
 
     def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
         return f"int{cfg.quant.bits}"
