@@ -89,17 +89,19 @@ class Compression:
             if technique.reshapes_student:
                 callback.resume_from = ckpt_path
 
+    def reported(self) -> list[tuple[Technique, TechniqueReport]]:
+        """(technique, report) of every technique that reported (after testing, on rank 0), in callback order."""
+        return [(t, c.report) for t, c in self.applied if getattr(c, "report", None) is not None]
+
     def reports(self) -> list[tuple[Technique, TechniqueReport]]:
-        """(technique, report) of every technique that reported, highest ``deploy_rank`` first."""
-        done = [(t, c.report) for t, c in self.applied if getattr(c, "report", None) is not None]
-        return sorted(done, key=lambda tr: -tr[0].deploy_rank)
+        """:meth:`reported`, highest ``deploy_rank`` first."""
+        return sorted(self.reported(), key=lambda tr: -tr[0].deploy_rank)
 
     def summary(self) -> dict[str, Any]:
         """Every report's ``student/*`` keys, merged in callback order."""
         out: dict[str, Any] = {}
-        for _, callback in self.applied:
-            if getattr(callback, "report", None) is not None:
-                out.update(callback.report.summary())
+        for _, report in self.reported():
+            out.update(report.summary())
         return out
 
     def fp32_latency(self) -> Latency | None:
@@ -116,20 +118,16 @@ class Compression:
             model = report.deployed(student)
             if model is not None:
                 return model
-        lat = student.latency
-        return DeployedModel(kind="fp32", acc=student.test_acc, params=student.params, size_bytes=student.size_bytes, bits=32,
-                             latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None,
-                             path=student.checkpoint)
+        return student.deployed_as("fp32", student.params, student.size_bytes, 32, student.checkpoint)
 
     def label(self, cfg: DictConfig) -> list[str]:
         """Short labels of the techniques that reported (``lowrank0.25``, ``prune0.7``, ``int8``)."""
-        done = sorted((t for t, c in self.applied if getattr(c, "report", None) is not None), key=lambda t: t.label_rank)
-        reports = {t.name: c.report for t, c in self.applied}
-        return [tag for t in done if (tag := t.tag(cfg, reports[t.name]))]
+        done = sorted(self.reported(), key=lambda tr: tr[0].label_rank)
+        return [tag for t, report in done if (tag := t.tag(cfg, report))]
 
     def describe(self) -> list[str]:
         """Every report's description lines, in callback order."""
-        return [line for _, c in self.applied if getattr(c, "report", None) is not None for line in c.report.describe()]
+        return [line for _, report in self.reported() for line in report.describe()]
 
 
 def technique_hparams(cfg: DictConfig) -> dict[str, Any]:

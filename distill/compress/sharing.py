@@ -156,10 +156,9 @@ class SharingReport(TechniqueReport):
     shared_artifact: str
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
-        lat = student.latency  # it runs as the fp32 student once the codebooks are expanded
-        return DeployedModel(kind=f"shared{self.sharing_bits}b", acc=student.test_acc, params=student.params,
-                             size_bytes=self.size_bytes_shared, bits=self.sharing_bits, latency_ms=lat.ms if lat else None,
-                             latency_ms_batch=lat.ms_batch if lat else None, path=self.shared_artifact)
+        # It runs as the fp32 student once the codebooks are expanded.
+        return student.deployed_as(f"shared{self.sharing_bits}b", student.params, self.size_bytes_shared, self.sharing_bits,
+                                   self.shared_artifact)
 
 
 class WeightSharing(Callback):

@@ -101,6 +101,12 @@ class StudentFigures:
     checkpoint: str | None
     latency: Latency | None
 
+    def deployed_as(self, kind: str, params: int | None, size_bytes: int, bits: int, path: str | None) -> DeployedModel:
+        """This student deployed in another file (same accuracy and latency: it runs as the trained student)."""
+        lat = self.latency
+        return DeployedModel(kind=kind, acc=self.test_acc, params=params, size_bytes=size_bytes, bits=bits,
+                             latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None, path=path)
+
 
 class Technique(ABC):
     """One compression technique. Subclasses set the class attributes and implement the methods."""

@@ -114,10 +114,7 @@ class PruneReport(TechniqueReport):
                                  size_bytes=r.size_bytes_removed, bits=32, latency_ms=r.latency_ms_after_removal,
                                  latency_ms_batch=r.latency_ms_batch_after_removal, path=r.shrunk_artifact)
         if self.size_bytes_sparse is not None:
-            lat = student.latency
-            return DeployedModel(kind="pruned", acc=student.test_acc, params=self.nonzero_params, size_bytes=self.size_bytes_sparse,
-                                 bits=32, latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None,
-                                 path=self.sparse_artifact)
+            return student.deployed_as("pruned", self.nonzero_params, self.size_bytes_sparse, 32, self.sparse_artifact)
         return None
 
     def fp32_size_bytes(self) -> int:
