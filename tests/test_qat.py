@@ -183,3 +183,12 @@ def test_torchscript_artifact_runs_with_plain_pytorch(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code, report["torchscript"], str(tmp_path / "x.pt"), str(tmp_path / "y.pt")], check=True, cwd=tmp_path)
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_an_empty_quantized_tensor_packs_and_unpacks():
+    from distill.compress.quant.artifact import _decode_qtensor, _encode_qtensor
+
+    for dtype, low in ((torch.qint8, -7), (torch.quint8, 0)):
+        empty = torch.quantize_per_tensor(torch.empty(0, 4), 0.1, 0, dtype)
+        entry = _encode_qtensor(empty, 4)
+        assert entry["low"] == low and _decode_qtensor(entry, 4).shape == (0, 4)

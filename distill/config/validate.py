@@ -50,9 +50,33 @@ def epochs_bound(cfg: DictConfig) -> int | None:
     return None if cfg.trainer.get("fast_dev_run") else cfg.trainer.max_epochs
 
 
+def _on_gpu(trainer: DictConfig) -> bool:
+    accelerator = str(trainer.accelerator)
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def devices_per_node(trainer: DictConfig) -> int:
+    """``trainer.devices`` resolved as Lightning resolves it: a count, a list of indices, or
+    ``auto`` / ``-1`` (every GPU; one process on CPU for ``auto``, every core for ``-1``)."""
+    devices, gpu = trainer.devices, _on_gpu(trainer)
+    if isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        return len(devices)
+    text = str(devices).strip()
+    if text.lstrip("-").isdigit() and int(text) >= 0:
+        return int(text)
+    if text == "-1":
+        return torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    return max(torch.cuda.device_count(), 1) if gpu else 1  # auto
+
+
+def world_size(cfg: DictConfig) -> int:
+    """How many training processes the run starts: devices per node times ``trainer.num_nodes``."""
+    return devices_per_node(cfg.trainer) * int(cfg.trainer.num_nodes)
+
+
 def one_process(cfg: DictConfig) -> bool:
-    """Whether the run trains in a single process (no DDP, no DeepSpeed, one device)."""
-    return cfg.strategy.name == "auto" and str(cfg.trainer.devices) in ("1", "auto")
+    """Whether the run trains in a single process (no DDP, no DeepSpeed, one device on one node)."""
+    return cfg.strategy.name == "auto" and world_size(cfg) == 1
 
 
 OPTIM_CHECKS: list[Check] = [
@@ -144,7 +168,9 @@ def check_devices(trainer: DictConfig) -> None:
     accelerator, devices = str(trainer.accelerator), trainer.devices
     if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (use trainer.accelerator=cpu or auto)")
-    gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    gpu = _on_gpu(trainer)
+    if devices_per_node(trainer) < 1:
+        raise ConfigError(f"trainer.devices={devices!r} is out of range: must be >= 1, -1 (every device) or auto")
     available = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
     wanted = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
     if wanted is not None and wanted > available:

@@ -38,8 +38,10 @@ def verify_identical(module: nn.Module, suffixes: tuple[str, ...], what: str) ->
     """Raise if the selected buffers differ between ranks; return the number of ranks compared."""
     if not is_distributed():
         return 1
-    parts = [buf.detach().reshape(-1).double().cpu() for name, buf in module.named_buffers() if name.endswith(suffixes)]
-    mine = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    # Gathered where the buffers live: NCCL (GPU DDP, DeepSpeed) rejects CPU tensors, gloo takes CPU ones.
+    parts = [buf.detach().reshape(-1).double() for name, buf in module.named_buffers() if name.endswith(suffixes)]
+    device = parts[0].device if parts else next((t.device for t in (*module.buffers(), *module.parameters())), torch.device("cpu"))
+    mine = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, mine)
     for rank, other in enumerate(gathered):

@@ -42,7 +42,8 @@ FORMAT = "distill.quantized-student/1"
 def _encode_qtensor(t: torch.Tensor, bits: int) -> dict[str, Any]:
     ints = t.int_repr()
     signed = t.dtype == torch.qint8
-    low = int(ints.min()) if not ints.numel() else min(int(ints.min()), -(2 ** (bits - 1)) + 1 if signed else 0)
+    narrow = -(2 ** (bits - 1)) + 1 if signed else 0  # the lowest code of the b-bit range
+    low = min(int(ints.min()), narrow) if ints.numel() else narrow
     entry: dict[str, Any] = {
         "kind": "qtensor",
         "dtype": str(t.dtype).removeprefix("torch."),
