@@ -1,5 +1,6 @@
 """Precomputed teacher logits: same numbers as the live teacher, looked up by sample index."""
 
+import math
 import subprocess
 import sys
 import textwrap
@@ -8,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -109,9 +111,51 @@ def test_float16_and_topk_storage(tmp_path):
     dense = top.dense()
     values, indices = exact.topk(2, dim=1)
     torch.testing.assert_close(dense.gather(1, indices), values)
-    # the other classes sit 10 below the smallest kept logit
+    # the other 3 classes share the teacher's remaining probability evenly: their logit is L - log 3
     rest = dense.clone().scatter_(1, indices, float("inf"))
-    assert torch.allclose(rest[rest != float("inf")].reshape(len(data), 3), (values[:, -1:] - 10).expand(-1, 3))
+    rest_lse = exact.clone().scatter_(1, indices, float("-inf")).logsumexp(dim=1, keepdim=True)
+    torch.testing.assert_close(rest[rest != float("inf")].reshape(len(data), 3), (rest_lse - math.log(3)).expand(-1, 3))
+
+
+def _teacher_like_logits(n: int = 2000, classes: int = 100) -> torch.Tensor:
+    """Logits shaped like a trained teacher's: one class well ahead, the others spread around 0."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(n, classes, generator=g) * 1.5
+    z[torch.arange(n), torch.randint(0, classes, (n,), generator=g)] += 8.0
+    return z
+
+
+def _kl(full: torch.Tensor, approx: torch.Tensor, t: float) -> float:
+    p, q = F.log_softmax(full / t, dim=1), F.log_softmax(approx / t, dim=1)
+    return F.kl_div(q, p, reduction="batchmean", log_target=True).item()
+
+
+@pytest.mark.parametrize("k", [5, 10])
+@pytest.mark.parametrize("t", [1.0, 4.0, 8.0])
+def test_topk_soft_targets_stay_close_to_the_full_table(k, t):
+    logits = _teacher_like_logits()
+    v, i = encode_topk(logits, k)
+    decoded = decode_topk(torch.from_numpy(v), torch.from_numpy(i), 100)
+    # The bound (nats per sample, 100 classes): what the even split of the rest's mass costs.
+    assert _kl(logits, decoded, t) < 0.08
+    # A fill constant (min(top-k) - 10, the old format) puts the constant's share on the rest.
+    values, indices = logits.topk(k, dim=1)
+    constant = (values.min(dim=1, keepdim=True).values - 10).expand(-1, 100).clone().scatter_(1, indices, values)
+    assert _kl(logits, decoded, t) < 0.5 * _kl(logits, constant, t)
+
+
+def test_topk_keeps_exact_probabilities_at_t1():
+    logits = _teacher_like_logits(200)
+    v, i = encode_topk(logits, 5)
+    decoded = decode_topk(torch.from_numpy(v), torch.from_numpy(i), 100)
+    top = torch.from_numpy(i).long()
+    torch.testing.assert_close(F.softmax(decoded, 1).gather(1, top), F.softmax(logits, 1).gather(1, top), atol=1e-6, rtol=1e-5)
+    # the issue's example: top-5 logits 10, 8, 7, 6, 5 and 95 classes at 0
+    z = torch.zeros(1, 100)
+    z[0, :5] = torch.tensor([10.0, 8, 7, 6, 5])
+    v, i = encode_topk(z, 5)
+    rest_mass = F.softmax(decode_topk(torch.from_numpy(v), torch.from_numpy(i), 100) / 4, 1)[0, 5:].sum()
+    assert rest_mass.item() == pytest.approx(F.softmax(z / 4, 1)[0, 5:].sum().item(), rel=1e-5)  # equal logits: exact at any T
 
 
 def test_topk_round_trip():
