@@ -81,3 +81,15 @@ def test_deepspeed_zero2_with_qat_and_pruning_keeps_every_rank_identical(tmp_pat
     assert set(ds["student"]) == set(single["compress"]["student"])
     assert abs(ds["student"]["sparsity"] - 0.5) < 0.01
     _assert_identical_on_every_rank(tmp_path / "zero2")
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """Rank 1 alone sees a NaN batch: the decision is collective, so the run stops with status 3 and
+    the named error, not with gloo's "Connection closed by peer" (or, under NCCL, a 30-minute hang)."""
+    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    result = run_script("train.py", *RUN, "strategy=ddp", "trainer.devices=2", "loss.alpha=0",
+                        "+callbacks.poison._target_=tests.poison_callback.PoisonBatch", "+callbacks.poison.step=2",
+                        "+callbacks.poison.rank=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env, timeout=300)
+    assert result.returncode == 3, result.stderr[-4000:]
+    assert "non-finite training loss at epoch 0, step 2 on at least one of 2 ranks" in result.stderr
+    assert "Connection closed by peer" not in result.stderr

@@ -104,11 +104,14 @@ class DistillationModule(L.LightningModule):
         if self.hints is not None:  # the forward passes above filled the hooked features
             terms["hint"] = self.hints()
             terms["loss"] = terms["loss"] + terms["hint"]
-        if not torch.isfinite(terms["loss"]):
+        if self._nonfinite_anywhere(terms["loss"]):
             # Stop now, before the optimizer step puts NaN into the weights (and into a
             # checkpoint); or, with loss.on_nonfinite=skip, drop this batch and count it.
-            parts = ", ".join(f"{name}={value.item()}" for name, value in terms.items() if name != "loss")
-            where = f"epoch {self.current_epoch}, step {self.global_step} ({parts})"
+            if self.trainer.world_size > 1:  # the same words on every rank: the decision was collective
+                where = f"epoch {self.current_epoch}, step {self.global_step} on at least one of {self.trainer.world_size} ranks"
+            else:
+                parts = ", ".join(f"{name}={value.item()}" for name, value in terms.items() if name != "loss")
+                where = f"epoch {self.current_epoch}, step {self.global_step} ({parts})"
             if not self.skip_nonfinite:
                 raise NonFiniteLossError(f"non-finite training loss at {where}; lower optim.lr, check the data, "
                                          "or set loss.on_nonfinite=skip to drop such batches")
@@ -121,6 +124,16 @@ class DistillationModule(L.LightningModule):
             self.log(f"train/{name}", self.train_means[name], on_step=True, on_epoch=True)
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return terms["loss"]
+
+    def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is NaN or infinite on this rank or any other. One all-reduce of a flag per
+        step under data parallelism: every rank then stops at the same step, instead of one rank
+        raising and the others waiting in their next collective (a gloo error, or NCCL's timeout).
+        (Deciding in Python needs the flag on the host: the same device sync the single-process check had.)"""
+        bad = not bool(torch.isfinite(loss))
+        if self._trainer is not None and self.trainer.world_size > 1:
+            bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
+        return bad
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
