@@ -107,8 +107,8 @@ class DistillationModule(L.LightningModule):
         if self._nonfinite_anywhere(terms["loss"]):
             # Stop now, before the optimizer step puts NaN into the weights (and into a
             # checkpoint); or, with loss.on_nonfinite=skip, drop this batch and count it.
-            if self.trainer.world_size > 1:  # the same words on every rank: the decision was collective
-                where = f"epoch {self.current_epoch}, step {self.global_step} on at least one of {self.trainer.world_size} ranks"
+            if self._world_size() > 1:  # the same words on every rank: the decision was collective
+                where = f"epoch {self.current_epoch}, step {self.global_step} on at least one of {self._world_size()} ranks"
             else:
                 parts = ", ".join(f"{name}={value.item()}" for name, value in terms.items() if name != "loss")
                 where = f"epoch {self.current_epoch}, step {self.global_step} ({parts})"
@@ -125,13 +125,16 @@ class DistillationModule(L.LightningModule):
         self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
         return terms["loss"]
 
+    def _world_size(self) -> int:
+        return self.trainer.world_size if self._trainer is not None else 1
+
     def _nonfinite_anywhere(self, loss: torch.Tensor) -> bool:
         """Whether the loss is NaN or infinite on this rank or any other. One all-reduce of a flag per
         step under data parallelism: every rank then stops at the same step, instead of one rank
         raising and the others waiting in their next collective (a gloo error, or NCCL's timeout).
         (Deciding in Python needs the flag on the host: the same device sync the single-process check had.)"""
         bad = not bool(torch.isfinite(loss))
-        if self._trainer is not None and self.trainer.world_size > 1:
+        if self._world_size() > 1:
             bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
         return bad
 
