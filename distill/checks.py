@@ -15,6 +15,7 @@ from distill.compress.registry import check_techniques, technique_range_checks
 from distill.config.validate import (
     SETTINGS_CHECKS,
     check_callbacks,
+    check_creatable_directory,
     check_devices,
     check_in_registry,
     check_nonfinite_policy,
@@ -45,6 +46,7 @@ def validate(cfg: DictConfig) -> None:
     check_hints(cfg)
     check_teacher_outputs(cfg)
     check_resume(cfg)
+    check_creatable_directory("teacher.cache_dir", cfg.teacher.cache_dir)
     check_devices(cfg.trainer)
 
 

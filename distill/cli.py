@@ -7,6 +7,10 @@ import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+from hydra.experimental.callback import Callback as HydraCallback
+from omegaconf import DictConfig
+
+from distill.config.validate import check_creatable_directory
 from distill.errors import (
     CheckpointError,
     ConfigError,
@@ -21,6 +25,25 @@ T = TypeVar("T")
 USER_ERRORS = (ConfigError, CheckpointError, UnknownModelError, FileNotFoundError)
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
+
+
+class RunDirectoryCheck(HydraCallback):
+    """Hydra callback (conf/hydra/default.yaml): a run or sweep directory that cannot be a directory
+    is a named error (exit 2) before Hydra tries to create it, not a ``FileExistsError`` traceback."""
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check("hydra.sweep.dir", config.hydra.sweep.dir)
+
+    @staticmethod
+    def _check(key: str, path: str) -> None:
+        try:
+            check_creatable_directory(key, path)
+        except ConfigError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(EXIT_USER_ERROR)
 
 
 def guarded(fn: Callable[..., T], *args: Any) -> T:

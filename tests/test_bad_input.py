@@ -53,6 +53,11 @@ CASES = [
     ("trainer.accelerator=cpu trainer.devices=4096", "trainer.devices=4096 but this machine has"),
     ("trainer.accelerator=gpu", "trainer.accelerator=gpu but this machine has no CUDA GPU"),
     ("hydra.run.dir=/proc/version/run", "/proc/version/run"),  # an output directory that cannot be made
+    ("hydra.run.dir={corrupt}", "hydra.run.dir={corrupt}: {corrupt} is a file, not a directory"),  # was a FileExistsError traceback
+    ("hydra.run.dir={corrupt}/run", "hydra.run.dir={corrupt}/run: {corrupt} is a file, not a directory"),
+    ("teacher.cache_dir={corrupt}/teachers", "teacher.cache_dir={corrupt}/teachers: {corrupt} is a file, not a directory"),
+    ("teacher.cache_dir=/proc/nope/teachers", "teacher.cache_dir: cannot create /proc/nope/teachers"),  # found at run time, named
+    ("trainer.devices=0", "trainer.devices=0 is out of range: must be >= 1, -1 (every device) or auto"),  # was Lightning's traceback
     ("trainer.fast_dev_run=false quant.bits=8 trainer.max_epochs=3 quant.start_epoch=3", "quant.start_epoch=3 must be < trainer.max_epochs=3"),
     ("objective.metric=acc_quant", "objective.metric=acc_quant needs quantization-aware training"),
     ("loss.on_nonfinite=ignore", "loss.on_nonfinite='ignore' is out of range"),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -161,6 +162,19 @@ def check_callbacks(cfg: DictConfig) -> None:
             get_object(target)
         except Exception as err:  # ImportError, or a _target_ that is not a dotted path
             raise ConfigError(f"callbacks.{name}._target_: cannot import {target!r} ({err})") from err
+
+
+def check_creatable_directory(key: str, path: str | os.PathLike) -> None:
+    """``path`` is a directory, or could be made one: no file stands in its way, and the nearest
+    existing ancestor is writable. A failure names the setting, not only the path."""
+    target = Path(path).expanduser()
+    for part in (target, *target.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ConfigError(f"{key}={path}: {part} is a file, not a directory")
+            if part != target and not os.access(part, os.W_OK | os.X_OK):
+                raise ConfigError(f"{key}={path}: cannot create it ({part} is not writable)")
+            return
 
 
 def check_devices(trainer: DictConfig) -> None:

@@ -49,7 +49,7 @@ from distill.data.datamodules import BaseDataModule
 from distill.data.datasets import TransformedSubset
 from distill.errors import ConfigError
 from distill.runtime.atomic import atomic_write, atomic_write_text
-from distill.teacher.provision import TeacherInfo
+from distill.teacher.provision import TeacherInfo, make_cache_dir
 from distill.teacher.views import ReplayedViews
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ class TeacherOutputCache:
 
     def write(self, key: str, logits: torch.Tensor, dtype: str, topk: int | None, meta: dict[str, Any]) -> None:
         p = self.paths(key)
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_cache_dir(self.dir)
         p["meta"].unlink(missing_ok=True)  # the description goes last: no reader trusts a half entry
         if topk:
             values, indices = encode_topk(logits, topk)
@@ -174,7 +174,7 @@ class TeacherOutputCache:
         """The stored outputs for ``key``, computing and storing them first if needed (once, under a
         lock, however many processes ask). Returns (outputs, "cache" | "computed")."""
         rows = len(dataset)  # type: ignore[arg-type]
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_cache_dir(self.dir)
         with FileLock(str(self.dir / f"{key}.lock")):
             found = self.read(key, rows, num_classes)
             if found is not None:

@@ -76,6 +76,14 @@ def check_teacher_outputs(cfg: DictConfig) -> None:
         )
 
 
+def make_cache_dir(path: Path) -> None:
+    """``mkdir -p`` a directory under ``teacher.cache_dir``; a failure names the setting."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConfigError(f"teacher.cache_dir: cannot create {path}: {err.strerror or err}") from err
+
+
 @dataclass
 class TeacherInfo:
     arch: str
@@ -108,7 +116,7 @@ class TeacherCache:
         return self.dir / f"{arch}-{key}.pt"
 
     def lock(self, arch: str, key: str) -> FileLock:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_cache_dir(self.dir)
         return FileLock(str(self.path(arch, key)) + ".lock")
 
     def read(self, arch: str, key: str) -> dict[str, Any] | None:
