@@ -111,7 +111,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     fit = fit_student(cfg, datamodule, teacher, output_dir, extra_callbacks)
     tested = evaluate_student(cfg, fit, datamodule)
     student = measure_student(cfg, fit, tested, datamodule.shape)
-    summary = make_summary(cfg, fit, tested, student, teacher, datamodule.shape, output_dir, start)
+    summary = make_summary(cfg, fit, tested, student, teacher, datamodule, output_dir, start)
     report(cfg, fit.trainer, fit.compression, summary)
     return summary
 
@@ -268,9 +268,9 @@ def _trained_student_copy(cfg: DictConfig, module: DistillationModule, shape: di
 
 
 def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigures, teacher: Teacher,
-                 shape: dict[str, int], output_dir: Path, start: float) -> dict[str, Any]:
+                 datamodule: BaseDataModule, output_dir: Path, start: float) -> dict[str, Any]:
     """``summary.json``: teacher, student, every technique's report, the deployed model, settings and timings."""
-    measure = fit.trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
+    measure, shape = fit.trainer.is_global_zero and not cfg.trainer.get("fast_dev_run"), datamodule.shape
     student_summary: dict[str, Any] = {
         "arch": cfg.student.name, "params": fit.params, "test_acc": tested.test_acc, "size_bytes": fit.size_bytes,
         "best_checkpoint": tested.checkpoint, "tested_checkpoint": tested.which, "train_seconds": tested.seconds,
@@ -291,7 +291,7 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         "student": student_summary,
         "deployed": fit.compression.deployed(student).as_dict(),
         "technique": "+".join(_labels(cfg, fit)) or "fp32",
-        "data": {"name": cfg.data.name, **shape},
+        "data": {"name": cfg.data.name, **shape, "test_split": datamodule.test_split},
         "hparams": _hparams(cfg),
         "teacher_outputs": None if teacher.info is None or cfg.loss.alpha == 0 else (teacher.outputs_source or "live"),
         "wall_time_s": time.perf_counter() - start,

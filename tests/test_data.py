@@ -1,7 +1,6 @@
 from __future__ import annotations
 
-import pickle
-from pathlib import Path
+import shutil
 
 import numpy as np
 import pytest
@@ -9,6 +8,8 @@ import torch
 from omegaconf import OmegaConf
 
 from distill.data.datamodules import build_datamodule
+
+from .conftest import write_fake_cifar10
 
 BASE = dict(batch_size=16, num_workers=0, val_fraction=0.1, test_fraction=0.2, split_seed=0, pin_memory=False,
             persistent_workers=False, augment=False, verify_checksums=True, download=False, root=None,
@@ -65,24 +66,6 @@ def test_train_loader_order_is_seeded():
     assert torch.equal(a, b)
 
 
-def write_fake_cifar10(root: Path, n_train_per_batch: int = 20, n_test: int = 30) -> None:
-    """The binary layout torchvision's CIFAR10 reads: pickled dicts of uint8 rows (3072 = 3x32x32)."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-
-    def batch(n: int) -> dict:
-        return {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(n)]}
-
-    for i in range(1, 6):
-        with open(folder / f"data_batch_{i}", "wb") as fh:
-            pickle.dump(batch(n_train_per_batch), fh)
-    with open(folder / "test_batch", "wb") as fh:
-        pickle.dump(batch(n_test), fh)
-    with open(folder / "batches.meta", "wb") as fh:
-        pickle.dump({"label_names": [f"c{i}" for i in range(10)]}, fh)
-
-
 def test_cifar10_loads_the_torchvision_file_layout(tmp_path):
     write_fake_cifar10(tmp_path)
     dm = dm_for(name="cifar10", root=str(tmp_path), verify_checksums=False, augment=True)
@@ -116,6 +99,11 @@ def test_imagefolder_tree(tmp_path):
     dm.setup()
     x, y = next(iter(dm.test_dataloader()))
     assert x.shape == (9, 1, 16, 16) and sorted(set(y.tolist())) == [0, 1, 2]
+    assert dm.test_split == "val"  # no test/ folder: the run says its test accuracy is on val/
+    shutil.copytree(tmp_path / "val", tmp_path / "test")
+    with_test = dm_for(name="imagefolder", root=str(tmp_path), image_size=16, channels=1)
+    with_test.setup()
+    assert with_test.test_split == "test"
 
 
 def test_imagefolder_missing_dirs(tmp_path):

@@ -2,33 +2,19 @@
 
 from __future__ import annotations
 
-import pickle
-
-import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from distill.checks import validate
 
-from .conftest import CONF
+from .conftest import CONF, write_fake_cifar10
 
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
 
-def _fake_cifar10(root, per_batch: int = 40) -> None:
-    """torchvision's CIFAR-10 layout (cifar-10-batches-py/ pickles), a few random images per batch."""
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8), "labels": [i % 10 for i in range(per_batch)]}
-        (folder / name).write_bytes(pickle.dumps(batch))
-    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
-
-
 def _stand_in(name: str, tmp_path) -> list[str]:
     if name.startswith("cifar10"):
-        _fake_cifar10(tmp_path / "cifar10")
+        write_fake_cifar10(tmp_path / "cifar10", n_train_per_batch=40)
         return [f"data.root={tmp_path / 'cifar10'}", "data.verify_checksums=false"]
     return []
 

@@ -178,3 +178,20 @@ def test_pruning_with_qat_keeps_zeros_after_conversion(tmp_path):
         assert torch.all(weight.int_repr()[mask == 0] == 0), path
         checked += 1
     assert checked == len(masks)
+
+
+@pytest.mark.parametrize("accumulate", [1, 2])
+def test_step_interval_counts_optimizer_steps_and_stops_at_end(monkeypatch, accumulate):
+    """prune.interval=step: events at start + k * frequency and at end, in optimizer steps (what
+    global_step counts), once per step however many batches it accumulates, and none after end."""
+    from types import SimpleNamespace
+
+    callback = Pruning("magnitude", 0.5, schedule="gradual", start_epoch=1, end_epoch=3, frequency=4, interval="step")
+    events: list[int] = []
+    trainer = SimpleNamespace(num_training_batches=8 * accumulate, accumulate_grad_batches=accumulate, global_step=0)
+    monkeypatch.setattr(callback, "prune_to", lambda sparsity: events.append(trainer.global_step))
+    for step in range(6 * 8):  # six epochs of 8 optimizer steps
+        trainer.global_step = step
+        for batch in range(accumulate):
+            callback.on_train_batch_start(trainer, None, None, batch)
+    assert events == [8, 12, 16, 20, 24]  # epochs 1 to 3 = steps 8 to 24, every 4, then nothing

@@ -68,6 +68,10 @@ def test_table_shows_the_deployed_model_from_the_summary_figures():
     print_comparison(summary, Console(file=out, width=200))
     [row] = [line for line in out.getvalue().splitlines() if "student lowrank" in line]
     assert "30,186" in row and "129,761" in row and "53.700" in row
+    assert "no test split" not in out.getvalue()
+    out = io.StringIO()
+    print_comparison({**summary, "data": {"name": "imagefolder", "test_split": "val"}}, Console(file=out, width=200))
+    assert "imagefolder has no test split: the test accuracies above are measured on its val split" in out.getvalue()
 
 
 def test_an_older_summary_yields_the_same_deployed_model_the_comparison_used():

@@ -13,6 +13,7 @@ data, so models are built from the data module and a class-count mismatch cannot
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,8 @@ from distill.data.samplers import EpochShuffleSampler
 from distill.data.transforms import image_transforms
 from distill.errors import ConfigError
 from distill.runtime.rank_sync import is_distributed
+
+log = logging.getLogger(__name__)
 
 DATASETS: dict[str, Callable[[DictConfig], BaseDataModule]] = {}
 
@@ -69,6 +72,7 @@ class BaseDataModule(L.LightningDataModule):
     channels: int
     image_size: int
     uses_root = True  # whether data.root locates the data (not for built-in or generated data)
+    test_split = "test"  # where the test accuracy comes from ("val" when a dataset has no test split)
 
     def __init__(self, cfg: DictConfig) -> None:
         super().__init__()
@@ -342,6 +346,9 @@ class ImageFolderDataModule(BaseDataModule):
         t_train = image_transforms(self.cfg, self.image_size, c, mean, std, train=True)
         t_eval = image_transforms(self.cfg, self.image_size, c, mean, std, train=False)
         test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
+        if test_dir.name == "val":  # said in the summary and under the table, not only here
+            self.test_split = "val"
+            log.warning("imagefolder: %s has no test/ folder: the test accuracy is measured on val/", self.root)
         try:
             self.train_set = ImageFolder(str(self.root / "train"), transform=t_train)
             self.val_set = ImageFolder(str(self.root / "val"), transform=t_eval)

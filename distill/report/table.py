@@ -54,3 +54,6 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None, no
         out.print(f"deployed model: {deployed.path}", markup=False)
     for line in notes or []:
         out.print(line, markup=False)
+    if summary["data"].get("test_split", "test") != "test":
+        out.print(f"note: {summary['data']['name']} has no test split: the test accuracies above are measured on "
+                  f"its {summary['data']['test_split']} split", markup=False)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +224,7 @@ class Pruning(Callback):
         self.meta = meta or {}  # the student and data config, stored in the sparse file
         self.report: PruneReport | None = None
         self.current_sparsity = 0.0
+        self._last_step_event: int | None = None
         self._layers: list[tuple[str, nn.Module]] = []
         self._tied: dict[str, list[PrunedTensor]] = {}  # structured: bias / BN tensors per layer
 
@@ -265,7 +267,8 @@ class Pruning(Callback):
             return False
         if self.schedule == "oneshot":
             return t == start
-        return t >= end or (t - start) % self.frequency == 0
+        # Every `frequency` epochs (steps) from start, and at end itself; after end the target sparsity holds.
+        return t == end or (t < end and (t - start) % self.frequency == 0)
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.interval == "epoch":
@@ -275,9 +278,12 @@ class Pruning(Callback):
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.interval == "step":
-            per_epoch = max(int(trainer.num_training_batches), 1)
+            # Optimizer steps (what global_step counts), not batches: with gradient accumulation an
+            # epoch has fewer of them, and several batches share one step (pruned once).
+            per_epoch = max(math.ceil(int(trainer.num_training_batches) / max(int(trainer.accumulate_grad_batches), 1)), 1)
             step, start, end = trainer.global_step, self.start_epoch * per_epoch, self.end_epoch * per_epoch
-            if self._is_event(step, start, end):
+            if step != self._last_step_event and self._is_event(step, start, end):
+                self._last_step_event = step
                 self.prune_to(self.target_sparsity(step / per_epoch))
 
     # -- masks ----------------------------------------------------------------------------------
