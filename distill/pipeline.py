@@ -49,15 +49,11 @@ from distill.runtime.preemption import Preemption
 from distill.runtime.rng_state import RNGState
 from distill.runtime.strategies import build_strategy
 from distill.teacher.outputs import teacher_outputs_for
-from distill.teacher.provision import TeacherInfo, provision_teacher
+from distill.teacher.provision import TeacherInfo, provision_teacher, teacher_fingerprint
 from distill.teacher.student_init import init_from_teacher
 from distill.teacher.training import progress_callbacks, train_teacher, trainer_kwargs
 
 log = logging.getLogger(__name__)
-
-# Trainer settings that change what a (debug) teacher learns, so they belong in its cache key.
-_TEACHER_KEY_TRAINER = ("fast_dev_run", "limit_train_batches")
-
 
 class EpochCheckpoint(ModelCheckpoint):
     """Keeps every Nth epoch's checkpoint (a class of its own: Lightning keys callback state by class)."""
@@ -134,7 +130,7 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
     # alpha = 0 is the no-distillation baseline: no teacher at all, unless the student starts from it.
     if cfg.loss.alpha == 0 and cfg.student.init != "teacher":
         return Teacher(seconds=time.perf_counter() - start)
-    fingerprint = {**datamodule.fingerprint(), "trainer": {k: cfg.trainer.get(k) for k in _TEACHER_KEY_TRAINER}}
+    fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint())
     model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir))
     teacher = Teacher(provisioned=model, info=info, live=model if cfg.loss.alpha > 0 else None)
     precompute, hints = cfg.teacher.precompute_outputs, cfg.loss.hint.weight > 0  # hints need a live teacher
@@ -291,7 +287,8 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         "student": student_summary,
         "deployed": fit.compression.deployed(student).as_dict(),
         "technique": "+".join(_labels(cfg, fit)) or "fp32",
-        "data": {"name": cfg.data.name, **shape, "test_split": datamodule.test_split},
+        # test_split only where the test accuracy is not from a test split (an image folder without test/)
+        "data": {"name": cfg.data.name, **shape, **({"test_split": datamodule.test_split} if datamodule.test_split != "test" else {})},
         "hparams": _hparams(cfg),
         "teacher_outputs": None if teacher.info is None or cfg.loss.alpha == 0 else (teacher.outputs_source or "live"),
         "wall_time_s": time.perf_counter() - start,

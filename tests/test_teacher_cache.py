@@ -42,6 +42,45 @@ def test_key_depends_on_what_determines_the_teacher(tmp_path):
     assert base != teacher_key(cfg.teacher, FP, 1)
 
 
+def _image_tree(root: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / split / cls / f"{i}.png")
+    return root
+
+
+def _teacher_key_for(make_cfg, root: Path, *overrides: str) -> str:
+    from distill.data.datamodules import build_datamodule
+    from distill.teacher.provision import teacher_fingerprint
+
+    cfg = make_cfg("data=imagefolder", f"data.root={root}", *overrides)
+    return teacher_key(cfg.teacher, teacher_fingerprint(cfg, build_datamodule(cfg.data).fingerprint()), int(cfg.seed))
+
+
+def test_the_key_follows_the_data_not_its_location_and_the_teachers_own_training(make_cfg, tmp_path):
+    """Issue 15, defect 8: data staged elsewhere (a SLURM job's $TMPDIR) is the same teacher; the
+    student's augmentation is not the teacher's; precision, accumulation and clipping are."""
+    here = _image_tree(tmp_path / "here")
+    base = _teacher_key_for(make_cfg, here, "teacher.augment=true")
+    import shutil
+
+    moved = tmp_path / "scratch" / "copy"
+    shutil.copytree(here, moved)
+    assert _teacher_key_for(make_cfg, moved, "teacher.augment=true") == base
+    assert _teacher_key_for(make_cfg, here, "teacher.augment=true", "data.augment=true") == base
+    for changed in ("trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1.0",
+                    "teacher.augment=false"):
+        assert _teacher_key_for(make_cfg, here, "teacher.augment=true", changed) != base, changed
+    (moved / "train" / "cat" / "extra.png").write_bytes((here / "train" / "cat" / "0.png").read_bytes())
+    assert _teacher_key_for(make_cfg, moved, "teacher.augment=true") != base  # other files: another teacher
+
+
 def test_train_once_then_reuse(tmp_path):
     calls: list[int] = []
     cfg = cfg_for(tmp_path)

@@ -93,17 +93,19 @@ class BaseDataModule(L.LightningDataModule):
 
     def fingerprint(self) -> dict[str, Any]:
         """Everything about the data that determines what a model trained on it learns."""
-        keys = ("name", "root", "val_fraction", "test_fraction", "split_seed", "augment", "num_samples", "mean", "std")
+        keys = ("name", "val_fraction", "test_fraction", "split_seed", "augment", "num_samples", "mean", "std")
         fp = {k: self.cfg.get(k) for k in keys}
-        # The data's location matters (other files, other teacher) but is stored only as a hash: the
-        # fingerprint is written into cache entries, and a path can be private (${oc.env:...}).
-        if fp["root"] and self.uses_root:
-            fp["root"] = hashlib.sha256(str(Path(fp["root"]).expanduser().resolve()).encode()).hexdigest()[:16]
-        else:
-            fp["root"] = None
+        # What the files are, not where they are: a copy staged to $TMPDIR in each SLURM job is the
+        # same data (and the same teacher). Only a hash is stored: paths can be private.
+        fp["content"] = self.content_id() if self.uses_root and self.cfg.get("root") else None
         fp["mean"] = list(fp["mean"]) if fp["mean"] is not None else None
         fp["std"] = list(fp["std"]) if fp["std"] is not None else None
         return {**fp, **self.shape}
+
+    def content_id(self) -> str:
+        """A hash of the dataset's files, independent of where ``data.root`` puts them: every file's
+        path relative to the root and its size (subclasses narrow it to their own files)."""
+        return _files_digest(Path(self.cfg.root).expanduser(), with_sizes=True)
 
     def prepare_and_check(self) -> None:
         """Download the data (if ``data.download``) and read it now, so that a missing or empty
@@ -163,6 +165,18 @@ class BaseDataModule(L.LightningDataModule):
         """The test split; under data parallelism each rank gets its own shard (``shard=False``:
         all of it, e.g. to evaluate a converted model on one process)."""
         return self._loader(self.test_set, shuffle=False, shard=shard)
+
+
+def _files_digest(root: Path, with_sizes: bool, under: tuple[str, ...] = ()) -> str:
+    """sha256 over the sorted (relative path[, size]) of every file below ``root`` (or its ``under`` folders)."""
+    digest = hashlib.sha256()
+    tops = [root / u for u in under] if under else [root]
+    for top in tops:
+        for path in sorted(p for p in top.rglob("*") if p.is_file() and not p.name.startswith(".")):
+            digest.update(str(path.relative_to(root)).encode())
+            if with_sizes:
+                digest.update(str(path.stat().st_size).encode())
+    return digest.hexdigest()[:16]
 
 
 def _stratified_split(
@@ -275,6 +289,9 @@ class _CIFARDataModule(BaseDataModule):
             },
         )
 
+    def content_id(self) -> str:
+        return _files_digest(Path(self.cfg.root).expanduser(), with_sizes=True, under=(self._dataset_cls().base_folder,))
+
     def prepare_data(self) -> None:
         if self.cfg.download:
             cls = self._dataset_cls()
@@ -336,6 +353,10 @@ class ImageFolderDataModule(BaseDataModule):
         self.num_classes = len(classes)
         self.channels = int(cfg.channels or 3)
         self.image_size = int(cfg.image_size or 64)
+
+    def content_id(self) -> str:
+        # File names only: stating a million images would slow every run's start.
+        return _files_digest(self.root, with_sizes=False, under=tuple(d for d in ("train", "val", "test") if (self.root / d).is_dir()))
 
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:

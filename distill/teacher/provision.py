@@ -98,6 +98,19 @@ class TeacherInfo:
         return dict(self.__dict__)
 
 
+# Trainer settings that change what the teacher learns (it trains with the run's trainer settings).
+TEACHER_TRAINER_KEYS = ("fast_dev_run", "limit_train_batches", "precision", "accumulate_grad_batches", "gradient_clip_val",
+                        "deterministic")
+
+
+def teacher_fingerprint(cfg: DictConfig, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
+    """What determines the trained teacher besides its own settings: the data (the teacher's own
+    augmentation, not the student's), the trainer settings it trains with, and the torch version."""
+    augment = cfg.teacher.augment if cfg.teacher.augment is not None else cfg.data.augment
+    return {**data_fingerprint, "augment": bool(augment), "trainer": {k: cfg.trainer.get(k) for k in TEACHER_TRAINER_KEYS},
+            "torch": str(torch.__version__)}  # a str: TorchVersion would not load with weights_only
+
+
 def teacher_key(teacher_cfg: DictConfig, data_fingerprint: dict[str, Any], seed: int) -> str:
     settings = OmegaConf.to_container(teacher_cfg, resolve=True)
     for k in _NOT_IN_KEY:
