@@ -8,7 +8,8 @@ import pytest
 
 from .conftest import run_script
 
-pytestmark = pytest.mark.slow
+# A hung collective fails the test in minutes, not at CI's limit.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RUN = ["logger=csv", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
        "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",

@@ -63,6 +63,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hung rank fails in minutes
 @pytest.mark.parametrize(
     "extra",
     [pytest.param([], id="one-process"),
@@ -94,6 +95,7 @@ def test_sigkill_after_a_checkpoint_then_rerun_ends_bitwise_equal(tmp_path, requ
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hung rank fails in minutes
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
 def test_signal_saves_a_mid_epoch_checkpoint_exits_128_plus_signum_and_resumes_exactly(tmp_path, reference, sig):
     run_dir, marker = tmp_path / "run", tmp_path / "at-step-17"
@@ -114,6 +116,7 @@ def test_signal_saves_a_mid_epoch_checkpoint_exits_128_plus_signum_and_resumes_e
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # a hung rank fails in minutes
 def test_slurm_requeue_resumes_to_the_uninterrupted_result(tmp_path, slurm_partition):
     """Two identical jobs of one sweep; the second is requeued (`scontrol requeue`) mid-run."""
     env = {**os.environ, **_env(tmp_path)}

@@ -11,7 +11,8 @@ import yaml
 
 from .conftest import run_script
 
-pytestmark = pytest.mark.slow
+# A hung collective or job fails the test in minutes, not at CI's limit.
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 # A short run: the teacher is trained once per test (fresh cache) for one short epoch.
 RUN = ["teacher=resnet18", "teacher.epochs=1", "teacher.batch_size=128", "trainer.max_epochs=2",
@@ -83,4 +84,4 @@ def test_slurm_two_process_ddp_job(tmp_path, slurm_partition):
     assert "--ntasks-per-node=2" in submission and "srun" in submission
     errs = "".join(p.read_text() for p in (tmp_path / "sweep" / ".submitit").glob("*/*_log.err"))
     assert "GLOBAL_RANK: 0, MEMBER: 1/2" in errs and "GLOBAL_RANK: 1, MEMBER: 2/2" in errs
-    assert run["student"]["test_acc"] >= 0
+    assert 0.0 < run["student"]["test_acc"] <= 1.0 and run["student"]["params"] > 0  # a finished, tested run
