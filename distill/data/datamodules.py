@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -172,10 +173,14 @@ def _files_digest(root: Path, with_sizes: bool, under: tuple[str, ...] = ()) -> 
     digest = hashlib.sha256()
     tops = [root / u for u in under] if under else [root]
     for top in tops:
-        for path in sorted(p for p in top.rglob("*") if p.is_file() and not p.name.startswith(".")):
-            digest.update(str(path.relative_to(root)).encode())
-            if with_sizes:
-                digest.update(str(path.stat().st_size).encode())
+        # os.walk lists names from the directory entries: no stat per file unless sizes are wanted.
+        for folder, dirs, files in os.walk(top):
+            dirs.sort()
+            for name in sorted(f for f in files if not f.startswith(".")):
+                path = Path(folder) / name
+                digest.update(str(path.relative_to(root)).encode())
+                if with_sizes:
+                    digest.update(str(path.stat().st_size).encode())
     return digest.hexdigest()[:16]
 
 
