@@ -15,7 +15,7 @@ from torch import nn
 from distill.compress.packing import is_xz, read_xz_payload
 from distill.compress.registry import TECHNIQUES, after_load, rebuild_student
 from distill.compress.technique import LoadedArtifact
-from distill.data.datamodules import BaseDataModule, build_datamodule
+from distill.data.datamodules import BaseDataModule, datamodule_from
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.accuracy import accuracy_on_test_split
 from distill.measure.size import count_parameters, serialized_size_bytes
@@ -44,8 +44,7 @@ def load_student(path: str | Path, data_overrides: dict[str, Any] | None = None,
     if not isinstance(config, dict) or "state_dict" not in ckpt:
         raise CheckpointError(f"student checkpoint {path} was not written by distill's train.py (no config inside)")
     cfg = OmegaConf.create(config)
-    data_cfg = OmegaConf.merge(cfg.data, data_overrides or {})
-    datamodule = build_datamodule(data_cfg)
+    datamodule = datamodule_from(cfg.data, data_overrides)
     shape = datamodule.shape
     example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
     student = rebuild_student(build_student(cfg.student, **shape), cfg, ckpt.get("callbacks") or {}, example)

@@ -232,9 +232,11 @@ def evaluate_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule) -> T
 def measure_student(cfg: DictConfig, fit: Fit, tested: Tested, shape: dict[str, int]) -> StudentFigures:
     """The student's figures: size, accuracy and CPU latency (timed here unless a technique timed it)."""
     measured = fit.compression.fp32_latency()  # reports exist on rank 0 only
-    if not cfg.trainer.get("fast_dev_run"):
-        trained = _trained_student_copy(cfg, fit.module, shape)  # a collective under ZeRO-3: every rank takes part
-        if measured is None and fit.trainer.is_global_zero:
+    timed_here = measured is None and fit.trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
+    # Under ZeRO-3 the copy gathers the partitioned weights, a collective every rank takes part in.
+    if timed_here or (_zero3(cfg) and not cfg.trainer.get("fast_dev_run")):
+        trained = _trained_student_copy(cfg, fit.module, shape)
+        if timed_here:
             lat = latency.measure(trained, _sample_shape(shape), cfg.quant.latency_batch_size, _threads(cfg))
             measured = Latency(lat["latency_ms"], lat["latency_ms_batch"])
     return StudentFigures(cfg.student.name, fit.params, fit.size_bytes, tested.test_acc, tested.checkpoint, measured)

@@ -30,7 +30,7 @@ from distill.compress.technique import (
     Technique,
     TechniqueReport,
 )
-from distill.data.datamodules import build_datamodule
+from distill.data.datamodules import datamodule_from
 from distill.errors import ConfigError
 from distill.measure import latency
 from distill.measure.record import DeployedModel, Latency
@@ -145,7 +145,7 @@ class HalfTechnique(Technique):
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
         if payload.get("format") != FORMAT:
             return None
-        datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(payload["data"]), data_overrides))
+        datamodule = datamodule_from(payload["data"], data_overrides)
         model = build_student(OmegaConf.create(payload["student"]), **datamodule.shape)
         # The 16-bit weights, evaluated with fp32 arithmetic: what every CPU can run.
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in payload["state_dict"].items()})

@@ -44,7 +44,7 @@ from distill.compress.technique import (
     TechniqueReport,
 )
 from distill.config.validate import at_least, epochs_bound, one_process
-from distill.data.datamodules import build_datamodule
+from distill.data.datamodules import datamodule_from
 from distill.distillation.optim import rebuild_optimizer
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.record import DeployedModel
@@ -143,7 +143,7 @@ def load_shared_student(path: str | Path, payload: dict[str, Any] | None = None,
     """The student and its data module, rebuilt from the artifact's own config (``payload``: the
     file's contents, when already read)."""
     payload = payload if payload is not None else _read_payload(path)
-    datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(payload["data"]), data_overrides or {}))
+    datamodule = datamodule_from(payload["data"], data_overrides)
     model = build_student(OmegaConf.create(payload["student"]), **datamodule.shape)
     return load_shared(path, model, payload).eval(), datamodule
 

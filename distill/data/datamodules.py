@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from filelock import FileLock
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
@@ -56,6 +56,12 @@ def check_data(cfg: DictConfig) -> None:
     data = cfg.data
     if DATASETS[data.name].uses_root and not data.root:
         raise ConfigError(f"data.root must be set for data={data.name} (the dataset directory)")
+
+
+def datamodule_from(saved: Any, overrides: dict[str, Any] | None = None) -> BaseDataModule:
+    """The data module of a saved ``data`` config (an artifact's or a checkpoint's), with
+    ``overrides`` on top (where the data lives now, a batch size)."""
+    return build_datamodule(OmegaConf.merge(OmegaConf.create(saved), overrides or {}))
 
 
 def build_datamodule(cfg: DictConfig) -> BaseDataModule:

@@ -56,7 +56,7 @@ from distill.compress.technique import (
     TechniqueReport,
 )
 from distill.config.validate import at_least, epochs_bound, one_of
-from distill.data.datamodules import build_datamodule
+from distill.data.datamodules import datamodule_from
 from distill.errors import CheckpointError, ConfigError
 from distill.measure import latency
 from distill.measure.record import DeployedModel
@@ -466,7 +466,7 @@ class PruneTechnique(Technique):
             if not payload.get(key):
                 raise CheckpointError(f"sparse student {path} does not record its {key} settings; cannot evaluate it")
         state = decode(payload["state"])
-        datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(payload["data"]), data_overrides))
+        datamodule = datamodule_from(payload["data"], data_overrides)
         shape = datamodule.shape
         student = build_student(OmegaConf.create(payload["student"]), **shape)
         quant = payload.get("quant")

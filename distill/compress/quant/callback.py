@@ -41,7 +41,7 @@ from distill.compress.technique import (
     TechniqueReport,
 )
 from distill.config.validate import at_least, epochs_bound, one_of
-from distill.data.datamodules import build_datamodule
+from distill.data.datamodules import datamodule_from
 from distill.errors import CheckpointError, ConfigError
 from distill.measure import latency
 from distill.measure.accuracy import loader_accuracy
@@ -300,7 +300,7 @@ class QuantTechnique(Technique):
         model, meta = load_quantized(path, payload)
         if not meta.get("data"):
             raise CheckpointError(f"quantized student {path} does not record its data settings; cannot evaluate it")
-        datamodule = build_datamodule(OmegaConf.merge(OmegaConf.create(meta["data"]), data_overrides))
+        datamodule = datamodule_from(meta["data"], data_overrides)
         params = count_parameters(build_student(OmegaConf.create(meta["student"]), **meta["shape"]))
         return LoadedArtifact(model, datamodule, meta["student"]["name"], meta["data"]["name"], f"{meta['bits']}-bit quantized",
                               params, path.stat().st_size, cpu_only=True)
