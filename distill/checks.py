@@ -25,6 +25,7 @@ from distill.data.datamodules import DATASETS, check_data
 from distill.distillation.hints import HINT_CHECKS, check_hints
 from distill.distillation.losses.registry import check_loss
 from distill.errors import ConfigError
+from distill.measure.latency import check_device
 from distill.models.registry import STUDENTS
 from distill.report.objective import check_objective
 from distill.runtime.checkpoint_io import load_checkpoint
@@ -48,6 +49,7 @@ def validate(cfg: DictConfig) -> None:
     check_resume(cfg)
     check_creatable_directory("teacher.cache_dir", cfg.teacher.cache_dir)
     check_devices(cfg.trainer)
+    check_device(cfg.measure.latency)
 
 
 def check_resume(cfg: DictConfig) -> None:

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 import signal
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,7 +38,6 @@ from distill.distillation.losses.registry import build_loss
 from distill.distillation.module import DistillationModule
 from distill.errors import ConfigError, Preempted
 from distill.measure import latency
-from distill.measure.record import Latency
 from distill.measure.size import count_parameters, serialized_size_bytes
 from distill.models.registry import build_student
 from distill.report.summary import final_metrics, write_summary
@@ -160,7 +160,8 @@ def fit_student(cfg: DictConfig, datamodule: BaseDataModule, teacher: Teacher, o
         teacher_outputs=teacher.outputs, teacher_channels_last=cfg.teacher.channels_last and teacher.live is not None,
         skip_nonfinite=cfg.loss.on_nonfinite == "skip", hints=build_hints(cfg, student, teacher.live, shape),
     )
-    ctx = BuildContext(shape, output_dir, resolved["student"], resolved["data"], cfg.quant.latency_batch_size, cfg.quant.latency_threads)
+    ctx = BuildContext(shape, output_dir, resolved["student"], resolved["data"], _latency_batch(cfg, shape), cfg.quant.latency_threads,
+                       _latency_device(cfg))
     fit = _trainer(cfg, module, build_compression(cfg, ctx), output_dir, build_loggers(cfg, output_dir, resolved), extra_callbacks)
     fit.init_report = init_report
     # Parameter count and fp32 size depend only on the architecture; taken before training because
@@ -232,13 +233,16 @@ def evaluate_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule) -> T
 def measure_student(cfg: DictConfig, fit: Fit, tested: Tested, shape: dict[str, int]) -> StudentFigures:
     """The student's figures: size, accuracy and CPU latency (timed here unless a technique timed it)."""
     measured = fit.compression.fp32_latency()  # reports exist on rank 0 only
-    timed_here = measured is None and fit.trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
+    device = _latency_device(cfg)
+    if measured is not None and measured.device != device:  # e.g. QAT times on CPU; this run times on its GPU
+        measured = None
+    timed_here = measured is None and device is not None and fit.trainer.is_global_zero and not cfg.trainer.get("fast_dev_run")
     # Under ZeRO-3 the copy gathers the partitioned weights, a collective every rank takes part in.
     if timed_here or (_zero3(cfg) and not cfg.trainer.get("fast_dev_run")):
         trained = _trained_student_copy(cfg, fit.module, shape)
         if timed_here:
-            lat = latency.measure(trained, _sample_shape(shape), cfg.quant.latency_batch_size, _threads(cfg))
-            measured = Latency(lat["latency_ms"], lat["latency_ms_batch"])
+            measured = latency.measure_many({"student": trained}, _sample_shape(shape), _latency_batch(cfg, shape),
+                                            _threads(cfg), rounds=1, device=device)["student"]
     return StudentFigures(cfg.student.name, fit.params, fit.size_bytes, tested.test_acc, tested.checkpoint, measured)
 
 
@@ -248,6 +252,16 @@ def _sample_shape(shape: dict[str, int]) -> tuple[int, int, int]:
 
 def _threads(cfg: DictConfig) -> int:
     return cfg.quant.latency_threads or torch.get_num_threads()
+
+
+def _latency_device(cfg: DictConfig) -> str | None:
+    """Where latency is timed (``measure.latency``): cpu, cuda, or None (off)."""
+    return latency.resolve_device(cfg.measure.latency, str(cfg.trainer.accelerator))
+
+
+def _latency_batch(cfg: DictConfig, shape: dict[str, int]) -> int:
+    """``quant.latency_batch_size``, or one sized for the input resolution when it is null."""
+    return cfg.quant.latency_batch_size or latency.auto_batch_size(shape["image_size"])
 
 
 def _trained_student_copy(cfg: DictConfig, module: DistillationModule, shape: dict[str, int]) -> nn.Module:
@@ -275,15 +289,16 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         **fit.compression.summary(), **fit.init_report,
     }
     student_summary["size_bytes"] = fit.compression.fp32_size_bytes() or fit.size_bytes
-    if measure and student.latency is not None:  # the student as configured (uncompressed), as the table shows it
+    if measure and student.latency is not None and student.latency.device is not None:  # as configured (uncompressed)
         student_summary.update(latency_ms=student.latency.ms, latency_ms_batch=student.latency.ms_batch,
-                               latency_batch_size=cfg.quant.latency_batch_size, latency_threads=_threads(cfg))
+                               latency_batch_size=_latency_batch(cfg, shape), latency_threads=_threads(cfg),
+                               latency_device=student.latency.device)
     teacher_summary = None
     if teacher.info:
         teacher_summary = {**teacher.info.as_dict(), "size_bytes": serialized_size_bytes(teacher.provisioned)}
-        if measure:
+        if measure and _latency_device(cfg) is not None:
             teacher_summary.update(_teacher_latency(teacher.provisioned, teacher.info, _sample_shape(shape),
-                                                    cfg.quant.latency_batch_size, _threads(cfg)))
+                                                    _latency_batch(cfg, shape), _threads(cfg), _latency_device(cfg)))
     return {
         "teacher": teacher_summary,
         "student": student_summary,
@@ -314,22 +329,25 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
 
 
 def _teacher_latency(teacher: nn.Module, info: TeacherInfo, sample_shape: tuple[int, int, int], batch: int,
-                     threads: int) -> dict[str, float]:
-    """The teacher's CPU latency. A cached teacher's is measured once per (batch, threads) and kept
-    next to it (``<teacher>.latency.json``): the teacher does not change between runs, and timing
-    a large teacher at a large batch costs more than a warm run's training."""
+                     threads: int, device: str) -> dict[str, Any]:
+    """The teacher's latency on ``device``. A cached teacher's is measured once per (device, host,
+    batch, threads) and kept next to it (``<teacher>.latency.json``): the teacher does not change
+    between runs, and timing a large teacher at a large batch costs more than a warm run's training.
+    The key names the machine (host name; the GPU's model on CUDA), so a cache directory shared by a
+    cluster never hands one machine's figure to another."""
     store = Path(info.path).with_suffix(".latency.json") if info.path and info.source in ("cache", "trained") else None
-    key = f"batch{batch}-threads{threads}"
+    where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    key = f"{device}:{where}@{socket.gethostname()}-batch{batch}-threads{threads}"
     try:
         known = json.loads(store.read_text()) if store is not None and store.is_file() else {}
     except (OSError, ValueError):
         known = {}
     if key not in known:
-        lat = latency.measure(teacher.cpu().eval(), sample_shape, batch, threads)
-        known[key] = {"latency_ms": lat["latency_ms"], "latency_ms_batch": lat["latency_ms_batch"]}
+        lat = latency.measure_many({"teacher": teacher.eval()}, sample_shape, batch, threads, rounds=1, device=device)["teacher"]
+        known[key] = {"latency_ms": lat.ms, "latency_ms_batch": lat.ms_batch}
         if store is not None:
             atomic_write_text(store, json.dumps(known, indent=1))
-    return dict(known[key])
+    return {**known[key], "latency_device": device}
 
 
 def report(cfg: DictConfig, trainer: L.Trainer, compression: Compression, summary: dict[str, Any]) -> None:

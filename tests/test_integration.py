@@ -164,13 +164,20 @@ def test_evaluate_needs_a_checkpoint_or_runs(tmp_path):
 
 def test_structured_pruning_run_removes_channels(tmp_path):
     env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    # measure.latency=off: nothing is timed, and no latency figure is reported anywhere.
     result = run_script("train.py", *SHORT_RUN, "student=cnn", "prune.method=structured", "prune.scope=layer",
-                        "prune.amount=0.5", "prune.schedule=oneshot", "quant.latency_batch_size=32",
+                        "prune.amount=0.5", "prune.schedule=oneshot", "measure.latency=off",
                         f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    student = json.loads((tmp_path / "run" / "summary.json").read_text())["student"]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    student = summary["student"]
     assert abs(student["sparsity"] - 0.5) < 0.01
     assert student["macs_after"] < student["macs_before"] and student["max_abs_diff_after_removal"] < 1e-4
+    # the shrunk model is tested itself, and its accuracy is the deployed one
+    assert student["removal_exact"] and student["acc_after_removal"] == summary["deployed"]["acc"]
+    assert abs(student["acc_after_removal"] - student["test_acc"]) <= 1 / 360
+    assert not [k for k in (*student, *summary["teacher"]) if k.startswith("latency_ms")]
+    assert summary["deployed"]["latency_ms_batch"] is None
     assert student["size_bytes"] == student["size_bytes_dense"]  # masks baked, not weight_orig + mask
     shrunk = torch.jit.load(student["shrunk_artifact"])
     assert shrunk(torch.zeros(2, 1, 8, 8)).shape == (2, 10)

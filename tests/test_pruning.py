@@ -58,7 +58,7 @@ def test_gradual_schedule_follows_zhu_and_gupta():
 @pytest.mark.parametrize(("method", "scope"), [("magnitude", "global"), ("magnitude", "layer"), ("structured", "layer")])
 @pytest.mark.parametrize("student", ["mlp", "cnn"])
 def test_achieved_sparsity_matches_the_target(method, scope, student):
-    callback = Pruning(method, 0.7, scope=scope, schedule="oneshot")
+    callback = Pruning(method, 0.7, scope=scope, schedule="oneshot", sample_shape=(1, 8, 8))
     holder = _setup(callback, _student(student))
     callback.prune_to(0.3)
     first = {p: m.weight_mask.clone() for p, m in callback._layers}
@@ -74,7 +74,7 @@ def test_achieved_sparsity_matches_the_target(method, scope, student):
 
 
 def test_structured_pruning_zeroes_whole_channels_with_their_batchnorm():
-    callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot")
+    callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot", sample_shape=(1, 8, 8))
     holder = _setup(callback, _student("cnn"))
     callback.prune_to(0.5)
     conv = holder.student.features[0]
@@ -88,7 +88,7 @@ def test_structured_pruning_zeroes_whole_channels_with_their_batchnorm():
 
 @pytest.mark.parametrize("student", ["mlp", "cnn"])
 def test_removing_pruned_channels_keeps_the_outputs(student):
-    callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot")
+    callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot", sample_shape=(1, 8, 8))
     holder = _setup(callback, _student(student))
     model = holder.student
     # Non-trivial BatchNorm statistics, as after training.
@@ -98,7 +98,7 @@ def test_removing_pruned_channels_keeps_the_outputs(student):
     callback.prune_to(0.5)
     model.eval()
     example = torch.zeros(1, 1, 8, 8)
-    shrunk, removed = remove_pruned_channels(model, example, [p for p, _ in callback._layers])
+    shrunk, removed = remove_pruned_channels(model, example, callback.pruned_channels())
     assert removed and all(n > 0 for n in removed.values())
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
@@ -195,3 +195,52 @@ def test_step_interval_counts_optimizer_steps_and_stops_at_end(monkeypatch, accu
         for batch in range(accumulate):
             callback.on_train_batch_start(trainer, None, None, batch)
     assert events == [8, 12, 16, 20, 24]  # epochs 1 to 3 = steps 8 to 24, every 4, then nothing
+
+
+@pytest.mark.parametrize("student", ["resnet18", "mobilenet_v3_small"])
+def test_residual_and_depthwise_students_keep_their_outputs_after_removal(student):
+    """Structured pruning of coupled channels: a residual stream (ResNet-18's shortcuts) and
+    depthwise / squeeze-excite blocks (MobileNetV3) lose each channel in every layer that writes it,
+    so removing the channels leaves the outputs on a test batch unchanged (within 1e-4)."""
+    callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot", sample_shape=(1, 8, 8))
+    model = _setup(callback, build_student(OmegaConf.create({"name": student}), **SHAPE)).student
+    dm = _digits()
+    dm.setup("test")
+    x = next(iter(dm.test_dataloader(shard=False)))[0]
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics of real images, as after training
+        for _ in range(3):
+            model(x)
+    callback.prune_to(0.5)
+    model.eval()
+    pruned = callback.pruned_channels()
+    assert all(len(v) > 0 for v in pruned.values())
+    shrunk, removed = remove_pruned_channels(model, torch.zeros(1, 1, 8, 8), pruned)
+    assert removed
+    with torch.no_grad():
+        assert float((shrunk(x) - model(x)).abs().max()) < 1e-4
+    # Half of each group's channels: about a quarter of the multiply-adds of a conv between two
+    # pruned groups, never the 15x drop of removing live shortcut channels.
+    ratio = count_macs(model, torch.zeros(1, 1, 8, 8)) / count_macs(shrunk, torch.zeros(1, 1, 8, 8))
+    assert 2.0 < ratio < 5.0, ratio
+
+
+def test_structured_pruning_of_a_qat_student_masks_its_fused_batchnorm(tmp_path):
+    """With QAT the student is FX-prepared (conv and BatchNorm fused); the groups are found on the
+    QAT callback's float copy and every producer, the fused BatchNorm's shift included, is masked
+    (its scale is not: the fused conv divides by it), and training stays finite."""
+    dm = _digits()
+    module = DistillationModule(_student("cnn"), None, KDLoss(1.0, 0.0), OPTIM, 10)
+    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path)
+    pruning = Pruning("structured", 0.5, scope="layer", schedule="oneshot", sample_shape=(1, 8, 8))
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                        callbacks=[qat, pruning])
+    trainer.fit(module, datamodule=dm)
+    fused = [m for m in module.student.modules() if isinstance(getattr(m, "bn", None), torch.nn.BatchNorm2d)]
+    assert fused
+    for conv in fused:
+        dead = ~conv.weight_mask.flatten(1).any(dim=1)
+        assert int(dead.sum()) == conv.weight.shape[0] // 2
+        assert torch.all(effective(conv.bn, "bias")[dead] == 0)
+    assert torch.isfinite(torch.tensor(trainer.callback_metrics["train/loss"].item()))

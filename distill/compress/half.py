@@ -97,6 +97,7 @@ class HalfPrecisionExport(Callback):
         self.output_dir = Path(output_dir)
         self.student_cfg, self.data_cfg = student_cfg, data_cfg
         self.sample_shape, self.latency_batch_size, self.latency_threads = sample_shape, latency_batch_size, latency_threads
+        self.latency_device: str | None = "cpu"
         self.report: HalfReport | None = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -111,15 +112,16 @@ class HalfPrecisionExport(Callback):
                                   "data": self.data_cfg, "state_dict": state}, self.output_dir / f"student_{self.dtype_name}.pt")
         acc, mode = half_accuracy(student, trainer.datamodule.test_dataloader(shard=False), self.dtype)
         lat = None
-        if mode == "native":  # a simulated half model has no latency of its own to measure
+        if mode == "native" and self.latency_device is not None:  # a simulated half model has no latency of its own
             threads = self.latency_threads or torch.get_num_threads()
             half = _CastInput(copy.deepcopy(student).to(self.dtype), self.dtype)
-            lat = latency.measure_many({"fp32": student, "half": half}, self.sample_shape, self.latency_batch_size, threads)
+            # CPU: where half_accuracy found native kernels (a GPU has them for both types, but this is what was checked)
+            lat = latency.measure_many({"fp32": copy.deepcopy(student), "half": half}, self.sample_shape, self.latency_batch_size, threads)
         self.report = HalfReport(half_dtype=self.dtype_name, half_mode=mode, acc_half=acc, size_bytes_half=path.stat().st_size,
                                  half_artifact=str(path))
         if lat is not None:
-            self.report.latency_ms_half_batch = lat["half"]["latency_ms_batch"]
-            self.report.latency_ms_fp32_batch = lat["fp32"]["latency_ms_batch"]
+            self.report.latency_ms_half_batch = lat["half"].ms_batch
+            self.report.latency_ms_fp32_batch = lat["fp32"].ms_batch
         log.info("export: %s student: test acc %.4f (%s), %d bytes at %s", self.dtype_name, acc, mode, path.stat().st_size, path)
 
 

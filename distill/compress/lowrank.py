@@ -128,12 +128,13 @@ class LowRankReport(TechniqueReport):
     lowrank_ranks: dict[str, int]
     params_after_lowrank: int
     size_bytes_lowrank: int
-    latency_ms_batch_before_lowrank: float
-    latency_ms_batch_after_lowrank: float
+    latency_ms_batch_before_lowrank: float | None  # None: measure.latency=off
+    latency_ms_batch_after_lowrank: float | None
+    latency_device: str | None = "cpu"
 
     def fp32_latency(self) -> Latency:
         # The student as configured (unfactorized), which the summary's params and size describe.
-        return Latency(None, self.latency_ms_batch_before_lowrank)
+        return Latency(None, self.latency_ms_batch_before_lowrank, self.latency_device)
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
         # The factorized student is the trained one: it deploys as the tested checkpoint.
@@ -149,6 +150,7 @@ class LowRankFactorization(Callback):
         self.rank_ratio, self.energy, self.start_epoch = rank_ratio, energy, start_epoch
         self.min_rank, self.classifier = min_rank, classifier
         self.sample_shape, self.latency_batch_size, self.latency_threads = sample_shape, latency_batch_size, latency_threads
+        self.latency_device: str | None = "cpu"
         self.output_dir = Path(output_dir)
         self.ranks: dict[str, int] | None = None
         self._resumed = False
@@ -197,7 +199,8 @@ class LowRankFactorization(Callback):
         student = copy.deepcopy(pl_module.student).cpu().eval()
         test = trainer.datamodule.test_dataloader(shard=False)
         threads = self.latency_threads or torch.get_num_threads()
-        lat = latency.measure_many({"before": self._dense, "after": student}, self.sample_shape, self.latency_batch_size, threads)
+        lat = latency.measure_many({"before": self._dense, "after": student}, self.sample_shape, self.latency_batch_size, threads,
+                                   device=self.latency_device)
         self.report = LowRankReport(
             **self.before,
             acc_before_lowrank=None if self._resumed else loader_accuracy(self._dense, test),
@@ -206,8 +209,9 @@ class LowRankFactorization(Callback):
             lowrank_ranks=dict(self.ranks),
             params_after_lowrank=sum(p.numel() for p in student.parameters()),
             size_bytes_lowrank=serialized_size_bytes(student),
-            latency_ms_batch_before_lowrank=lat["before"]["latency_ms_batch"],
-            latency_ms_batch_after_lowrank=lat["after"]["latency_ms_batch"],
+            latency_ms_batch_before_lowrank=lat["before"].ms_batch,
+            latency_ms_batch_after_lowrank=lat["after"].ms_batch,
+            latency_device=lat["after"].device,
         )
 
 
@@ -246,8 +250,10 @@ class LowRankTechnique(Technique):
 
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> LowRankFactorization:
         c = cfg.lowrank
-        return LowRankFactorization(c.rank_ratio, c.energy, c.start_epoch, ctx.sample_shape, ctx.latency_batch_size,
-                                    ctx.latency_threads, ctx.output_dir, c.min_rank, c.classifier)
+        callback = LowRankFactorization(c.rank_ratio, c.energy, c.start_epoch, ctx.sample_shape, ctx.latency_batch_size,
+                                        ctx.latency_threads, ctx.output_dir, c.min_rank, c.classifier)
+        callback.latency_device = ctx.latency_device
+        return callback
 
     def rebuild(self, student: nn.Module, cfg: DictConfig, state: dict[str, Any], example: torch.Tensor) -> nn.Module:
         return apply_ranks(student, state["ranks"]) if state.get("ranks") else student

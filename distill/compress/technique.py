@@ -44,6 +44,7 @@ class BuildContext:
     data_cfg: dict[str, Any]  # likewise for the data
     latency_batch_size: int
     latency_threads: int | None
+    latency_device: str | None = "cpu"  # measure.latency resolved: cpu | cuda | None (off)
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:

@@ -112,8 +112,15 @@ class QuantConfig:
     start_epoch: int = 0  # fp32 distillation before fake quantization begins
     freeze_observers_epoch: int | None = None  # from this epoch on, scales and zero points are fixed
     freeze_bn_epoch: int | None = None  # from this epoch on, BatchNorm statistics are fixed
-    latency_batch_size: int = 1024  # the "large batch" of the latency measurement (besides batch 1)
+    latency_batch_size: int | None = None  # the "large batch" of the latency measurement (besides batch 1); null: sized for the resolution
     latency_threads: int | None = None  # torch threads while measuring latency; null: torch's default
+
+
+@dataclass
+class MeasureConfig:
+    """Where latency is timed; see distill/measure/latency.py."""
+
+    latency: str = "auto"  # auto (the run's accelerator) | cpu | cuda | off
 
 
 @dataclass
@@ -132,6 +139,7 @@ class PruneConfig:
     norm: float = 2.0  # structured: the Ln norm that ranks channels
     prune_classifier: bool = False  # magnitude: also prune the last Linear layer
     remove_channels: bool = True  # structured: physically remove the zeroed channels after training
+    removal_tolerance: float = 1e-4  # structured: max |logit difference| of the removed vs masked model; above it, flagged
 
 
 @dataclass
@@ -253,6 +261,7 @@ class TrainConfig:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
+    measure: MeasureConfig = field(default_factory=MeasureConfig)
     seed: int = 0
     task_name: str = "train"
     ckpt_path: str | None = None  # resume the student's training from this Lightning checkpoint

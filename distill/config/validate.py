@@ -113,7 +113,8 @@ SETTINGS_CHECKS: list[Check] = [
     ("strategy.stage", one_of(1, 2, 3), "one of: 1, 2, 3"),
     ("objective.size_penalty", lambda x: x >= 0, ">= 0"),
     # Every run measures latency (of the teacher, the student and the deployed model) with these.
-    ("quant.latency_batch_size", at_least(1), ">= 1"),
+    ("quant.latency_batch_size", lambda x: x is None or x >= 1, ">= 1 (or null: sized for the input resolution)"),
+    ("measure.latency", one_of("auto", "cpu", "cuda", "off"), "one of: auto, cpu, cuda, off"),
     ("quant.latency_threads", lambda x: x is None or x >= 1, ">= 1 (or null)"),
     ("resume", one_of("auto", "never"), "one of: auto, never"),
     ("student.init", lambda x: x in (None, "teacher"), "null or teacher"),

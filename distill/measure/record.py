@@ -8,10 +8,11 @@ from typing import Any
 
 @dataclass(frozen=True)
 class Latency:
-    """CPU milliseconds per call at batch 1 and at the latency batch (either may be unmeasured)."""
+    """Milliseconds per call at batch 1 and at the latency batch (either may be unmeasured), on ``device``."""
 
     ms: float | None
     ms_batch: float | None
+    device: str | None = "cpu"  # cpu | cuda; None: not measured (measure.latency=off)
 
 
 @dataclass(frozen=True)

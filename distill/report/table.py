@@ -33,9 +33,10 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None, no
     model the run deploys (when a compression technique made one), with accuracy, parameters, size
     and CPU latency at batch 1 and at the large batch; then ``notes`` (what each technique did, in words)."""
     s, teacher, deployed = summary["student"], summary.get("teacher"), deployed_model(summary)
-    batch = s.get("latency_batch_size")
+    batch, device = s.get("latency_batch_size"), s.get("latency_device", "cpu")
     table = Table(title=f"distill: {summary['data']['name']} — teacher vs student")
-    columns = ["model", "arch", "test acc", "params", "size (bytes)", "latency b=1 (ms)", f"latency b={batch or '-'} (ms)"]
+    columns = ["model", "arch", "test acc", "params", "size (bytes)", f"latency b=1 (ms, {device})",
+               f"latency b={batch or '-'} (ms, {device})"]
     for col in columns:
         table.add_column(col, justify="left" if col in ("model", "arch") else "right")
     if teacher:

@@ -2,10 +2,15 @@
 
 - ``magnitude``: unstructured L1 pruning of weights, over all selected layers at once
   (``scope=global``) or per layer (``scope=layer``).
-- ``structured``: whole output channels (conv) or neurons (linear) by their Ln norm, per layer. The
-  channel's bias and its BatchNorm scale and shift are masked too, so a pruned channel outputs
-  exactly zero and can later be removed physically (:mod:`distill.compress.prune.channel_removal`) without
-  changing the network's outputs. The classifier's outputs are never removed.
+- ``structured``: whole channels (conv) or neurons (linear), ``amount`` of each channel group:
+  Torch-Pruning's dependency groups (:mod:`distill.compress.prune.groups`), so a residual stream or a
+  depthwise block loses a channel in every layer that writes it, and the group's importance ranks
+  them (the layers' Ln norms). Every producer of a pruned channel (conv / linear rows and biases,
+  BatchNorm scale and shift) is masked, so the channel is exactly zero wherever it reaches, and
+  removing it physically after training (:mod:`distill.compress.prune.channel_removal`) keeps the
+  outputs: the shrunk model is tested on the test split, and a difference from the masked model
+  above ``prune.removal_tolerance`` is flagged in the summary and the table. The classifier's
+  outputs are never removed.
 
 Schedule (a function of the epoch, or of the step with ``interval=step``): ``oneshot`` prunes to
 ``amount`` at ``start_epoch``; ``gradual`` follows Zhu & Gupta (2017), "To prune, or not to prune":
@@ -40,6 +45,13 @@ from torch.nn.utils import prune
 
 from distill.compress.export import save_torchscript
 from distill.compress.prune.channel_removal import count_macs, remove_pruned_channels
+from distill.compress.prune.groups import (
+    ChannelGroup,
+    GroupTensor,
+    channel_groups,
+    group_scores,
+    resolve,
+)
 from distill.compress.prune.masks import bake, effective
 from distill.compress.prune.sparse_format import (
     SPARSE_ARTIFACT,
@@ -59,6 +71,7 @@ from distill.config.validate import at_least, epochs_bound, one_of
 from distill.data.datamodules import datamodule_from
 from distill.errors import CheckpointError, ConfigError
 from distill.measure import latency
+from distill.measure.accuracy import loader_accuracy
 from distill.measure.record import DeployedModel
 from distill.measure.size import serialized_size_bytes
 from distill.models.registry import build_student
@@ -80,12 +93,14 @@ class ChannelRemoval:
     size_bytes_removed: int
     macs_before: int
     macs_after: int
-    max_abs_diff_after_removal: float
-    latency_ms_before_removal: float
-    latency_ms_after_removal: float
-    latency_ms_batch_before_removal: float
-    latency_ms_batch_after_removal: float
-    speedup_batch: float
+    max_abs_diff_after_removal: float  # on a batch of the test split
+    acc_after_removal: float | None  # the shrunk model's own test accuracy
+    removal_exact: bool  # max_abs_diff_after_removal <= prune.removal_tolerance
+    latency_ms_before_removal: float | None  # None: measure.latency=off
+    latency_ms_after_removal: float | None
+    latency_ms_batch_before_removal: float | None
+    latency_ms_batch_after_removal: float | None
+    speedup_batch: float | None
     latency_threads: int
     shrunk_artifact: str | None = None
 
@@ -111,7 +126,8 @@ class PruneReport(TechniqueReport):
     def deployed(self, student: StudentFigures) -> DeployedModel | None:
         if self.removal is not None:
             r = self.removal
-            return DeployedModel(kind="channels-removed", acc=student.test_acc, params=r.params_after_removal,
+            acc = r.acc_after_removal if r.acc_after_removal is not None else student.test_acc
+            return DeployedModel(kind="channels-removed" if r.removal_exact else "channels-removed (outputs differ)", acc=acc, params=r.params_after_removal,
                                  size_bytes=r.size_bytes_removed, bits=32, latency_ms=r.latency_ms_after_removal,
                                  latency_ms_batch=r.latency_ms_batch_after_removal, path=r.shrunk_artifact)
         if self.size_bytes_sparse is not None:
@@ -129,9 +145,16 @@ class PruneReport(TechniqueReport):
         ]
         if self.removal is not None:
             r = self.removal
-            lines.append(f"channels removed: {r.macs_before:,} -> {r.macs_after:,} MACs, batch latency "
-                         f"{r.latency_ms_batch_before_removal:.3f} -> {r.latency_ms_batch_after_removal:.3f} ms "
-                         f"({r.speedup_batch:.2f}x faster), max |output difference| {r.max_abs_diff_after_removal:.2e}")
+            timing = "" if r.speedup_batch is None else (
+                f", batch latency {r.latency_ms_batch_before_removal:.3f} -> {r.latency_ms_batch_after_removal:.3f} ms "
+                f"({r.speedup_batch:.2f}x faster)")
+            lines.append(f"channels removed: {r.macs_before:,} -> {r.macs_after:,} MACs{timing}, "
+                         f"max |output difference| {r.max_abs_diff_after_removal:.2e}"
+                         + ("" if r.acc_after_removal is None else f", test acc {100 * r.acc_after_removal:.2f} %"))
+            if not r.removal_exact:
+                lines.append("WARNING: the channel-removed model's outputs differ from the masked model's by more than "
+                             "prune.removal_tolerance: the shrunk file is not the model that was trained and tested "
+                             "(its own test accuracy is the one reported for it)")
         return lines
 
 
@@ -145,15 +168,6 @@ def gradual_sparsity(t: float, start: float, end: float, final: float, initial: 
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
-@dataclass
-class PrunedTensor:
-    """One masked tensor: ``module.<name>`` (a weight, or a bias/BN tensor tied to a channel mask)."""
-
-    path: str
-    module: nn.Module
-    name: str = "weight"
-
-
 def prunable_layers(model: nn.Module, layer_types: list[str], include_classifier: bool) -> list[tuple[str, nn.Module]]:
     """The (path, module) pairs to prune, in module order; the last Linear is the classifier."""
     unknown = set(layer_types) - set(LAYER_TYPES)
@@ -161,27 +175,13 @@ def prunable_layers(model: nn.Module, layer_types: list[str], include_classifier
         raise ValueError(f"prune.layers: unknown layer type(s) {sorted(unknown)}; choose from: {', '.join(LAYER_TYPES)}")
     types = tuple(LAYER_TYPES[t] for t in layer_types)
     layers = [(p, m) for p, m in model.named_modules() if isinstance(m, types)]
-    linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
-    classifier = linears[-1] if linears else None
+    classifier = _classifier(model)
     return [(p, m) for p, m in layers if include_classifier or p != classifier]
 
 
-def _following_batchnorm(model: nn.Module, path: str, module: nn.Module) -> nn.Module | None:
-    """The BatchNorm that normalises ``module``'s output channels: fused inside it (QAT ConvBn)
-    or the next module in definition order (conv -> BN blocks)."""
-    if isinstance(getattr(module, "bn", None), nn.modules.batchnorm._BatchNorm):
-        return module.bn
-    names = [p for p, _ in model.named_modules()]
-    modules = dict(model.named_modules())
-    i = names.index(path)
-    for nxt in names[i + 1 :]:
-        m = modules[nxt]
-        if nxt.startswith(path + "."):
-            continue
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.num_features == module.weight.shape[0]:
-            return m
-        return None
-    return None
+def _classifier(model: nn.Module) -> str | None:
+    linears = [p for p, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
 
 
 class Pruning(Callback):
@@ -202,8 +202,10 @@ class Pruning(Callback):
         sample_shape: tuple[int, int, int] | None = None,
         latency_batch_size: int = 1024,
         latency_threads: int | None = None,
+        latency_device: str | None = "cpu",
         output_dir: str | None = None,
         meta: dict[str, Any] | None = None,
+        removal_tolerance: float = 1e-4,
     ) -> None:
         if method not in METHODS or method == "none":
             raise ValueError(f"prune.method={method!r}: choose from: magnitude, structured")
@@ -220,13 +222,18 @@ class Pruning(Callback):
         self.remove_channels = remove_channels and method == "structured"
         self.sample_shape = sample_shape
         self.latency_batch_size, self.latency_threads = latency_batch_size, latency_threads
+        self.latency_device = latency_device
         self.output_dir = output_dir
         self.meta = meta or {}  # the student and data config, stored in the sparse file
         self.report: PruneReport | None = None
         self.current_sparsity = 0.0
+        self.removal_tolerance = removal_tolerance
+        if method == "structured" and sample_shape is None:
+            raise ValueError("structured pruning needs the input's sample_shape to find the channel groups")
         self._last_step_event: int | None = None
         self._layers: list[tuple[str, nn.Module]] = []
-        self._tied: dict[str, list[PrunedTensor]] = {}  # structured: bias / BN tensors per layer
+        # structured: each channel group with its producer tensors in the live student
+        self._groups: list[tuple[ChannelGroup, list[GroupTensor]]] = []
 
     # -- set-up: identity masks on every tensor that may be pruned ------------------------------
 
@@ -234,21 +241,39 @@ class Pruning(Callback):
         if self._layers:
             return
         student = pl_module.student
+        if self.method == "structured":
+            self._setup_groups(trainer, student)
+            return
         self._layers = prunable_layers(student, self.layer_types, self.include_classifier)
         if not self._layers:
             raise ValueError(f"prune.layers={self.layer_types}: the student has no such layers to prune")
-        for path, module in self._layers:
+        for _, module in self._layers:
             self._reparametrize(module, "weight")
-            if self.method == "structured":
-                tied = []
-                if getattr(module, "bias", None) is not None:
-                    tied.append(PrunedTensor(path, module, "bias"))
-                bn = _following_batchnorm(student, path, module)
-                if bn is not None:
-                    tied += [PrunedTensor(path, bn, "weight"), PrunedTensor(path, bn, "bias")]
-                for t in tied:
-                    self._reparametrize(t.module, t.name)
-                self._tied[path] = tied
+
+    def _setup_groups(self, trainer: L.Trainer | None, student: nn.Module) -> None:
+        """Find the channel groups (on the float student: the QAT callback's copy when it prepared
+        this one) and put identity masks on every producer tensor of the live student."""
+        float_student = student
+        if quant_backend.is_prepared(student):
+            float_student = next((cb.float_student for cb in getattr(trainer, "callbacks", []) if getattr(cb, "float_student", None) is not None), None)
+            if float_student is None:
+                raise ValueError("structured pruning of a QAT-prepared student needs the QAT callback's float student")
+        roots = tuple(LAYER_TYPES[t] for t in self.layer_types)
+        classifier = _classifier(float_student)
+        groups = channel_groups(float_student, torch.zeros(1, *self.sample_shape), roots, [classifier] if classifier else [])
+        layers: dict[str, nn.Module] = {}
+        for group in groups:
+            tensors = resolve(student, group)
+            if not any(t.scored for t in tensors):
+                continue
+            for t in tensors:
+                self._reparametrize(t.module, t.name)
+            self._groups.append((group, tensors))
+            modules = dict(student.named_modules())
+            layers.update({p: modules[p] for p in group.layers if p in modules})
+        self._layers = [(p, m) for p, m in student.named_modules() if p in layers]
+        if not self._layers:
+            raise ValueError(f"prune.layers={self.layer_types}: the student has no channel groups of such layers to prune")
 
     @staticmethod
     def _reparametrize(module: nn.Module, name: str) -> None:
@@ -293,35 +318,45 @@ class Pruning(Callback):
         """Grow the masks so that the selected weights (or channels) reach ``sparsity``."""
         if sparsity <= 0:
             return
-        if self.method == "magnitude" and self.scope == "global":
+        if self.method == "structured":
+            for group, tensors in self._groups:
+                self._prune_group(group, tensors, sparsity)
+        elif self.scope == "global":
             total = sum(m.weight_mask.numel() for _, m in self._layers)
             pruned = sum(int((m.weight_mask == 0).sum()) for _, m in self._layers)
             extra = round(sparsity * total) - pruned
             if extra > 0:
                 prune.global_unstructured([(m, "weight") for _, m in self._layers], prune.L1Unstructured, amount=extra)
         else:
-            for path, module in self._layers:
+            for _, module in self._layers:
                 mask = module.weight_mask
-                if self.method == "magnitude":
-                    extra = round(sparsity * mask.numel()) - int((mask == 0).sum())
-                    if extra > 0:
-                        prune.l1_unstructured(module, "weight", amount=extra)
-                else:
-                    channels = mask.shape[0]
-                    alive = mask.flatten(1).any(dim=1)
-                    extra = round(sparsity * channels) - int((~alive).sum())
-                    extra = min(extra, int(alive.sum()) - 1)  # keep at least one channel
-                    if extra > 0:
-                        prune.ln_structured(module, "weight", amount=extra, n=self.norm, dim=0)
-                        self._tie(path, module)
+                extra = round(sparsity * mask.numel()) - int((mask == 0).sum())
+                if extra > 0:
+                    prune.l1_unstructured(module, "weight", amount=extra)
         self.current_sparsity = self.sparsity()["global"]
         log.info("prune: %s sparsity %.4f (target %.4f)", self.method, self.current_sparsity, sparsity)
 
-    def _tie(self, path: str, module: nn.Module) -> None:
-        """Mask the bias and BatchNorm entries of the channels whose weights are all pruned."""
-        alive = module.weight_mask.flatten(1).any(dim=1).to(module.weight_mask.dtype)
-        for t in self._tied.get(path, []):
-            getattr(t.module, t.name + "_mask").mul_(alive)
+    def _prune_group(self, group: ChannelGroup, tensors: list[GroupTensor], sparsity: float) -> None:
+        """Grow one group's pruned channels to ``sparsity`` of its channels, lowest importance first."""
+        alive = self._alive(tensors)
+        extra = round(sparsity * group.channels) - int((~alive).sum())
+        extra = min(extra, int(alive.sum()) - 1)  # keep at least one channel
+        if extra <= 0:
+            return
+        scores = group_scores(tensors, group.channels, self.norm).masked_fill(~alive, float("inf"))
+        pruned = torch.zeros(group.channels, dtype=torch.bool)
+        pruned[torch.argsort(scores, stable=True)[:extra]] = True
+        pruned |= ~alive
+        for t in tensors:
+            rows = torch.tensor(t.index, device=t.mask.device)[pruned.to(t.mask.device)]
+            t.mask[rows] = 0
+            setattr(t.module, t.name, getattr(t.module, t.name + "_orig") * t.mask)  # as the pruning hook would
+
+    @staticmethod
+    def _alive(tensors: list[GroupTensor]) -> torch.Tensor:
+        """The group's channels whose rows in its first scored layer are not masked."""
+        t = next(t for t in tensors if t.scored)
+        return t.mask.flatten(1)[list(t.index)].any(dim=1).cpu()
 
     # -- reporting ------------------------------------------------------------------------------
 
@@ -346,9 +381,20 @@ class Pruning(Callback):
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
-            self.report = self.measure(pl_module.student)
+            datamodule = getattr(trainer, "datamodule", None)
+            test = datamodule.test_dataloader(shard=False) if datamodule is not None else None
+            self.report = self.measure(pl_module.student, test)
 
-    def measure(self, student: nn.Module) -> PruneReport:
+    def pruned_channels(self) -> dict[str, list[int]]:
+        """Structured: each group's pruned channels, as rows of its root layer."""
+        out = {}
+        for group, tensors in self._groups:
+            dead = (~self._alive(tensors)).nonzero().flatten().tolist()
+            root = next(p for p in group.producers if p.scored and p.path == group.root)
+            out[group.root] = [root.index[i] for i in dead]
+        return out
+
+    def measure(self, student: nn.Module, test_loader: Any = None) -> PruneReport:
         """Sparsity, non-zero parameters, dense and sparse size (the sparse file is written); for
         structured pruning the physically shrunk model's MACs and latency against the masked dense one."""
         sparsity = self.sparsity()
@@ -371,16 +417,24 @@ class Pruning(Callback):
             path = save_sparse(Path(self.output_dir) / SPARSE_ARTIFACT, state, self.meta)
             report.size_bytes_sparse, report.sparse_artifact = path.stat().st_size, str(path)
         if self.remove_channels and not qat and self.sample_shape is not None:
-            report.removal = self._remove_channels(dense)
+            report.removal = self._remove_channels(dense, test_loader)
         log.info("prune: final sparsity %.4f, %d non-zero parameters", report.sparsity, report.nonzero_params)
         return report
 
-    def _remove_channels(self, dense: nn.Module) -> ChannelRemoval:
+    def _remove_channels(self, dense: nn.Module, test_loader: Any = None) -> ChannelRemoval:
         example = torch.zeros(1, *self.sample_shape)
-        shrunk, removed = remove_pruned_channels(dense, example, [p for p, _ in self._layers])
-        probe = torch.randn(64, *self.sample_shape, generator=torch.Generator().manual_seed(0))
+        shrunk, removed = remove_pruned_channels(dense, example, self.pruned_channels())
+        # A batch of the test split (the images the model is judged on), else a seeded random one.
+        probe = next(iter(test_loader))[0] if test_loader is not None else torch.randn(
+            64, *self.sample_shape, generator=torch.Generator().manual_seed(0))
+        diff = _max_abs_diff(dense, shrunk, probe)
+        exact = diff <= self.removal_tolerance
+        if not exact:
+            log.warning("prune: the channel-removed model differs from the masked one by %.3g (> prune.removal_tolerance=%g); "
+                        "its own test accuracy is reported", diff, self.removal_tolerance)
         threads = self.latency_threads or torch.get_num_threads()
-        lat = latency.measure_many({"before": dense, "after": shrunk}, self.sample_shape, self.latency_batch_size, threads)
+        lat = latency.measure_many({"before": dense, "after": shrunk}, self.sample_shape, self.latency_batch_size, threads,
+                                   device=self.latency_device)
         before, after = lat["before"], lat["after"]
         removal = ChannelRemoval(
             channels_removed=removed,
@@ -388,12 +442,14 @@ class Pruning(Callback):
             size_bytes_removed=serialized_size_bytes(shrunk),
             macs_before=count_macs(dense, example),
             macs_after=count_macs(shrunk, example),
-            max_abs_diff_after_removal=_max_abs_diff(dense, shrunk, probe),
-            latency_ms_before_removal=before["latency_ms"],
-            latency_ms_after_removal=after["latency_ms"],
-            latency_ms_batch_before_removal=before["latency_ms_batch"],
-            latency_ms_batch_after_removal=after["latency_ms_batch"],
-            speedup_batch=before["latency_ms_batch"] / after["latency_ms_batch"],
+            max_abs_diff_after_removal=diff,
+            acc_after_removal=loader_accuracy(shrunk, test_loader) if test_loader is not None else None,
+            removal_exact=exact,
+            latency_ms_before_removal=before.ms,
+            latency_ms_after_removal=after.ms,
+            latency_ms_batch_before_removal=before.ms_batch,
+            latency_ms_batch_after_removal=after.ms_batch,
+            speedup_batch=before.ms_batch / after.ms_batch if after.ms_batch else None,
             latency_threads=threads,
         )
         if self.output_dir is not None:
@@ -430,6 +486,7 @@ class PruneTechnique(Technique):
         ("prune.interval", one_of("epoch", "step"), "one of: epoch, step"),
         ("prune.layers", lambda xs: len(xs) >= 1 and all(x in LAYER_TYPES for x in xs), "a non-empty list of: Linear, Conv2d"),
         ("prune.norm", lambda x: x > 0, "> 0"),
+        ("prune.removal_tolerance", lambda x: x >= 0, ">= 0"),
     ]
 
     def enabled(self, cfg: DictConfig) -> bool:
@@ -456,7 +513,9 @@ class PruneTechnique(Technique):
             end_epoch=p.end_epoch, frequency=p.frequency, interval=p.interval, layers=list(p.layers),
             norm=p.norm, prune_classifier=p.prune_classifier, remove_channels=p.remove_channels,
             sample_shape=ctx.sample_shape, latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads,
+            latency_device=ctx.latency_device,
             output_dir=ctx.output_dir, meta={"student": ctx.student_cfg, "data": ctx.data_cfg, "quant": _quant_meta(cfg)},
+            removal_tolerance=p.removal_tolerance,
         )
 
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:

@@ -5,9 +5,12 @@ channel also means removing its BatchNorm entry and the matching input channel o
 consumes it; Torch-Pruning's dependency graph (Fang et al., "DepGraph", CVPR 2023) finds and
 shrinks all of them consistently, for residual and concatenating networks too.
 
-Exactness: :mod:`distill.compress.prune.callback` masks a pruned channel's bias and BatchNorm scale and shift as
-well, so the channel's output is exactly zero, the consumers' contribution from it is zero, and the
-shrunk model computes the same function (up to float summation order).
+Exactness: :mod:`distill.compress.prune.callback` prunes the same dependency groups
+(:mod:`distill.compress.prune.groups`) and masks every tensor that writes a pruned channel (conv and
+linear rows and biases, BatchNorm scale and shift), so the channel is exactly zero wherever it
+reaches, the consumers' contribution from it is zero, and the shrunk model computes the same
+function (up to float summation order). The callback measures the difference and the shrunk
+model's accuracy rather than assume it.
 """
 
 from __future__ import annotations
@@ -24,23 +27,18 @@ from distill.compress.prune.masks import bake
 log = logging.getLogger(__name__)
 
 
-def dead_channels(module: nn.Module) -> list[int]:
-    """Output channels whose weights are all zero."""
-    w = module.weight.detach()
-    return (w.flatten(1).abs().sum(dim=1) == 0).nonzero().flatten().tolist()
-
-
-def remove_pruned_channels(model: nn.Module, example: torch.Tensor, layer_paths: list[str]) -> tuple[nn.Module, dict[str, int]]:
-    """A shrunk copy of ``model`` (masks baked in) without the zero output channels of ``layer_paths``."""
+def remove_pruned_channels(model: nn.Module, example: torch.Tensor, pruned: dict[str, list[int]]) -> tuple[nn.Module, dict[str, int]]:
+    """A shrunk copy of ``model`` (masks baked in) without channels ``pruned[root]`` of each group's
+    root layer, and with them every channel of the group that Torch-Pruning couples to them."""
     import torch_pruning as tp  # deferred: an optional heavy dependency, only channel removal uses it
 
     # The dependency graph is traced through autograd, so leave Lightning's inference mode (the
     # test loop calls us from on_test_end) and copy the weights into ordinary tensors.
     with torch.inference_mode(False), torch.enable_grad():
-        return _remove(copy.deepcopy(model), example.clone(), layer_paths, tp)
+        return _remove(copy.deepcopy(model), example.clone(), pruned, tp)
 
 
-def _remove(model: nn.Module, example: torch.Tensor, layer_paths: list[str], tp) -> tuple[nn.Module, dict[str, int]]:
+def _remove(model: nn.Module, example: torch.Tensor, pruned: dict[str, list[int]], tp) -> tuple[nn.Module, dict[str, int]]:
     model = bake(model).cpu().eval()
     for p in model.parameters():
         p.data = p.data.clone()
@@ -48,16 +46,20 @@ def _remove(model: nn.Module, example: torch.Tensor, layer_paths: list[str], tp)
         b.data = b.data.clone()
     graph = tp.DependencyGraph().build_dependency(model, example_inputs=example)
     removed: dict[str, int] = {}
-    for path in layer_paths:
-        module = model.get_submodule(path)
-        dead = dead_channels(module)
-        if not dead:
+    for path, idxs in pruned.items():
+        if not idxs:
             continue
-        prune_fn = tp.prune_conv_out_channels if isinstance(module, nn.Conv2d) else tp.prune_linear_out_channels
-        group = graph.get_pruning_group(module, prune_fn, idxs=dead)
+        module = model.get_submodule(path)
+        if isinstance(module, nn.Linear):
+            prune_fn = tp.prune_linear_out_channels
+        elif module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            prune_fn = tp.prune_depthwise_conv_out_channels
+        else:
+            prune_fn = tp.prune_conv_out_channels
+        group = graph.get_pruning_group(module, prune_fn, idxs=list(idxs))
         if graph.check_pruning_group(group):  # never removes every channel of a layer
             group.prune()
-            removed[path] = len(dead)
+            removed[path] = len(idxs)
     return model, removed
 
 

@@ -69,10 +69,10 @@ class QATReport(TechniqueReport):
     size_bytes_quant: int  # the b-bit packed artifact
     size_bytes_torchscript: int
     compression: float
-    latency_ms_fp32: float
-    latency_ms_quant: float
-    latency_ms_fp32_batch: float
-    latency_ms_quant_batch: float
+    latency_ms_fp32: float | None  # None: measure.latency=off
+    latency_ms_quant: float | None
+    latency_ms_fp32_batch: float | None
+    latency_ms_quant_batch: float | None
     latency_batch_size: int
     latency_threads: int
     artifact: str
@@ -84,7 +84,8 @@ class QATReport(TechniqueReport):
                              path=self.artifact)
 
     def fp32_latency(self) -> Latency:
-        return Latency(self.latency_ms_fp32, self.latency_ms_fp32_batch)
+        # timed on CPU beside the integer model (None when measure.latency=off)
+        return Latency(self.latency_ms_fp32, self.latency_ms_fp32_batch, "cpu" if self.latency_ms_fp32 is not None else None)
 
     def describe(self) -> list[str]:
         return [f"quantized student: {self.compression:.2f}x smaller than fp32 (fp32 weights: {100 * self.acc_fp32:.2f} %); "
@@ -107,6 +108,7 @@ class QuantizationAwareTraining(Callback):
         freeze_bn_epoch: int | None = None,
         latency_batch_size: int = 256,
         latency_threads: int | None = None,
+        latency_device: str | None = "cpu",
         student_cfg: dict[str, Any] | None = None,
         data_cfg: dict[str, Any] | None = None,
     ) -> None:
@@ -119,6 +121,7 @@ class QuantizationAwareTraining(Callback):
         self.shape = shape
         self.output_dir = Path(output_dir)
         self.latency_batch_size, self.latency_threads = latency_batch_size, latency_threads
+        self.latency_device = latency_device
         self.student_cfg, self.data_cfg = student_cfg or {}, data_cfg
         self.float_student: nn.Module | None = None  # the fp32 architecture, for size and latency
         self.report: QATReport | None = None
@@ -221,7 +224,9 @@ class QuantizationAwareTraining(Callback):
 
         float_student = self.float_student if self.float_student is not None else float_view
         threads = self.latency_threads or torch.get_num_threads()
-        lat = latency.measure_many({"fp32": float_student, "quant": quantized}, self.sample_shape, self.latency_batch_size, threads)
+        # Integer kernels run on CPU only: both models are timed there (unless measure.latency=off).
+        lat = latency.measure_many({"fp32": copy.deepcopy(float_student), "quant": quantized}, self.sample_shape,
+                                   self.latency_batch_size, threads, device=None if self.latency_device is None else "cpu")
         lat_fp32, lat_quant = lat["fp32"], lat["quant"]
         size_fp32 = serialized_size_bytes(float_student)
         size_quant = artifact.stat().st_size
@@ -235,10 +240,10 @@ class QuantizationAwareTraining(Callback):
             size_bytes_quant=size_quant,
             size_bytes_torchscript=torchscript.stat().st_size,
             compression=size_fp32 / size_quant,
-            latency_ms_fp32=lat_fp32["latency_ms"],
-            latency_ms_quant=lat_quant["latency_ms"],
-            latency_ms_fp32_batch=lat_fp32["latency_ms_batch"],
-            latency_ms_quant_batch=lat_quant["latency_ms_batch"],
+            latency_ms_fp32=lat_fp32.ms,
+            latency_ms_quant=lat_quant.ms,
+            latency_ms_fp32_batch=lat_fp32.ms_batch,
+            latency_ms_quant_batch=lat_quant.ms_batch,
             latency_batch_size=self.latency_batch_size,
             latency_threads=threads,
             artifact=str(artifact),
@@ -286,7 +291,7 @@ class QuantTechnique(Technique):
         return QuantizationAwareTraining(
             bits=q.bits, shape=ctx.shape, output_dir=ctx.output_dir, backend=q.backend, per_channel=q.per_channel,
             start_epoch=q.start_epoch, freeze_observers_epoch=q.freeze_observers_epoch, freeze_bn_epoch=q.freeze_bn_epoch,
-            latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads,
+            latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads, latency_device=ctx.latency_device,
             student_cfg=ctx.student_cfg, data_cfg=ctx.data_cfg,
         )
 

@@ -1,0 +1,146 @@
+"""Channel groups for structured pruning: the sets of tensors whose channels must go together.
+
+A channel is not one layer's: in a residual network, channel ``c`` of a stage's stream is written by
+every block's last conv and BatchNorm (and the downsample shortcut) and added together; in a
+depthwise-separable block, the depthwise conv's channel ``c`` exists only if the expanding conv's
+channel ``c`` does. Masking each conv on its own (what this package did before) zeroes a channel in
+one producer while the shortcut keeps it alive, and the physical removal, which removes whole
+groups, then changes the network.
+
+Torch-Pruning's dependency graph (Fang et al., "DepGraph: Towards Any Structural Pruning", CVPR 2023)
+finds these groups; :func:`channel_groups` records each as the tensors that *produce* its channels
+(conv and linear output rows and biases, normalisation scales and shifts), by module path, so the
+same groups can be found again on the live, possibly QAT-prepared, student. Masking every producer
+tensor of a channel makes that channel exactly zero everywhere the group reaches; the consumers'
+input columns then multiply zeros, and removing the group
+(:func:`distill.compress.prune.channel_removal.remove_pruned_channels`) keeps the outputs.
+
+Importance of a group's channel (:func:`group_scores`): the Ln norm of its output row in each
+producing conv / linear layer, each layer's norms divided by their mean over the channels (so a
+layer of large weights does not outvote the others), averaged over the layers; Torch-Pruning's
+``GroupMagnitudeImportance`` with ``normalizer="mean"``, ``group_reduction="mean"``, restricted to the
+producers. A group of one layer (a plain CNN or MLP) ranks channels exactly as per-layer Ln-norm
+pruning (``torch.nn.utils.prune.ln_structured``) does.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distill.compress.prune.masks import effective
+
+# Module types whose output channels are masked by their (weight, bias) rows.
+_PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+
+
+@dataclass(frozen=True)
+class Producer:
+    """One tensor that writes a group's channels: ``<path>.<name>``, its channel ``i`` at ``index[i]``."""
+
+    path: str
+    name: str  # weight or bias
+    index: tuple[int, ...]  # the tensor's row for each of the group's channels
+    scored: bool  # a conv / linear weight: counted in the importance
+
+
+@dataclass(frozen=True)
+class ChannelGroup:
+    """Channels that are removed together; ``root`` is the layer Torch-Pruning grouped them from."""
+
+    root: str
+    channels: int
+    producers: tuple[Producer, ...]
+
+    @property
+    def layers(self) -> list[str]:
+        """The conv / linear layers whose output channels these are."""
+        return list(dict.fromkeys(p.path for p in self.producers if p.scored))
+
+
+def channel_groups(model: nn.Module, example: torch.Tensor, root_types: tuple[type, ...], ignored: list[str]) -> list[ChannelGroup]:
+    """The channel groups of ``model`` rooted at layers of ``root_types``, leaving ``ignored`` layers' outputs alone."""
+    import torch_pruning as tp  # deferred: an optional heavy dependency, only structured pruning uses it
+
+    model = copy.deepcopy(model).cpu().eval()
+    names = {m: p for p, m in model.named_modules()}
+    modules = dict(model.named_modules())
+    with torch.inference_mode(False), torch.enable_grad():
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example.clone())
+        found = graph.get_all_groups(ignored_layers=[modules[p] for p in ignored], root_module_types=root_types)
+        groups = []
+        for group in found:
+            root = group[0].dep.target.module
+            channels = len(group[0].idxs)
+            producers: list[Producer] = []
+            for item in group:
+                module, handler = item.dep.target.module, item.dep.handler
+                if getattr(handler, "__name__", "") != "prune_out_channels" or module not in names:
+                    continue
+                if len(item.idxs) != channels:  # a reshaping consumer (flatten): not a producer of these channels
+                    continue
+                index = tuple(int(i) for i in item.idxs)
+                path = names[module]
+                if isinstance(module, _PRODUCERS) and not getattr(module, "transposed", False):
+                    producers.append(Producer(path, "weight", index, scored=True))
+                    if module.bias is not None:
+                        producers.append(Producer(path, "bias", index, scored=False))
+                elif isinstance(module, _NORMS) and getattr(module, "weight", None) is not None:
+                    producers += [Producer(path, "weight", index, False), Producer(path, "bias", index, False)]
+            groups.append(ChannelGroup(names[root], channels, tuple(dict.fromkeys(producers))))
+    return groups
+
+
+@dataclass(frozen=True, eq=False)
+class GroupTensor:
+    """A producer tensor of a group in the live student: ``module.<name>``, rows ``index``."""
+
+    module: nn.Module
+    name: str
+    index: tuple[int, ...]
+    scored: bool
+
+    @property
+    def mask(self) -> torch.Tensor:
+        return getattr(self.module, self.name + "_mask")
+
+
+def resolve(model: nn.Module, group: ChannelGroup) -> list[GroupTensor]:
+    """The group's producer tensors in ``model``.
+
+    ``model`` may be the QAT-prepared student, where a BatchNorm is fused into its conv (the conv's
+    ``bn``) and no longer has a path of its own: the fused conv's BatchNorm shift is then masked with it.
+    """
+    modules = dict(model.named_modules())
+    out = []
+    for p in group.producers:
+        module = modules.get(p.path)
+        if module is None:  # fused away (QAT): handled with its conv below
+            continue
+        out.append(GroupTensor(module, p.name, p.index, p.scored))
+        bn = getattr(module, "bn", None)
+        if p.scored and p.name == "weight" and isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            # Only the shift: the fused conv divides its output by the BatchNorm scale (0 / 0 for a
+            # masked scale). The channel's conv output is zero, so its batch mean and, over training,
+            # its running mean are zero too.
+            out.append(GroupTensor(bn, "bias", p.index, False))
+    return out
+
+
+@torch.no_grad()
+def group_scores(tensors: list[GroupTensor], channels: int, norm: float) -> torch.Tensor:
+    """Importance of each of the group's channels (see the module docstring); low is pruned first."""
+    per_layer = []
+    for t in tensors:
+        if not t.scored:
+            continue
+        w = effective(t.module, t.name).detach()
+        rows = w.flatten(1)[list(t.index)].norm(p=norm, dim=1).float().cpu()
+        per_layer.append(rows / rows.mean().clamp_min(1e-12))
+    if not per_layer:
+        return torch.zeros(channels)
+    return torch.stack(per_layer).mean(dim=0)
