@@ -3,15 +3,21 @@
 Each feature owns its checks (ranges of its keys, names in its registry, what it does not combine
 with); this module runs them in order, so a bad value fails in seconds, naming the key: every
 range first, then the names, then the files, then the combinations.
+
+The ranges live in modules that import neither torch nor Lightning (``config/validate.py``,
+``compress/settings.py``, ``teacher/settings.py``, ``distillation/settings.py``): :func:`precheck`
+runs them, with the device counts and the directories a run writes, before ``train.py`` imports
+the pipeline (torch and Lightning take about 8 s to import here), so such a typo is reported in
+well under a second. :func:`validate` then runs everything, the registries' names included.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from distill.compress.registry import check_techniques, technique_range_checks
+from distill.compress.settings import TECHNIQUE_RANGE_CHECKS
 from distill.config.validate import (
     SETTINGS_CHECKS,
     check_callbacks,
@@ -21,21 +27,39 @@ from distill.config.validate import (
     check_nonfinite_policy,
     run_checks,
 )
-from distill.data.datamodules import DATASETS, check_data
-from distill.distillation.hints import HINT_CHECKS, check_hints
-from distill.distillation.losses.registry import check_loss
+from distill.distillation.settings import HINT_CHECKS, LOSS_CHECKS
 from distill.errors import ConfigError
-from distill.measure.latency import check_device
-from distill.models.registry import STUDENTS
-from distill.report.objective import check_objective
-from distill.runtime.checkpoint_io import load_checkpoint
-from distill.teacher.provision import TEACHER_CHECKS, check_teacher, check_teacher_outputs
+from distill.teacher.settings import TEACHER_CHECKS
+
+RANGE_CHECKS = SETTINGS_CHECKS + HINT_CHECKS + TEACHER_CHECKS + TECHNIQUE_RANGE_CHECKS
+DIRECTORIES = ("paths.cache_dir", "teacher.cache_dir")  # hydra.run.dir / sweep.dir: distill.cli.RunDirectoryCheck
+
+
+def precheck(cfg: DictConfig) -> None:
+    """The checks that need neither torch nor Lightning: every range, device and node counts, the
+    directories a run writes."""
+    run_checks(cfg, RANGE_CHECKS + LOSS_CHECKS.get(str(cfg.loss.name), []))
+    devices = str(cfg.trainer.devices).strip()
+    if devices.lstrip("-").isdigit() and int(devices) < 1 and devices != "-1":
+        raise ConfigError(f"trainer.devices={cfg.trainer.devices!r} is out of range: must be >= 1, -1 (every device) or auto")
+    for key in DIRECTORIES:
+        check_creatable_directory(key, OmegaConf.select(cfg, key))
 
 
 def validate(cfg: DictConfig) -> None:
     """Check every range and every name against its registry, before any data is touched."""
+    # deferred: the registries import torch, torchvision and Lightning; precheck must not wait for them
+    from distill.compress.registry import check_techniques  # deferred
+    from distill.data.datamodules import DATASETS, check_data  # deferred
+    from distill.distillation.hints import check_hints  # deferred
+    from distill.distillation.losses.registry import check_loss  # deferred
+    from distill.measure.latency import check_device  # deferred
+    from distill.models.registry import STUDENTS  # deferred
+    from distill.report.objective import check_objective  # deferred
+    from distill.teacher.provision import check_teacher, check_teacher_outputs  # deferred
+
+    precheck(cfg)
     check_loss(cfg)
-    run_checks(cfg, SETTINGS_CHECKS + HINT_CHECKS + TEACHER_CHECKS + technique_range_checks())
     check_objective(cfg)
     check_in_registry(cfg, "student.name", STUDENTS, "student")
     check_teacher(cfg)
@@ -47,13 +71,14 @@ def validate(cfg: DictConfig) -> None:
     check_hints(cfg)
     check_teacher_outputs(cfg)
     check_resume(cfg)
-    check_creatable_directory("teacher.cache_dir", cfg.teacher.cache_dir)
     check_devices(cfg.trainer)
     check_device(cfg.measure.latency)
 
 
 def check_resume(cfg: DictConfig) -> None:
     """``ckpt_path``: a readable checkpoint file, or a DeepSpeed checkpoint directory of shards."""
+    from distill.runtime.checkpoint_io import load_checkpoint  # deferred: imports torch
+
     if not cfg.ckpt_path:
         return
     if not Path(cfg.ckpt_path).exists():

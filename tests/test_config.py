@@ -165,3 +165,69 @@ def test_missing_teacher_checkpoint_is_named(make_cfg, tmp_path):
     cfg = make_cfg(f"teacher.checkpoint={tmp_path}/nope.pt")
     with pytest.raises(ConfigError, match="teacher.checkpoint: no such file: .*nope.pt"):
         validate(cfg)
+
+
+PRECHECK_CASES = [
+    ("prune.amount=1.5", "prune.amount"), ("quant.bits=9", "quant.bits"), ("teacher.epochs=-1", "teacher.epochs"),
+    ("loss.alpha=2", "loss.alpha"), ("optim.lr=-1", "optim.lr"), ("trainer.devices=0", "trainer.devices"),
+    ("lowrank.rank_ratio=2", "lowrank.rank_ratio"), ("export.dtype=fp8", "export.dtype"), ("loss.hint.weight=-1", "loss.hint.weight"),
+]
+
+
+def test_range_errors_are_found_before_torch_is_imported(tmp_path):
+    """train.py runs distill.checks.precheck before importing the pipeline: every range check (and
+    the device count) fails without torch or Lightning loaded, so a typo is reported in the time
+    Hydra takes to compose, not after an 8 s import."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = f"""
+import sys
+from pathlib import Path
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import open_dict
+from distill.checks import precheck
+from distill.config.schema import register_configs
+from distill.errors import ConfigError
+
+register_configs()
+
+
+def compose_config(overrides, out, cache):  # as tests/conftest.py does, without its imports of torch
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(version_base="1.3", config_dir=str(Path("conf").resolve())):
+        cfg = compose(config_name="train", overrides=overrides)
+    with open_dict(cfg):
+        cfg.paths.output_dir, cfg.paths.cache_dir, cfg.paths.root_dir = str(out), str(cache), str(out)
+    return cfg
+
+
+bad = []
+for override, key in {PRECHECK_CASES!r}:
+    try:
+        precheck(compose_config([override], Path({str(tmp_path)!r}) / "out", Path({str(tmp_path)!r}) / "cache"))
+        bad.append(override + ": not refused")
+    except ConfigError as err:
+        if key not in str(err):
+            bad.append(override + ": " + str(err))
+precheck(compose_config([], Path({str(tmp_path)!r}) / "out", Path({str(tmp_path)!r}) / "cache"))  # the default run passes
+heavy = [m for m in ("torch", "lightning", "torchvision") if m in sys.modules]
+print(bad, heavy)
+assert not bad and not heavy, (bad, heavy)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stdout + out.stderr[-2000:]
+
+
+def test_every_technique_and_loss_range_check_is_in_the_precheck():
+    from distill.checks import RANGE_CHECKS
+    from distill.compress.registry import TECHNIQUES
+    from distill.distillation.losses.registry import LOSSES
+    from distill.distillation.settings import LOSS_CHECKS
+
+    for technique in TECHNIQUES.values():
+        assert all(check in RANGE_CHECKS for check in technique.checks), technique.name
+    for name, loss in LOSSES.items():
+        assert loss.checks is LOSS_CHECKS[name]

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from distill.compress.prune.masks import bake
+from distill.compress.settings import EXPORT_CHECKS
 from distill.compress.technique import (
     BuildContext,
     LoadedArtifact,
@@ -130,7 +131,7 @@ class HalfTechnique(Technique):
 
     name, setting, deploy_rank, label_rank, changes_weights = "export", "export.dtype", 40, 4, False
     callback_class = HalfPrecisionExport
-    checks = [("export.dtype", lambda x: x in (None, *DTYPES), "null, fp16 or bf16")]
+    checks = EXPORT_CHECKS
 
     def enabled(self, cfg: DictConfig) -> bool:
         return cfg.export.dtype is not None

@@ -31,8 +31,9 @@ from lightning.pytorch.callbacks import Callback
 from omegaconf import DictConfig
 from torch import nn
 
+from distill.compress.settings import LOWRANK_CHECKS
 from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
-from distill.config.validate import at_least, epochs_bound, one_process
+from distill.config.validate import epochs_bound, one_process
 from distill.distillation.optim import rebuild_optimizer
 from distill.errors import ConfigError
 from distill.measure import latency
@@ -221,12 +222,7 @@ class LowRankTechnique(Technique):
     name, setting, deploy_rank, label_rank = "lowrank", "lowrank", 20, 0
     callback_class = LowRankFactorization
     reshapes_student = True
-    checks = [
-        ("lowrank.rank_ratio", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
-        ("lowrank.energy", lambda x: x is None or 0 < x <= 1, "in (0, 1], or null"),
-        ("lowrank.start_epoch", at_least(0), ">= 0"),
-        ("lowrank.min_rank", at_least(1), ">= 1"),
-    ]
+    checks = LOWRANK_CHECKS
 
     def enabled(self, cfg: DictConfig) -> bool:
         return cfg.lowrank.rank_ratio is not None or cfg.lowrank.energy is not None

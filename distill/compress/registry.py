@@ -20,7 +20,6 @@ from distill.compress.prune.callback import PruneTechnique
 from distill.compress.quant.callback import QuantTechnique
 from distill.compress.sharing import SharingTechnique
 from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
-from distill.config.validate import Check
 from distill.errors import ConfigError
 from distill.measure.record import DeployedModel, Latency
 
@@ -49,11 +48,6 @@ def enabled_techniques(cfg: DictConfig) -> list[Technique]:
         if enabled:
             on.append(technique)
     return on
-
-
-def technique_range_checks() -> list[Check]:
-    """Every technique's range checks: they apply whether or not the technique is on."""
-    return [check for technique in TECHNIQUES.values() for check in technique.checks]
 
 
 def check_techniques(cfg: DictConfig) -> None:

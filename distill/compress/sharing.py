@@ -36,6 +36,7 @@ from distill.compress.packing import (
     unpack_codes,
     xz_compress,
 )
+from distill.compress.settings import SHARING_CHECKS
 from distill.compress.technique import (
     BuildContext,
     LoadedArtifact,
@@ -43,7 +44,7 @@ from distill.compress.technique import (
     Technique,
     TechniqueReport,
 )
-from distill.config.validate import at_least, epochs_bound, one_process
+from distill.config.validate import epochs_bound, one_process
 from distill.data.datamodules import datamodule_from
 from distill.distillation.optim import rebuild_optimizer
 from distill.errors import CheckpointError, ConfigError
@@ -208,10 +209,7 @@ class SharingTechnique(Technique):
     name, setting, deploy_rank, label_rank = "sharing", "sharing.bits", 30, 2
     callback_class = WeightSharing
     reshapes_student = True
-    checks = [
-        ("sharing.bits", lambda x: x is None or 1 <= x <= 8, "an integer in [1, 8], or null (off)"),
-        ("sharing.start_epoch", at_least(0), ">= 0"),
-    ]
+    checks = SHARING_CHECKS
 
     def enabled(self, cfg: DictConfig) -> bool:
         return cfg.sharing.bits is not None

@@ -17,7 +17,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 from hydra.utils import get_object
 from omegaconf import DictConfig, OmegaConf
 
@@ -51,9 +50,15 @@ def epochs_bound(cfg: DictConfig) -> int | None:
     return None if cfg.trainer.get("fast_dev_run") else cfg.trainer.max_epochs
 
 
+def _cuda_count() -> int:
+    import torch  # deferred: this module runs before torch is imported (precheck: a typo fails in a second)
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _on_gpu(trainer: DictConfig) -> bool:
     accelerator = str(trainer.accelerator)
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and _cuda_count() > 0)
 
 
 def devices_per_node(trainer: DictConfig) -> int:
@@ -66,8 +71,8 @@ def devices_per_node(trainer: DictConfig) -> int:
     if text.lstrip("-").isdigit() and int(text) >= 0:
         return int(text)
     if text == "-1":
-        return torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
-    return max(torch.cuda.device_count(), 1) if gpu else 1  # auto
+        return _cuda_count() if gpu else (os.cpu_count() or 1)
+    return max(_cuda_count(), 1) if gpu else 1  # auto
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -181,12 +186,12 @@ def check_creatable_directory(key: str, path: str | os.PathLike) -> None:
 def check_devices(trainer: DictConfig) -> None:
     """More devices than this machine has, or a GPU where there is none: fail now, naming the key."""
     accelerator, devices = str(trainer.accelerator), trainer.devices
-    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+    if accelerator in ("gpu", "cuda") and _cuda_count() == 0:
         raise ConfigError(f"trainer.accelerator={accelerator} but this machine has no CUDA GPU (use trainer.accelerator=cpu or auto)")
     gpu = _on_gpu(trainer)
     if devices_per_node(trainer) < 1:
         raise ConfigError(f"trainer.devices={devices!r} is out of range: must be >= 1, -1 (every device) or auto")
-    available = torch.cuda.device_count() if gpu else (os.cpu_count() or 1)
+    available = _cuda_count() if gpu else (os.cpu_count() or 1)
     wanted = int(devices) if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()) else None
     if wanted is not None and wanted > available:
         kind = "CUDA GPUs" if gpu else "CPU cores"

@@ -23,10 +23,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 
-from distill.config.validate import Check
 from distill.errors import ConfigError
-
-HINT_CHECKS: list[Check] = [("loss.hint.weight", lambda x: x >= 0 and x == x, ">= 0")]
 
 
 def check_hints(cfg: DictConfig) -> None:

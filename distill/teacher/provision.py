@@ -25,11 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from distill.config.validate import (
-    OPTIM_CHECKS,
-    Check,
-    at_least,
     check_in_registry,
-    one_of,
 )
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.size import count_parameters
@@ -44,14 +40,6 @@ CACHE_FORMAT = 1
 _NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile", "cache_views")
 
 
-TEACHER_CHECKS: list[Check] = [
-    ("teacher.epochs", at_least(0), ">= 0"),
-    ("teacher.batch_size", at_least(1), ">= 1"),
-    ("teacher.outputs_dtype", one_of("float32", "float16"), "one of: float32, float16"),
-    ("teacher.outputs_topk", lambda x: x is None or x >= 1, ">= 1 (or null: all logits)"),
-    ("teacher.cache_views", lambda x: x is None or x >= 1, ">= 1 (or null: live teacher with augmentation)"),
-    *[(f"teacher.optim.{k}", f, m) for k, f, m in OPTIM_CHECKS],
-]
 
 
 def check_teacher(cfg: DictConfig) -> None:

@@ -60,6 +60,7 @@ from distill.compress.prune.sparse_format import (
     save_sparse,
 )
 from distill.compress.quant import backend as quant_backend
+from distill.compress.settings import PRUNE_CHECKS, PRUNE_METHODS
 from distill.compress.technique import (
     BuildContext,
     LoadedArtifact,
@@ -67,7 +68,7 @@ from distill.compress.technique import (
     Technique,
     TechniqueReport,
 )
-from distill.config.validate import at_least, epochs_bound, one_of
+from distill.config.validate import epochs_bound
 from distill.data.datamodules import datamodule_from
 from distill.errors import CheckpointError, ConfigError
 from distill.measure import latency
@@ -79,7 +80,7 @@ from distill.runtime.rank_sync import verify_identical
 
 log = logging.getLogger(__name__)
 
-METHODS = ("none", "magnitude", "structured")
+METHODS = PRUNE_METHODS
 SHRUNK_ARTIFACT = "student_pruned.torchscript.pt"  # the channel-removed model, runnable with torch.jit.load
 LAYER_TYPES = {"Linear": nn.Linear, "Conv2d": nn.Conv2d}
 
@@ -475,19 +476,7 @@ class PruneTechnique(Technique):
 
     name, setting, deploy_rank, label_rank = "prune", "prune.method", 10, 1
     callback_class = Pruning
-    checks = [
-        ("prune.method", one_of(*METHODS), "one of: none, magnitude, structured"),
-        ("prune.amount", lambda x: 0 <= x < 1, "in [0, 1)"),
-        ("prune.scope", one_of("global", "layer"), "one of: global, layer"),
-        ("prune.schedule", one_of("oneshot", "gradual"), "one of: oneshot, gradual"),
-        ("prune.start_epoch", at_least(0), ">= 0"),
-        ("prune.end_epoch", at_least(0), ">= 0"),
-        ("prune.frequency", at_least(1), ">= 1"),
-        ("prune.interval", one_of("epoch", "step"), "one of: epoch, step"),
-        ("prune.layers", lambda xs: len(xs) >= 1 and all(x in LAYER_TYPES for x in xs), "a non-empty list of: Linear, Conv2d"),
-        ("prune.norm", lambda x: x > 0, "> 0"),
-        ("prune.removal_tolerance", lambda x: x >= 0, ">= 0"),
-    ]
+    checks = PRUNE_CHECKS
 
     def enabled(self, cfg: DictConfig) -> bool:
         return cfg.prune.method != "none"

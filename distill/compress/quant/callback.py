@@ -33,6 +33,7 @@ from distill.compress.export import save_torchscript
 from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.artifact import FORMAT as ARTIFACT_FORMAT
 from distill.compress.quant.artifact import load_quantized, save_quantized
+from distill.compress.settings import QUANT_CHECKS
 from distill.compress.technique import (
     BuildContext,
     LoadedArtifact,
@@ -40,7 +41,7 @@ from distill.compress.technique import (
     Technique,
     TechniqueReport,
 )
-from distill.config.validate import at_least, epochs_bound, one_of
+from distill.config.validate import epochs_bound
 from distill.data.datamodules import datamodule_from
 from distill.errors import CheckpointError, ConfigError
 from distill.measure import latency
@@ -261,13 +262,7 @@ class QuantTechnique(Technique):
 
     name, setting, deploy_rank, label_rank = "quant", "quant.bits", 50, 3
     callback_class = QuantizationAwareTraining
-    checks = [
-        ("quant.bits", lambda x: x is None or 2 <= x <= 8, "an integer in [2, 8], or null (off)"),
-        ("quant.backend", one_of("x86", "qnnpack"), "one of: x86, qnnpack"),
-        ("quant.start_epoch", at_least(0), ">= 0"),
-        ("quant.freeze_observers_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
-        ("quant.freeze_bn_epoch", lambda x: x is None or x >= 0, ">= 0 (or null: never)"),
-    ]
+    checks = QUANT_CHECKS
 
     def enabled(self, cfg: DictConfig) -> bool:
         return cfg.quant.bits is not None

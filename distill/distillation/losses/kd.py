@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from distill.config.validate import in_unit, is_positive
 from distill.distillation.losses.base import DistillationLoss, LossTerms
+from distill.distillation.settings import LOSS_CHECKS
 
 
 class KDLoss(DistillationLoss):
@@ -33,10 +33,7 @@ class KDLoss(DistillationLoss):
     """
 
     name, terms = "kd", ("kd", "ce")
-    checks = [
-        ("loss.temperature", is_positive, "a finite number > 0"),
-        ("loss.alpha", in_unit, "in [0, 1]"),
-    ]
+    checks = LOSS_CHECKS["kd"]
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> KDLoss:
