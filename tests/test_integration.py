@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from distill.pipeline import run
 
@@ -62,17 +64,43 @@ def test_user_callbacks_from_the_config_join_the_trainer(make_cfg, tmp_path):
     assert any(k.startswith("EarlyStopping") for k in last["callbacks"])
 
 
+class TeacherProbe(Callback):
+    """Test-only: saves the live teacher as the student's training leaves it (its state, and every
+    module's training flag and parameter's requires_grad), for the test to compare with the cache."""
+
+    def __init__(self, out: str) -> None:
+        self.out = out
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        teacher = pl_module.teacher
+        torch.save(None if teacher is None else {
+            "state": {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()},
+            "training": [m.training for m in teacher.modules()],
+            "requires_grad": [p.requires_grad for p in teacher.parameters()],
+        }, self.out)
+
+
 def test_teacher_stays_frozen_and_out_of_checkpoints(make_cfg, tmp_path):
-    summary = run(make_cfg(*SHORT_RUN))
+    # A live teacher (precompute_outputs=false): the student's module holds it while it trains, so
+    # whether it is frozen and kept out of the checkpoints is observable (with precomputed outputs
+    # the module holds no teacher at all).
+    probe = tmp_path / "teacher_after_training.pt"
+    summary = run(make_cfg(*SHORT_RUN, "teacher.precompute_outputs=false",
+                           f"+callbacks.probe._target_={TeacherProbe.__module__}.TeacherProbe", f"+callbacks.probe.out={probe}"))
+    assert summary["teacher_outputs"] == "live"
     ckpt = torch.load(summary["student"]["best_checkpoint"], map_location="cpu", weights_only=True)
     assert ckpt["state_dict"] and not any(k.startswith("teacher.") for k in ckpt["state_dict"])
     assert ckpt["hyper_parameters"]["config"]["student"]["name"] == "mlp"
-    # the cached teacher did not move while the student trained
-    from distill.teacher.provision import TeacherCache
-
+    # The teacher did not move while the student trained: after 2 epochs it is still the cached
+    # entry, weights and BatchNorm running statistics alike, in eval mode and not trainable.
     entry = torch.load(summary["teacher"]["path"], weights_only=True)
-    assert TeacherCache  # imported for clarity of what the entry is
     assert entry["meta"]["test_acc"] == summary["teacher"]["test_acc"]
+    after = torch.load(probe, weights_only=True)
+    assert after is not None, "the student trained with a live teacher"
+    assert after["state"].keys() == entry["state_dict"].keys()
+    moved = [k for k, v in entry["state_dict"].items() if not torch.equal(after["state"][k], v)]
+    assert moved == []
+    assert not any(after["training"]) and not any(after["requires_grad"])
 
 
 def test_train_and_evaluate_scripts(tmp_path):

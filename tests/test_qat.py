@@ -38,7 +38,7 @@ def _digits(batch_size: int = 64):
     return dm
 
 
-def _fit(name: str, bits: int, tmp_path, epochs: int = 1, limit: int | None = 2, **qat_kwargs):
+def _fit(name: str, bits: int, tmp_path, epochs: int = 1, limit: int | None = 2, keep_every_epoch: bool = False, **qat_kwargs):
     dm = _digits()
     torch.manual_seed(0)
     student = build_student(OmegaConf.create(_student_cfg(name)), **dm.shape)
@@ -47,7 +47,8 @@ def _fit(name: str, bits: int, tmp_path, epochs: int = 1, limit: int | None = 2,
         bits=bits, shape=dm.shape, output_dir=tmp_path / "out", latency_batch_size=8,
         student_cfg=_student_cfg(name), data_cfg=OmegaConf.to_container(dm.cfg), **qat_kwargs,
     )
-    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    # keep_every_epoch: epoch=<e>-step=<s>.ckpt of every epoch is kept (else only the newest)
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=-1 if keep_every_epoch else 1)
     trainer = L.Trainer(
         max_epochs=epochs, limit_train_batches=limit, limit_val_batches=limit, accelerator="cpu",
         logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[qat, ckpt],
@@ -139,10 +140,31 @@ def test_schedule_switches_fake_quant_on_at_start_epoch(tmp_path):
     assert all(int(m.fake_quant_enabled) == 1 and int(m.observer_enabled) == 0 for m in fq)
 
 
+QUANT_STATE = (".scale", ".zero_point", ".min_val", ".max_val")  # the fake quantizers' and observers' buffers
+
+
+class _StateAtFirstStep(L.Callback):
+    """Records, before the first training batch of the run, the epoch, the step and the student's state."""
+
+    def __init__(self) -> None:
+        self.epoch = self.step = self.state = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
+        if self.state is None:
+            self.epoch, self.step = trainer.current_epoch, trainer.global_step
+            self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+
 def test_resume_in_the_middle_of_qat_restores_scales(tmp_path):
-    module, qat, dm, trainer, ckpt = _fit("cnn", 8, tmp_path, epochs=1)
-    saved = torch.load(ckpt.last_model_path, map_location="cpu", weights_only=True)
-    scales = {k: v for k, v in saved["state_dict"].items() if k.endswith(".scale") and "student." in k}
+    # Uninterrupted: 2 epochs of QAT (fake quantization and observers on from epoch 0), 2 steps each,
+    # a checkpoint kept at every epoch end.
+    module, qat, dm, trainer, ckpt = _fit("cnn", 8, tmp_path / "full", epochs=2, keep_every_epoch=True)
+    assert trainer.global_step == 4
+    mid_path = tmp_path / "full" / "ckpt" / "epoch=0-step=2.ckpt"  # after epoch 0: half-way through QAT
+    mid = torch.load(mid_path, map_location="cpu", weights_only=True)
+    assert (mid["epoch"], mid["global_step"]) == (0, 2)
+    quant = {k: v for k, v in mid["state_dict"].items() if k.startswith("student.") and k.endswith(QUANT_STATE)}
+    scales = {k: v for k, v in quant.items() if k.endswith(".scale")}
     assert scales and any(not torch.all(v == 1.0) for v in scales.values()), "observers set real scales"
 
     # A new process would build a float student; the callback prepares it before the restore.
@@ -150,14 +172,27 @@ def test_resume_in_the_middle_of_qat_restores_scales(tmp_path):
     student = build_student(OmegaConf.create(_student_cfg("cnn")), **dm.shape)
     resumed = DistillationModule(student, None, KDLoss(1.0, 0.0), OPTIM, dm.num_classes)
     qat2 = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path / "out2")
+    first = _StateAtFirstStep()
     trainer2 = L.Trainer(
-        max_epochs=1, limit_train_batches=2, limit_val_batches=2, accelerator="cpu", logger=False,
-        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[qat2],
+        max_epochs=2, limit_train_batches=2, limit_val_batches=2, accelerator="cpu", logger=False,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[qat2, first],
     )
-    trainer2.fit(resumed, datamodule=dm, ckpt_path=ckpt.last_model_path)
-    state = resumed.state_dict()
-    for key, value in scales.items():
-        assert torch.equal(state[key], value), key
+    torch.manual_seed(0)  # the training order is seeded by torch.initial_seed(): the uninterrupted run's seed
+    trainer2.fit(resumed, datamodule=dm, ckpt_path=str(mid_path))
+
+    # It trained epoch 1 (2 steps), starting from the checkpoint's quantizer state, not a fresh one.
+    assert (first.epoch, first.step, trainer2.global_step) == (1, 2, 4)
+    assert first.state.keys() == mid["state_dict"].keys()
+    not_restored = [k for k, v in quant.items() if not torch.equal(first.state[k], v)]
+    assert not_restored == []
+    # The observers kept calibrating while it trained (the scales moved from the checkpoint's) and it
+    # ends exactly where the uninterrupted run ended: weights, BatchNorm statistics, scales, zero points, ranges.
+    end = resumed.state_dict()
+    assert any(not torch.equal(end[k], v) for k, v in scales.items())
+    expected = module.state_dict()
+    assert end.keys() == expected.keys()
+    differ = [k for k, v in expected.items() if not torch.equal(end[k], v)]
+    assert differ == []
 
 
 def test_resume_with_other_bits_is_refused(tmp_path):

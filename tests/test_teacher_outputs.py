@@ -4,12 +4,14 @@ import math
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from omegaconf import OmegaConf
 from torch import nn
 from torch.utils.data import TensorDataset
@@ -23,6 +25,8 @@ from distill.teacher.outputs import (
     decode_topk,
     encode_topk,
 )
+
+from .test_teacher_cache import LOGGED_LOCKS, _lines, _wait_until, _waiting_on
 
 OPTIM = OmegaConf.create({"name": "adamw", "lr": 1e-3, "weight_decay": 0.0, "momentum": 0.9, "scheduler": "none", "warmup_epochs": 0})
 
@@ -164,41 +168,71 @@ def test_topk_round_trip():
     torch.testing.assert_close(decode_topk(torch.from_numpy(v), torch.from_numpy(i), 10), logits)
 
 
+# Each worker notes when it starts to acquire a lock ("locking <pid> <lock file>") and when its teacher
+# runs; the teacher's forward then holds (with the lock) until the test creates the "go" file.
 WORKER = textwrap.dedent(
     """
-    import sys, time, torch
+    import os, sys, time, torch, filelock
     from torch import nn
     from torch.utils.data import TensorDataset
     from distill.teacher.outputs import TeacherOutputCache
 
-    cache_dir, marker = sys.argv[1], sys.argv[2]
+    cache_dir, marker, go = sys.argv[1], sys.argv[2], sys.argv[3]
 
-    class Slow(nn.Module):
+    # LOGGED_LOCKS
+
+    class Held(nn.Module):
         def forward(self, x):
-            with open(marker, "a") as fh:
-                fh.write("forward\\n")
-            time.sleep(0.5)
+            note(f"forward {os.getpid()}")
+            deadline = time.monotonic() + 120
+            while not os.path.exists(go) and time.monotonic() < deadline:
+                time.sleep(0.02)
             return x.flatten(1)[:, :3] * 2
 
     data = TensorDataset(torch.arange(40.0).reshape(10, 1, 2, 2), torch.zeros(10, dtype=torch.long))
-    outputs, source = TeacherOutputCache(cache_dir).get_or_build("k", Slow(), data, 3)
+    outputs, source = TeacherOutputCache(cache_dir).get_or_build("k", Held(), data, 3)
     print(source, float(outputs.dense().sum()))
     """
-)
+).replace("# LOGGED_LOCKS", LOGGED_LOCKS)
 
 
+@pytest.mark.timeout(300)
 def test_two_processes_compute_the_outputs_once(tmp_path):
+    """The overlap is made certain, not hoped for: the test holds the entry's lock until both workers
+    wait on it, and the first to get it computes until the test lets it finish, with the other waiting."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    marker = tmp_path / "marker.txt"
+    marker, go, cache_dir = tmp_path / "marker.txt", tmp_path / "go", tmp_path / "cache"
     root = Path(__file__).resolve().parents[1]
-    procs = [
-        subprocess.Popen([sys.executable, str(script), str(tmp_path / "cache"), str(marker)], cwd=root, stdout=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    outs = [p.communicate(timeout=300)[0].split() for p in procs]
+    cache = TeacherOutputCache(cache_dir)
+    cache.dir.mkdir(parents=True)
+    procs: list[subprocess.Popen] = []
+    try:
+        with (lock := FileLock(str(cache.dir / "k.lock"))):  # the lock get_or_build takes for key "k"
+            procs = [subprocess.Popen([sys.executable, str(script), str(cache_dir), str(marker), str(go)], cwd=root,
+                                      stdout=subprocess.PIPE, text=True) for _ in range(2)]
+
+            def both_at_the_lock() -> bool:
+                assert _lines(marker, "forward") == [], "a worker ran the teacher while the test held the lock"
+                return len(_waiting_on(marker, lock.lock_file)) == 2
+
+            _wait_until(both_at_the_lock, procs, "both workers to reach the lock")
+            time.sleep(0.5)  # both are blocked on the held lock: neither computes, nothing is written
+            assert all(p.poll() is None for p in procs)
+            assert _lines(marker, "forward") == [] and not any(path.exists() for path in cache.paths("k").values())
+        # Released: one worker gets the lock and computes; the other waits for it, however long it takes.
+        _wait_until(lambda: len(_lines(marker, "forward")) == 1, procs, "one worker to run the teacher")
+        time.sleep(0.5)
+        assert len(_lines(marker, "forward")) == 1 and all(p.poll() is None for p in procs)
+        go.touch()
+        outs = [p.communicate(timeout=120)[0].split() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     assert [p.returncode for p in procs] == [0, 0]
-    assert marker.read_text().count("forward") == 1  # one batch, computed by one process only
+    assert len(_lines(marker, "forward")) == 1  # one batch, computed by one process only
     assert sorted(o[0] for o in outs) == ["cache", "computed"] and outs[0][1] == outs[1][1]
 
 
