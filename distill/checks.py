@@ -25,6 +25,7 @@ from distill.config.validate import (
     check_devices,
     check_in_registry,
     check_nonfinite_policy,
+    check_optimizer_offload,
     run_checks,
 )
 from distill.distillation.settings import HINT_CHECKS, LOSS_CHECKS
@@ -68,6 +69,7 @@ def validate(cfg: DictConfig) -> None:
     check_data(cfg)
     check_techniques(cfg)
     check_nonfinite_policy(cfg)
+    check_optimizer_offload(cfg)
     check_hints(cfg)
     check_teacher_outputs(cfg)
     check_resume(cfg)

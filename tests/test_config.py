@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+from pathlib import Path
+
+import numpy as np
 import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ConfigKeyError, ValidationError
@@ -11,7 +15,8 @@ from distill.data.datamodules import build_datamodule
 from distill.errors import ConfigError
 from distill.models.registry import build_student, build_teacher
 
-from .conftest import CONF
+from .conftest import CONF, write_fake_cifar10
+from .test_teacher_cache import _image_tree
 
 GROUPS = {g: sorted(p.stem for p in (CONF / g).glob("*.yaml")) for g in ("teacher", "student", "data", "loss", "quant", "prune", "strategy", "trainer", "logger", "experiment", "debug", "hparams_search")}
 
@@ -23,17 +28,53 @@ def test_expected_choices_exist():
     assert "kd" in GROUPS["loss"]
 
 
+def _write_fake_cifar100(root: Path, per_class: int = 10, n_test: int = 100) -> None:
+    """torchvision's CIFAR100 layout (cifar-100-python/{train,test,meta}: pickled uint8 rows, fine labels).
+    10 images per class: data.val_fraction=0.1 still puts every class in the stratified val split."""
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 100 * per_class), ("test", n_test)):
+        with open(folder / name, "wb") as fh:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), "fine_labels": [i % 100 for i in range(n)]}, fh)
+    with open(folder / "meta", "wb") as fh:
+        pickle.dump({"fine_label_names": [f"c{i}" for i in range(100)]}, fh)
+
+
+def _data_stand_in(choice: str, root: Path) -> tuple[list[str], dict[str, int]]:
+    """Overrides that point data=<choice> at a small copy of its data written under ``root``, and the
+    shape its data module must then report."""
+    if choice == "cifar10":
+        write_fake_cifar10(root)
+        return [f"data.root={root}", "data.verify_checksums=false"], {"num_classes": 10, "channels": 3, "image_size": 32}
+    if choice == "cifar100":
+        _write_fake_cifar100(root)
+        return [f"data.root={root}", "data.verify_checksums=false"], {"num_classes": 100, "channels": 3, "image_size": 32}
+    if choice == "imagefolder":  # two classes (cat, dog), train/ and val/
+        return [f"data.root={_image_tree(root)}"], {"num_classes": 2, "channels": 3, "image_size": 64}
+    return [], {}
+
+
 @pytest.mark.parametrize(("group", "choice"), [(g, c) for g, cs in GROUPS.items() for c in cs])
 def test_every_group_choice_composes_and_validates(make_cfg, tmp_path, group, choice):
-    overrides = [f"{group}={choice}"]
-    if group == "data" and choice in ("cifar10", "cifar100", "imagefolder"):
-        overrides.append(f"data.root={tmp_path}")
+    overrides, shape = [f"{group}={choice}"], {}
+    if group == "data":
+        extra, shape = _data_stand_in(choice, tmp_path / "data")
+        overrides += extra
     cfg = make_cfg(*overrides)
     if group == "trainer" and choice == "gpu" and not __import__("torch").cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.accelerator=gpu but this machine has no CUDA GPU"):
             validate(cfg)  # composes; refused here before any work
-    elif group != "data" or choice in ("digits", "synthetic"):
+    else:
         validate(cfg)
+    if group == "data":
+        # validate() reads no data; the run's next stage does: the data module of this config reads
+        # its (stand-in) data and reports the shape every model is built from.
+        dm = build_datamodule(cfg.data)
+        dm.prepare_and_check()
+        assert len(dm.train_set) > 0 and len(dm.val_set) > 0 and len(dm.test_set) > 0
+        if shape:
+            assert dm.shape == shape
     assert cfg[group if group not in ("experiment", "debug", "hparams_search") else "seed"] is not None
 
 
@@ -127,6 +168,8 @@ BAD_RANGES = [
     ("objective.size_penalty=-1", "objective.size_penalty"),
     ("quant.bits=8 strategy=deepspeed_stage_3", "quant.bits with strategy=deepspeed_stage_3"),
     ("prune.method=magnitude prune.end_epoch=2 strategy=deepspeed_stage_3", "prune.method with strategy=deepspeed_stage_3"),
+    # ZeRO-Offload steps the optimizer on the host with DeepSpeed's kernels: Adam(W) only, no SGD
+    ("optim.name=sgd strategy=deepspeed_stage_2_offload", "optim.name=sgd cannot train with strategy=deepspeed (ZeRO stage 2) and strategy.offload_optimizer=true"),
 ]
 
 

@@ -66,6 +66,56 @@ def test_train_loader_order_is_seeded():
     assert torch.equal(a, b)
 
 
+def test_evaluation_shards_have_equal_batches_and_count_each_sample_once(monkeypatch):
+    """3 ranks over an odd-sized test split (41 samples, batches of 13): every rank runs the same
+    number of batches (ZeRO-3 needs it: each forward pass is a collective), and once the padding is
+    dropped the shards cover every sample exactly once, so the synced accuracy is exact."""
+    from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+
+    from distill.data.datasets import PaddedSplit
+    from distill.data.samplers import EvenShardSampler
+    from distill.distillation.losses.kd import KDLoss
+    from distill.distillation.module import DistillationModule
+    from distill.runtime.rank_sync import PADDING_LABEL
+
+    dm = dm_for(name="synthetic", num_classes=3, channels=1, image_size=2, num_samples=200, test_fraction=0.205, batch_size=13)
+    dm.setup()
+    n, world = len(dm.test_set), 3
+    assert n == 41
+    # The unpadded sampler this replaces: 14, 14 and 13 samples, so 2, 2 and 1 batches (rank 2 would leave ZeRO-3 hanging).
+    unpadded = [len(list(UnrepeatedDistributedSampler(dm.test_set, num_replicas=world, rank=r, shuffle=False))) for r in range(world)]
+    assert [-(-k // 13) for k in unpadded] == [2, 2, 1]
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    torch.manual_seed(0)
+    module = DistillationModule(model, None, KDLoss(temperature=1.0, alpha=0.0), OmegaConf.create({"name": "adamw"}), 3)
+    monkeypatch.setattr("distill.data.datamodules.is_distributed", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda *a, **k: world)
+    batches, val_batches, seen = [], [], []
+    for rank in range(world):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, r=rank, **k: r)
+        loader = dm.test_dataloader()
+        assert isinstance(loader.sampler, EvenShardSampler) and len(loader.sampler) == 14
+        mine = list(loader)
+        batches.append(len(mine))
+        with torch.no_grad():
+            for x, y in mine:
+                module.test_acc.update(model(x), y)  # the metric the synced test/acc is computed from
+                seen += [tuple(row.tolist()) for row in x.flatten(1)[y != PADDING_LABEL]]
+        val_batches.append(len(dm.val_dataloader()))  # validation is sharded the same way
+    assert batches == [2, 2, 2] and len(set(val_batches)) == 1
+    split = [tuple(dm.test_set[i][0].flatten().tolist()) for i in range(n)]
+    assert len(seen) == n and set(seen) == set(split)  # each sample once: no padding counted, none missed
+    with torch.no_grad():
+        xs, ys = torch.stack([dm.test_set[i][0] for i in range(n)]), torch.stack([dm.test_set[i][1] for i in range(n)])
+        exact = float((model(xs).argmax(1) == ys).float().mean())
+    assert float(module.test_acc.compute()) == pytest.approx(exact, abs=1e-7)
+    # Fewer samples than ranks: every rank still gets one item (a padded repeat where it has none).
+    tiny = torch.utils.data.TensorDataset(torch.zeros(1, 2), torch.tensor([1]))
+    shards = [[PaddedSplit(tiny, 3)[i][1].item() for i in EvenShardSampler(1, 3, r)] for r in range(3)]
+    assert shards == [[1], [PADDING_LABEL], [PADDING_LABEL]]
+
+
 def test_cifar10_loads_the_torchvision_file_layout(tmp_path):
     write_fake_cifar10(tmp_path)
     dm = dm_for(name="cifar10", root=str(tmp_path), verify_checksums=False, augment=True)

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from distill.data.datamodules import build_datamodule
+
 from .conftest import run_script
 
 # A hung collective fails the test in minutes, not at CI's limit.
@@ -94,3 +96,42 @@ def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     assert result.returncode == 3, result.stderr[-4000:]
     assert "non-finite training loss at epoch 0, step 2 on at least one of 2 ranks" in result.stderr
     assert "Connection closed by peer" not in result.stderr
+
+
+@pytest.mark.timeout(300)  # about 30 s here, plus about 80 s on a machine's first use: DeepSpeed JIT-builds its cpu_adam op
+def test_zero_offload_steps_deepspeeds_host_adam_with_the_configured_hyperparameters(tmp_path):
+    """ZeRO-Offload refuses torch's AdamW: an offloading strategy trains with DeepSpeedCPUAdam in AdamW
+    mode, built from optim.* (ZeRO-3 with parameters offloaded too, on 2 processes)."""
+    probe = tmp_path / "probe"
+    summary = _train(tmp_path, "offload", "strategy=deepspeed_stage_3_offload", "trainer.devices=2", "loss.alpha=0",
+                     "trainer.max_epochs=1", "trainer.limit_train_batches=2", "trainer.limit_val_batches=1",
+                     "optim.lr=0.002", "optim.weight_decay=0.01",
+                     "+callbacks.probe._target_=tests.optimizer_probe_callback.OptimizerProbe", f"+callbacks.probe.out={probe}")
+    assert 0 < summary["student"]["test_acc"] <= 1  # trained, tested
+    for rank in (0, 1):
+        record = json.loads((probe / f"rank{rank}.json").read_text())
+        assert record["class"] == "deepspeed.ops.adam.cpu_adam.DeepSpeedCPUAdam"
+        assert record["adamw_mode"] is True  # decoupled weight decay, as torch.optim.AdamW
+        assert (record["initial_lr"], record["betas"], record["eps"], record["weight_decay"]) == (0.002, [0.9, 0.999], 1e-8, 0.01)
+        assert (record["offload_optimizer"], record["zero_stage"]) == (True, 3)
+        assert record["global_step"] == 2 and record["state_steps"] == [2]  # it stepped, twice
+
+
+@pytest.mark.timeout(300)  # about 30 s here; before the fix rank 0 hung in its extra test batch (for good)
+def test_zero3_test_accuracy_on_an_odd_sized_split_is_exact(tmp_path, make_cfg):
+    """129 test samples over 2 ranks in batches of 64: unpadded shards (65 and 64 samples) would give
+    rank 0 a second batch whose forward pass (a ZeRO-3 parameter gather) rank 1 never joins. The
+    shards are padded to equal length, the padding ignored: the distributed test accuracy equals a
+    single-process evaluation of the same weights."""
+    odd = ["data.test_fraction=0.0717"]
+    dm = build_datamodule(make_cfg(*odd).data)
+    dm.setup()
+    assert len(dm.test_set) == 129  # digits: 65 + 64 samples on 2 ranks, 2 batches of 64 on rank 0 and 1 on rank 1
+    ds = _train(tmp_path, "zero3", "strategy=deepspeed_stage_3", "trainer.devices=2", "loss.alpha=0",
+                "trainer.max_epochs=1", "trainer.limit_train_batches=4", *odd)
+    acc = ds["student"]["test_acc"]
+    assert 0 < acc < 1 and round(acc * 129) == pytest.approx(acc * 129, abs=1e-4)  # a count out of 129 samples
+    # ZeRO-3 tests the final weights, which last.ckpt holds; evaluate.py consolidates its shards on one process.
+    ev = run_script("evaluate.py", f"ckpt_path={ds['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"{100 * acc:.2f} %" in ev.stdout

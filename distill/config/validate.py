@@ -156,6 +156,24 @@ def check_nonfinite_policy(cfg: DictConfig) -> None:
                           "waiting for its gradients; use loss.on_nonfinite=stop")
 
 
+# The optimizers DeepSpeed can step in host memory under ZeRO-Offload (distill/distillation/optim.py
+# builds DeepSpeedCPUAdam for them). DeepSpeed has no host kernel for SGD: it refuses any other
+# client optimizer with offload (unless zero_force_ds_cpu_optimizer=false), and torch's SGD is not
+# on ZeRO's list of tested optimizers either, so it is refused here rather than forced through.
+OFFLOAD_OPTIMIZERS = ("adamw",)
+
+
+def check_optimizer_offload(cfg: DictConfig) -> None:
+    """``strategy.offload_optimizer=true`` (``deepspeed_stage_{2,3}_offload``) needs an optimizer DeepSpeed steps on the host."""
+    strategy = cfg.strategy
+    if strategy.name == "deepspeed" and strategy.offload_optimizer and cfg.optim.name not in OFFLOAD_OPTIMIZERS:
+        raise ConfigError(
+            f"optim.name={cfg.optim.name} cannot train with strategy=deepspeed (ZeRO stage {strategy.stage}) and "
+            "strategy.offload_optimizer=true: ZeRO-Offload steps the optimizer in host memory with DeepSpeed's own "
+            f"optimizers (adamw: DeepSpeedCPUAdam), and DeepSpeed has none for {cfg.optim.name}; use optim.name=adamw, "
+            f"or the strategy without offload (strategy=deepspeed_stage_{strategy.stage})")
+
+
 def check_callbacks(cfg: DictConfig) -> None:
     """Every ``callbacks.<name>`` names an importable class: a typo fails here, not after the teacher is trained."""
     for name, node in (cfg.get("callbacks") or {}).items():

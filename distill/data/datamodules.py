@@ -23,7 +23,6 @@ import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from omegaconf import DictConfig, OmegaConf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
@@ -32,8 +31,8 @@ from torchvision import datasets
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from distill.data.datasets import IndexedDataset, TransformedSubset
-from distill.data.samplers import EpochShuffleSampler
+from distill.data.datasets import IndexedDataset, PaddedSplit, TransformedSubset
+from distill.data.samplers import EpochShuffleSampler, EvenShardSampler
 from distill.data.transforms import image_transforms
 from distill.errors import ConfigError
 from distill.runtime.rank_sync import is_distributed
@@ -129,9 +128,12 @@ class BaseDataModule(L.LightningDataModule):
             raise RuntimeError("data module used before setup()")
         sampler = None
         if shard and is_distributed():
-            # Evaluation shards without padding: Lightning's DistributedSampler would repeat samples
-            # to even out the ranks, and the repeats would count twice in the synced accuracy.
-            sampler = UnrepeatedDistributedSampler(dataset, shuffle=False)
+            # Evaluation shards of equal length, so every rank runs the same number of batches (under
+            # ZeRO-3 each forward pass is a collective: a rank with one batch more would hang). The
+            # padding repeats samples labelled PADDING_LABEL, which the accuracy ignores: the synced
+            # accuracy still counts each sample of the split exactly once.
+            sampler = EvenShardSampler(len(dataset), torch.distributed.get_world_size(), torch.distributed.get_rank())
+            dataset = PaddedSplit(dataset, sampler.padded_size)
         # Every loader has its own generator: creating an iterator then never draws from the global
         # RNG (which would shift dropout and augmentation in a resumed run, see rng_state.py).
         generator = torch.Generator().manual_seed(torch.initial_seed() % 2**62)

@@ -1,4 +1,5 @@
-"""Dataset wrappers: a subset with its own transform, and one whose items carry their index."""
+"""Dataset wrappers: a subset with its own transform, one whose items carry their index, and an
+evaluation split padded to an even length over the ranks."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ from collections.abc import Callable
 
 import torch
 from torch.utils.data import Dataset
+
+from distill.runtime.rank_sync import PADDING_LABEL
 
 
 class TransformedSubset(Dataset):
@@ -33,3 +36,25 @@ class IndexedDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple:
         return (*self.dataset[i], i)
+
+
+class PaddedSplit(Dataset):
+    """``dataset`` extended to ``length`` items (see :class:`distill.data.samplers.EvenShardSampler`):
+    item ``i >= len(dataset)`` is sample ``i mod len(dataset)`` again, labelled ``PADDING_LABEL`` so that
+    the accuracy metrics skip it. A padded item still goes through the model, as every rank's must."""
+
+    def __init__(self, dataset: Dataset, length: int) -> None:
+        self.dataset, self.size, self.length = dataset, len(dataset), length  # type: ignore[arg-type]
+        if length < self.size or (length > self.size and self.size == 0):
+            raise ValueError(f"cannot pad a split of {self.size} samples to {length}")
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int) -> tuple:
+        if i < self.size:
+            return self.dataset[i]
+        x, y, *rest = self.dataset[i % self.size]
+        # The label's own type (a 0-d tensor from a TensorDataset, an int from an ImageFolder), so batches collate.
+        pad = torch.full_like(y, PADDING_LABEL) if isinstance(y, torch.Tensor) else PADDING_LABEL
+        return (x, pad, *rest)

@@ -1,4 +1,4 @@
-"""The training order: seeded per epoch, sharded over ranks, resumable mid-epoch."""
+"""The training order (seeded per epoch, sharded over ranks, resumable mid-epoch), and the evaluation shards."""
 
 from __future__ import annotations
 
@@ -46,3 +46,31 @@ class EpochShuffleSampler(Sampler[int]):
             mine = mine[self._resume[1] * self.batch_size :]  # already trained on before the interruption
             self._resume = None
         return iter(mine)
+
+
+class EvenShardSampler(Sampler[int]):
+    """One rank's shard of an evaluation split of ``size`` samples, in order and strided over the
+    ``num_replicas`` ranks like ``DistributedSampler`` (rank r: r, r + R, r + 2R, ...), padded so that
+    every rank has ``ceil(size / R)`` samples, hence the same number of batches.
+
+    The same number of batches is what ZeRO-3 needs: every forward pass gathers the partitioned
+    parameters, a collective, so a rank with one batch more than the others would wait for them for
+    ever (an unpadded sampler such as Lightning's ``UnrepeatedDistributedSampler`` gives one rank an
+    extra batch whenever the shards straddle a batch boundary).
+
+    The padding positions are the indices ``>= size`` (at most ``R - 1`` of them, at the end);
+    :class:`distill.data.datasets.PaddedSplit` serves them as repeats of the first samples labelled
+    ``PADDING_LABEL``, which the accuracy metrics ignore: each sample counts exactly once."""
+
+    def __init__(self, size: int, num_replicas: int = 1, rank: int = 0) -> None:
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is not one of {num_replicas} ranks")
+        self.size, self.num_replicas, self.rank = size, num_replicas, rank
+        self.per_rank = -(-size // num_replicas)  # ceil
+        self.padded_size = self.per_rank * num_replicas
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.padded_size, self.num_replicas))

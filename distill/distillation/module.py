@@ -18,6 +18,8 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill.distillation.losses.base import DistillationLoss
 from distill.distillation.optim import build_optimizer, build_scheduler
 from distill.errors import NonFiniteLossError
+from distill.runtime.rank_sync import PADDING_LABEL
+from distill.runtime.strategies import offloads_optimizer
 
 TEACHER_PREFIX = "teacher."
 
@@ -64,8 +66,10 @@ class DistillationModule(L.LightningModule):
         # Epoch means of the loss terms as metrics: exact over data-parallel ranks (synchronised
         # once at epoch end, not at every step).
         self.train_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", *loss.terms, "hint")})
-        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
-        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        # Under data parallelism the evaluation shards are padded to equal length with samples labelled
+        # PADDING_LABEL (distill/data/samplers.py: EvenShardSampler): ignored, so each sample counts once.
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
 
     # The teacher is frozen: Lightning calls .train() on the whole module at every epoch start,
     # which would put its BatchNorm layers back in training mode (updating running statistics).
@@ -151,7 +155,7 @@ class DistillationModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         # Only the student's parameters: the teacher never enters the optimizer.
         params = list(self.student.parameters()) + (list(self.hints.parameters()) if self.hints is not None else [])
-        optimizer = build_optimizer(params, self.optim_cfg)
+        optimizer = build_optimizer(params, self.optim_cfg, offload=offloads_optimizer(self.trainer.strategy))
         total = self.trainer.estimated_stepping_batches
         epochs = max(self.trainer.max_epochs or 1, 1)
         total = int(total) if total != float("inf") else epochs

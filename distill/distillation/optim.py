@@ -9,13 +9,36 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from distill.config.validate import OFFLOAD_OPTIMIZERS
+from distill.errors import ConfigError
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
+# AdamW's moment coefficients and epsilon (torch's defaults), the same with or without offload.
+ADAMW_BETAS, ADAMW_EPS = (0.9, 0.999), 1e-8
+
+
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig, offload: bool = False) -> torch.optim.Optimizer:
+    """The optimizer ``cfg`` names. ``offload``: the strategy is DeepSpeed ZeRO-Offload (see
+    :func:`distill.runtime.strategies.offloads_optimizer`), which steps the optimizer in host memory and
+    takes only DeepSpeed's own host optimizers: AdamW is then ``DeepSpeedCPUAdam`` in AdamW mode, with
+    the same hyper-parameters; SGD has no such kernel and is refused (``check_optimizer_offload``)."""
+    if offload:
+        return _host_optimizer(params, cfg)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     if cfg.name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay)
     raise ValueError(f"optim.name={cfg.name!r}: choose from: adamw, sgd")
+
+
+def _host_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> torch.optim.Optimizer:
+    if cfg.name not in OFFLOAD_OPTIMIZERS:  # refused when the config is checked; this is for a hand-built Trainer
+        raise ConfigError(f"optim.name={cfg.name}: DeepSpeed ZeRO-Offload (strategy.offload_optimizer=true) takes only "
+                          f"{', '.join(OFFLOAD_OPTIMIZERS)} (DeepSpeedCPUAdam); use optim.name=adamw or a strategy without offload")
+    # deferred: deepspeed is heavy and only offloading runs need it; the first use JIT-builds its cpu_adam C++ op
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    # adamw_mode=True: decoupled weight decay, as torch.optim.AdamW (False would be Adam's L2 penalty).
+    return DeepSpeedCPUAdam(params, lr=cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay, adamw_mode=True)
 
 
 def lr_factor(step: int, cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> float:

@@ -17,6 +17,12 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+# The label of the repeated samples that pad an evaluation shard to the length of the others
+# (distill/data/samplers.py: EvenShardSampler): the accuracy metrics ignore it, so each sample of the
+# split counts exactly once. (-100: also torch's cross-entropy ignore_index.)
+PADDING_LABEL = -100
+
+
 def is_distributed() -> bool:
     """Whether this process is one of several in an initialized process group."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

@@ -52,6 +52,15 @@ def build_strategy(cfg: DictConfig, accelerator: str) -> Any:
     raise ValueError(f"strategy.name={name!r}: choose from: {', '.join(STRATEGIES)}")
 
 
+def offloads_optimizer(strategy: Any) -> bool:
+    """Whether ``strategy`` (a Trainer's) is DeepSpeed with ZeRO-Offload of the optimizer (to host memory
+    or NVMe): DeepSpeed then steps it on the host and refuses torch's optimizers (see distill/distillation/optim.py)."""
+    if not isinstance(strategy, DeepSpeedStrategy):
+        return False
+    offload = ((strategy.config or {}).get("zero_optimization") or {}).get("offload_optimizer") or {}
+    return offload.get("device", "none") in ("cpu", "nvme")
+
+
 class CPUDeepSpeedStrategy(DeepSpeedStrategy):
     """DeepSpeed ZeRO on CPU processes (gloo). See the module docstring."""
 
