@@ -51,7 +51,12 @@ from distill.runtime.strategies import build_strategy
 from distill.teacher.outputs import teacher_outputs_for
 from distill.teacher.provision import TeacherInfo, provision_teacher, teacher_fingerprint
 from distill.teacher.student_init import init_from_teacher
-from distill.teacher.training import progress_callbacks, train_teacher, trainer_kwargs
+from distill.teacher.training import (
+    progress_callbacks,
+    teacher_trainer_kwargs,
+    train_teacher,
+    trainer_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +135,9 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
     # alpha = 0 is the no-distillation baseline: no teacher at all, unless the student starts from it.
     if cfg.loss.alpha == 0 and cfg.student.init != "teacher":
         return Teacher(seconds=time.perf_counter() - start)
-    fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint())
-    model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir))
+    _, world = teacher_trainer_kwargs(cfg)  # the processes that train the teacher (the run's, by default)
+    fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint(), world)
+    model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir), world)
     teacher = Teacher(provisioned=model, info=info, live=model if cfg.loss.alpha > 0 else None)
     precompute, hints = cfg.teacher.precompute_outputs, cfg.loss.hint.weight > 0  # hints need a live teacher
     if teacher.live is not None and (cfg.teacher.cache_views or precompute or (precompute is None and not cfg.data.augment and not hints)):

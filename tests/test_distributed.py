@@ -135,3 +135,40 @@ def test_zero3_test_accuracy_on_an_odd_sized_split_is_exact(tmp_path, make_cfg):
     ev = run_script("evaluate.py", f"ckpt_path={ds['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert f"{100 * acc:.2f} %" in ev.stdout
+
+
+def test_teacher_trains_and_tabulates_on_every_rank(tmp_path):
+    """A 2-process DDP run trains its teacher on both processes (not on rank 0 while rank 1 waits),
+    and both compute their shard of the teacher's logit table into the one memory-mapped file;
+    the table equals the one-process table of the same teacher."""
+    import numpy as np
+    import torch
+
+    from distill.models.registry import build_teacher
+    from distill.teacher.outputs import compute_teacher_logits
+
+    from .conftest import compose_config
+
+    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    overrides = [*RUN, "strategy=ddp", "trainer.devices=2", "trainer.max_epochs=1", "measure.latency=off"]
+    result = run_script("train.py", *overrides, f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env, timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    out = result.stdout + result.stderr
+    assert "training it for 1 epochs on 2 process(es)" in out
+    for rank in (0, 1):
+        assert f"teacher outputs: rank {rank} of 2 wrote its shard" in out
+    [entry_path] = (tmp_path / "cache" / "teachers").glob("resnet18-*.pt")
+    entry = torch.load(entry_path, weights_only=True)
+    assert entry["meta"]["processes"] == 2
+    [table] = [p for p in (tmp_path / "cache" / "teachers" / "outputs").glob("*.npy") if not p.name.endswith(".indices.npy")]
+    assert not list(table.parent.glob("*.partial.npy"))  # the shared scratch table is gone
+
+    cfg = compose_config(overrides, tmp_path / "x", tmp_path / "cache")
+    datamodule = build_datamodule(cfg.data)
+    datamodule.setup("fit")
+    teacher = build_teacher(cfg.teacher, **datamodule.shape)
+    teacher.load_state_dict(entry["state_dict"])
+    expected = compute_teacher_logits(teacher, datamodule.train_set)
+    torch.testing.assert_close(torch.from_numpy(np.load(table)), expected, atol=1e-4, rtol=1e-5)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["teacher"]["source"] == "trained" and summary["teacher_outputs"] == "precomputed (computed)"

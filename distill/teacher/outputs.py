@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock
@@ -48,8 +49,10 @@ from torch.utils.data import DataLoader, Dataset
 from distill.data.datamodules import BaseDataModule
 from distill.data.datasets import TransformedSubset
 from distill.errors import ConfigError
+from distill.runtime import launch_plan
 from distill.runtime.atomic import atomic_write, atomic_write_text
 from distill.teacher.provision import TeacherInfo, make_cache_dir
+from distill.teacher.training import teacher_trainer_kwargs
 from distill.teacher.views import ReplayedViews
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,51 @@ def compute_teacher_logits(
     if not torch.isfinite(logits).all():
         raise FloatingPointError("the teacher produced non-finite logits on the training split")
     return logits
+
+
+class _Indexed(Dataset):
+    """``dataset``'s inputs with their position: (x, i)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> tuple[Any, int]:
+        return self.dataset[i][0], i
+
+
+class _TableWriter(L.LightningModule):
+    """Each rank runs the teacher over its shard and writes its rows into the one memory-mapped table."""
+
+    def __init__(self, teacher: nn.Module, path: Path) -> None:
+        super().__init__()
+        self.teacher, self.path, self.table = teacher, str(path), None
+
+    def on_predict_start(self) -> None:
+        self.table = np.load(self.path, mmap_mode="r+")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> None:
+        x, index = batch
+        # A padded shard repeats a sample: it writes the same row twice, harmlessly.
+        self.table[index.cpu().numpy()] = self.teacher(x).float().cpu().numpy()
+
+    def on_predict_end(self) -> None:
+        self.table.flush()
+        self.table = None
+        log.info("teacher outputs: rank %d of %d wrote its shard of %s", self.global_rank, self.trainer.world_size, self.path)
+
+
+def table_by_all_ranks(teacher: nn.Module, dataset: Dataset, path: Path, trainer_kwargs: dict[str, Any], batch_size: int = 256) -> None:
+    """Every rank of the launch computes its shard of the teacher's logits into ``path`` (a float32
+    ``.npy`` of the table's shape, created by rank 0), then all wait for each other."""
+    keep = {k: trainer_kwargs[k] for k in ("accelerator", "devices", "num_nodes", "strategy") if k in trainer_kwargs}
+    trainer = L.Trainer(**keep, precision="32-true", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.predict(_TableWriter(teacher.eval(), path), DataLoader(_Indexed(dataset), batch_size=batch_size, shuffle=False),
+                    return_predictions=False)
+    launch_plan.barrier()  # every shard is on disk before rank 0 reads the table
 
 
 def outputs_key(teacher_identity: str, data_fingerprint: dict[str, Any], dtype: str, topk: int | None) -> str:
@@ -170,18 +218,48 @@ class TeacherOutputCache:
     def get_or_build(
         self, key: str, teacher: nn.Module, dataset: Dataset, num_classes: int, *, dtype: str = "float32",
         topk: int | None = None, device: str = "cpu", meta: dict[str, Any] | None = None,
+        trainer_kwargs: dict[str, Any] | None = None,
     ) -> tuple[TeacherOutputs, str]:
         """The stored outputs for ``key``, computing and storing them first if needed (once, under a
-        lock, however many processes ask). Returns (outputs, "cache" | "computed")."""
+        lock, however many processes ask). Returns (outputs, "cache" | "computed").
+
+        ``trainer_kwargs`` with a multi-process strategy (the teacher's: see
+        :func:`distill.teacher.training.teacher_trainer_kwargs`): every rank of the launch computes its
+        shard into one memory-mapped table; rank 0 holds the lock, decides for all
+        (:mod:`distill.runtime.launch_plan`) and writes the entry."""
         rows = len(dataset)  # type: ignore[arg-type]
         make_cache_dir(self.dir)
+        partial = self.dir / f"{key}.partial.npy"
+        shared = trainer_kwargs is not None and trainer_kwargs.get("strategy") != "auto"
+        if shared and not launch_plan.is_rank_zero():
+            plan = launch_plan.decide(f"outputs_{key}", None)
+            if plan == "compute":
+                table_by_all_ranks(teacher, dataset, partial, trainer_kwargs)
+                launch_plan.barrier()  # rank 0 has written the entry
+            found = self.read(key, rows, num_classes)
+            if found is None:
+                raise RuntimeError(f"teacher outputs {self.paths(key)['values']}: rank 0 wrote them, but this process cannot read them")
+            return found, "computed" if plan == "compute" else "cache"
         with FileLock(str(self.dir / f"{key}.lock")):
             found = self.read(key, rows, num_classes)
+            if shared:
+                if found is None:  # the table every rank writes its shard into
+                    np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(rows, num_classes)).flush()
+                launch_plan.decide(f"outputs_{key}", lambda: "cache" if found is not None else "compute")
             if found is not None:
                 return found, "cache"
             start = time.perf_counter()
-            logits = compute_teacher_logits(teacher, dataset, device=device)
+            if shared:
+                table_by_all_ranks(teacher, dataset, partial, trainer_kwargs)
+                logits = torch.from_numpy(np.array(np.load(partial, mmap_mode="r")))
+                if not torch.isfinite(logits).all():
+                    raise FloatingPointError("the teacher produced non-finite logits on the training split")
+            else:
+                logits = compute_teacher_logits(teacher, dataset, device=device)
             self.write(key, logits, dtype, topk, {**(meta or {}), "seconds": time.perf_counter() - start})
+            partial.unlink(missing_ok=True)
+            if shared:
+                launch_plan.barrier()  # the entry is complete: the other ranks may read it
             found = self.read(key, rows, num_classes)
             if found is None:
                 raise RuntimeError(f"teacher outputs written to {self.paths(key)['values']} cannot be read back")
@@ -213,9 +291,11 @@ def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, 
     key = outputs_key(f"{info.arch}:{identity}", fingerprint, tcfg.outputs_dtype, tcfg.outputs_topk)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     cache = TeacherOutputCache(tcfg.cache_dir)
+    kwargs, world = teacher_trainer_kwargs(cfg)  # several processes: each computes its shard of the table
     outputs, source = cache.get_or_build(
         key, teacher, table_data, datamodule.num_classes, dtype=tcfg.outputs_dtype,
         topk=tcfg.outputs_topk, device=device, meta={"teacher": info.arch, "teacher_identity": identity},
+        trainer_kwargs=kwargs if world > 1 else None,
     )
     log.info("teacher: logits for %d training %s %s (%s)", len(outputs), "views" if tcfg.cache_views else "samples",
              "read from the cache" if source == "cache" else "computed and cached", cache.paths(key)["values"])

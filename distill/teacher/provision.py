@@ -30,6 +30,7 @@ from distill.config.validate import (
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.size import count_parameters
 from distill.models.registry import TEACHERS, build_teacher
+from distill.runtime import launch_plan
 from distill.runtime.atomic import atomic_torch_save
 from distill.runtime.checkpoint_io import load_checkpoint
 
@@ -91,11 +92,16 @@ TEACHER_TRAINER_KEYS = ("fast_dev_run", "limit_train_batches", "precision", "acc
                         "deterministic")
 
 
-def teacher_fingerprint(cfg: DictConfig, data_fingerprint: dict[str, Any]) -> dict[str, Any]:
+def teacher_fingerprint(cfg: DictConfig, data_fingerprint: dict[str, Any], world: int = 1) -> dict[str, Any]:
     """What determines the trained teacher besides its own settings: the data (the teacher's own
-    augmentation, not the student's), the trainer settings it trains with, and the torch version."""
+    augmentation, not the student's), the trainer settings it trains with (the number of processes
+    too, when several share its batches), and the torch version."""
     augment = cfg.teacher.augment if cfg.teacher.augment is not None else cfg.data.augment
-    return {**data_fingerprint, "augment": bool(augment), "trainer": {k: cfg.trainer.get(k) for k in TEACHER_TRAINER_KEYS},
+    own = OmegaConf.select(cfg, "teacher.trainer") or {}
+    trainer = {k: own.get(k, cfg.trainer.get(k)) for k in TEACHER_TRAINER_KEYS}
+    if world > 1:  # absent for one process: the keys of teachers trained before this setting existed hold
+        trainer["world_size"] = world
+    return {**data_fingerprint, "augment": bool(augment), "trainer": trainer,
             "torch": str(torch.__version__)}  # a str: TorchVersion would not load with weights_only
 
 
@@ -157,11 +163,14 @@ def provision_teacher(
     shape: dict[str, int],
     data_fingerprint: dict[str, Any],
     train_fn: Callable[[nn.Module], float],
+    world: int = 1,
 ) -> tuple[nn.Module, TeacherInfo]:
     """Return a frozen, eval-mode teacher and where it came from.
 
     ``train_fn(model)`` trains the model in place and returns its test accuracy; it is called only
-    when neither ``teacher.checkpoint`` nor a valid cache entry exists.
+    when neither ``teacher.checkpoint`` nor a valid cache entry exists. With ``world`` > 1 processes
+    training it together, rank 0 holds the cache's lock and decides for all
+    (:mod:`distill.runtime.launch_plan`); only rank 0 writes the entry.
     """
     tcfg = cfg.teacher
     model = build_teacher(tcfg, **shape)
@@ -180,23 +189,42 @@ def provision_teacher(
     cache = TeacherCache(tcfg.cache_dir)
     key = teacher_key(tcfg, data_fingerprint, int(cfg.seed))
     path = cache.path(tcfg.name, key)
+    if world > 1 and not launch_plan.is_rank_zero():
+        # Rank 0 holds the lock and says whether the entry is there or all of us train it now.
+        if launch_plan.decide(f"teacher_{key}", None) == "cache":
+            return _from_entry(model, cache.read(tcfg.name, key), tcfg.name, path, key)
+        test_acc, seconds = _train(train_fn, model)
+        return _freeze(model), TeacherInfo(tcfg.name, count_parameters(model), test_acc, "trained", str(path), key, seconds)
     with cache.lock(tcfg.name, key):
         entry = cache.read(tcfg.name, key)
+        if world > 1:
+            launch_plan.decide(f"teacher_{key}", lambda: "cache" if entry is not None else "train")
         if entry is not None:
-            model.load_state_dict(entry["state_dict"])
-            meta = entry["meta"]
-            log.info("teacher: reusing cached %s (test acc %.4f) from %s", tcfg.name, meta["test_acc"], path)
-            info = TeacherInfo(tcfg.name, count_parameters(model), meta["test_acc"], "cache", str(path), key)
-            return _freeze(model), info
-        log.info("teacher: no cached %s for key %s; training it for %d epochs", tcfg.name, key, tcfg.epochs)
-        start = time.perf_counter()
-        test_acc = train_fn(model)
-        seconds = time.perf_counter() - start
-        meta = {"arch": tcfg.name, "test_acc": test_acc, "train_seconds": seconds, "key": key, "data": data_fingerprint}
+            return _from_entry(model, entry, tcfg.name, path, key)
+        log.info("teacher: no cached %s for key %s; training it for %d epochs on %d process(es)", tcfg.name, key, tcfg.epochs, world)
+        test_acc, seconds = _train(train_fn, model)
+        meta = {"arch": tcfg.name, "test_acc": test_acc, "train_seconds": seconds, "key": key, "data": data_fingerprint,
+                "processes": world}
         cache.write(tcfg.name, key, model, meta)
         log.info("teacher: trained %s in %.1fs, test acc %.4f; cached at %s", tcfg.name, seconds, test_acc, path)
     info = TeacherInfo(tcfg.name, count_parameters(model), test_acc, "trained", str(path), key, seconds)
     return _freeze(model), info
+
+
+def _train(train_fn: Callable[[nn.Module], float], model: nn.Module) -> tuple[float, float]:
+    start = time.perf_counter()
+    test_acc = train_fn(model)
+    return test_acc, time.perf_counter() - start
+
+
+def _from_entry(model: nn.Module, entry: dict[str, Any] | None, arch: str, path: Path, key: str) -> tuple[nn.Module, TeacherInfo]:
+    if entry is None:
+        raise CheckpointError(f"cached teacher {path}: rank 0 read it, but this process cannot")
+    model.load_state_dict(entry["state_dict"])
+    meta = entry["meta"]
+    log.info("teacher: reusing cached %s (test acc %.4f) from %s", arch, meta["test_acc"], path)
+    return _freeze(model), TeacherInfo(arch, count_parameters(model), meta["test_acc"], "cache", str(path), key)
+
 
 
 def _freeze(model: nn.Module) -> nn.Module:
