@@ -30,7 +30,7 @@ from distill.config.validate import (
 )
 from distill.distillation.settings import HINT_CHECKS, LOSS_CHECKS
 from distill.errors import ConfigError
-from distill.teacher.settings import TEACHER_CHECKS
+from distill.teacher.settings import TEACHER_CHECKS, check_teacher_trainer
 
 RANGE_CHECKS = SETTINGS_CHECKS + HINT_CHECKS + TEACHER_CHECKS + TECHNIQUE_RANGE_CHECKS
 DIRECTORIES = ("paths.cache_dir", "teacher.cache_dir")  # hydra.run.dir / sweep.dir: distill.cli.RunDirectoryCheck
@@ -45,6 +45,7 @@ def precheck(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.devices={cfg.trainer.devices!r} is out of range: must be >= 1, -1 (every device) or auto")
     for key in DIRECTORIES:
         check_creatable_directory(key, OmegaConf.select(cfg, key))
+    check_teacher_trainer(cfg)
 
 
 def validate(cfg: DictConfig) -> None:

@@ -214,6 +214,8 @@ PRECHECK_CASES = [
     ("prune.amount=1.5", "prune.amount"), ("quant.bits=9", "quant.bits"), ("teacher.epochs=-1", "teacher.epochs"),
     ("loss.alpha=2", "loss.alpha"), ("optim.lr=-1", "optim.lr"), ("trainer.devices=0", "trainer.devices"),
     ("lowrank.rank_ratio=2", "lowrank.rank_ratio"), ("export.dtype=fp8", "export.dtype"), ("loss.hint.weight=-1", "loss.hint.weight"),
+    ("+teacher.trainer.devices=3", "teacher.trainer.devices"), ("+teacher.trainer.strategy=ddp", "teacher.trainer.strategy"),
+    ("+teacher.trainer.max_epoch=3", "teacher.trainer.max_epochs"), ("+teacher.trainer.accelerator=gpu", "teacher.trainer.accelerator"),
 ]
 
 

@@ -172,3 +172,9 @@ def test_teacher_trains_and_tabulates_on_every_rank(tmp_path):
     torch.testing.assert_close(torch.from_numpy(np.load(table)), expected, atol=1e-4, rtol=1e-5)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["teacher"]["source"] == "trained" and summary["teacher_outputs"] == "precomputed (computed)"
+    # Its test accuracy, measured by the 2 processes, is the whole split's (each image once): a
+    # one-process evaluation of the cached weights agrees. (Were the data module's shards sharded
+    # again by Lightning's sampler, each rank would train on and test a quarter of the data.)
+    from distill.measure.accuracy import accuracy_on_test_split
+
+    assert summary["teacher"]["test_acc"] == pytest.approx(accuracy_on_test_split(teacher, datamodule), abs=1e-6)

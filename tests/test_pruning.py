@@ -243,4 +243,15 @@ def test_structured_pruning_of_a_qat_student_masks_its_fused_batchnorm(tmp_path)
         dead = ~conv.weight_mask.flatten(1).any(dim=1)
         assert int(dead.sum()) == conv.weight.shape[0] // 2
         assert torch.all(effective(conv.bn, "bias")[dead] == 0)
+        assert torch.all(conv.bn.running_mean[dead] == 0)  # so the channel is zero in eval mode too
+    outputs = {}
+    hooks = [conv.register_forward_hook(lambda m, i, o, c=conv: outputs.__setitem__(c, o)) for conv in fused]
+    module.student.eval()
+    with torch.no_grad():
+        module.student(next(iter(dm.val_dataloader()))[0])
+    for h in hooks:
+        h.remove()
+    for conv, out in outputs.items():
+        dead = ~conv.weight_mask.flatten(1).any(dim=1)
+        assert torch.all(out[:, dead] == 0)
     assert torch.isfinite(torch.tensor(trainer.callback_metrics["train/loss"].item()))

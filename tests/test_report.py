@@ -115,3 +115,19 @@ def test_sparse_file_round_trips_and_evaluates(tmp_path):
     from distill.measure.accuracy import accuracy_on_test_split
 
     assert result["test_acc"] == accuracy_on_test_split(model, build_datamodule(OmegaConf.create(data_cfg)))
+
+
+def test_a_row_timed_on_another_device_than_the_run_says_so():
+    """In a GPU run (latency timed on CUDA) the int8 model is timed on CPU: its row is marked."""
+    qat = _qat()
+    deployed = qat.deployed(STUDENT)
+    assert deployed.latency_device == "cpu"
+    summary = {"data": {"name": "digits"}, "teacher": None, "deployed": deployed.as_dict(),
+               "student": {"arch": "cnn", "params": 94_186, "size_bytes": 385_127, "test_acc": 0.97, "latency_ms": 0.05,
+                           "latency_ms_batch": 9.0, "latency_batch_size": 1024, "latency_device": "cuda"}}
+    out = io.StringIO()
+    print_comparison(summary, Console(file=out, width=220))
+    text = out.getvalue()
+    assert "latency b=1024 (ms, cuda)" in text
+    [row] = [line for line in text.splitlines() if "student int8" in line]
+    assert "20.000 (cpu)" in row

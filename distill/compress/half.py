@@ -77,28 +77,31 @@ class HalfReport(TechniqueReport):
     acc_half: float
     size_bytes_half: int
     half_artifact: str
-    latency_ms_half_batch: float | None = None  # native mode only
+    latency_ms_half_batch: float | None = None  # native mode (or CUDA) only
     latency_ms_fp32_batch: float | None = None
+    latency_device: str | None = None
 
     def summary(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None or not k.startswith("latency")}
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
         return DeployedModel(kind=self.half_dtype, acc=self.acc_half, params=student.params, size_bytes=self.size_bytes_half,
-                             bits=16, latency_ms=None, latency_ms_batch=self.latency_ms_half_batch, path=self.half_artifact)
+                             bits=16, latency_ms=None, latency_ms_batch=self.latency_ms_half_batch, path=self.half_artifact,
+                             latency_device=self.latency_device)
 
     def fp32_latency(self) -> Latency | None:
-        return Latency(None, self.latency_ms_fp32_batch) if self.latency_ms_fp32_batch is not None else None
+        return Latency(None, self.latency_ms_fp32_batch, self.latency_device) if self.latency_ms_fp32_batch is not None else None
 
 
 class HalfPrecisionExport(Callback):
     def __init__(self, dtype: str, output_dir: str | Path, student_cfg: dict[str, Any], data_cfg: dict[str, Any],
-                 sample_shape: tuple[int, int, int], latency_batch_size: int, latency_threads: int | None) -> None:
+                 sample_shape: tuple[int, int, int], latency_batch_size: int, latency_threads: int | None,
+                 latency_device: str | None = "cpu") -> None:
         self.dtype_name, self.dtype = dtype, DTYPES[dtype]
         self.output_dir = Path(output_dir)
         self.student_cfg, self.data_cfg = student_cfg, data_cfg
         self.sample_shape, self.latency_batch_size, self.latency_threads = sample_shape, latency_batch_size, latency_threads
-        self.latency_device: str | None = "cpu"
+        self.latency_device = latency_device
         self.report: HalfReport | None = None
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -113,16 +116,20 @@ class HalfPrecisionExport(Callback):
                                   "data": self.data_cfg, "state_dict": state}, self.output_dir / f"student_{self.dtype_name}.pt")
         acc, mode = half_accuracy(student, trainer.datamodule.test_dataloader(shard=False), self.dtype)
         lat = None
-        if mode == "native" and self.latency_device is not None:  # a simulated half model has no latency of its own
+        # Timed where the run times (measure.latency); on CPU only where its kernels exist (a
+        # simulated half model has no latency of its own).
+        device = self.latency_device if self.latency_device != "cpu" or mode == "native" else None
+        if device is not None:
             threads = self.latency_threads or torch.get_num_threads()
             half = _CastInput(copy.deepcopy(student).to(self.dtype), self.dtype)
-            # CPU: where half_accuracy found native kernels (a GPU has them for both types, but this is what was checked)
-            lat = latency.measure_many({"fp32": copy.deepcopy(student), "half": half}, self.sample_shape, self.latency_batch_size, threads)
+            lat = latency.measure_many({"fp32": copy.deepcopy(student), "half": half}, self.sample_shape, self.latency_batch_size,
+                                       threads, device=device)
         self.report = HalfReport(half_dtype=self.dtype_name, half_mode=mode, acc_half=acc, size_bytes_half=path.stat().st_size,
                                  half_artifact=str(path))
         if lat is not None:
             self.report.latency_ms_half_batch = lat["half"].ms_batch
             self.report.latency_ms_fp32_batch = lat["fp32"].ms_batch
+            self.report.latency_device = device
         log.info("export: %s student: test acc %.4f (%s), %d bytes at %s", self.dtype_name, acc, mode, path.stat().st_size, path)
 
 
@@ -143,7 +150,7 @@ class HalfTechnique(Technique):
 
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> HalfPrecisionExport:
         return HalfPrecisionExport(cfg.export.dtype, ctx.output_dir, ctx.student_cfg, ctx.data_cfg, ctx.sample_shape,
-                                   ctx.latency_batch_size, ctx.latency_threads)
+                                   ctx.latency_batch_size, ctx.latency_threads, ctx.latency_device)
 
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
         if payload.get("format") != FORMAT:

@@ -141,17 +141,18 @@ class LowRankReport(TechniqueReport):
         # The factorized student is the trained one: it deploys as the tested checkpoint.
         return DeployedModel(kind="lowrank", acc=student.test_acc, params=self.params_after_lowrank,
                              size_bytes=self.size_bytes_lowrank, bits=32, latency_ms=None,
-                             latency_ms_batch=self.latency_ms_batch_after_lowrank, path=student.checkpoint)
+                             latency_ms_batch=self.latency_ms_batch_after_lowrank, path=student.checkpoint,
+                             latency_device=self.latency_device)
 
 
 class LowRankFactorization(Callback):
     def __init__(self, rank_ratio: float | None, energy: float | None, start_epoch: int, sample_shape: tuple[int, int, int],
                  latency_batch_size: int, latency_threads: int | None, output_dir: str | Path, min_rank: int = 8,
-                 classifier: bool = False) -> None:
+                 classifier: bool = False, latency_device: str | None = "cpu") -> None:
         self.rank_ratio, self.energy, self.start_epoch = rank_ratio, energy, start_epoch
         self.min_rank, self.classifier = min_rank, classifier
         self.sample_shape, self.latency_batch_size, self.latency_threads = sample_shape, latency_batch_size, latency_threads
-        self.latency_device: str | None = "cpu"
+        self.latency_device = latency_device
         self.output_dir = Path(output_dir)
         self.ranks: dict[str, int] | None = None
         self._resumed = False
@@ -246,10 +247,8 @@ class LowRankTechnique(Technique):
 
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> LowRankFactorization:
         c = cfg.lowrank
-        callback = LowRankFactorization(c.rank_ratio, c.energy, c.start_epoch, ctx.sample_shape, ctx.latency_batch_size,
-                                        ctx.latency_threads, ctx.output_dir, c.min_rank, c.classifier)
-        callback.latency_device = ctx.latency_device
-        return callback
+        return LowRankFactorization(c.rank_ratio, c.energy, c.start_epoch, ctx.sample_shape, ctx.latency_batch_size,
+                                    ctx.latency_threads, ctx.output_dir, c.min_rank, c.classifier, ctx.latency_device)
 
     def rebuild(self, student: nn.Module, cfg: DictConfig, state: dict[str, Any], example: torch.Tensor) -> nn.Module:
         return apply_ranks(student, state["ranks"]) if state.get("ranks") else student

@@ -106,7 +106,8 @@ class StudentFigures:
         """This student deployed in another file (same accuracy and latency: it runs as the trained student)."""
         lat = self.latency
         return DeployedModel(kind=kind, acc=self.test_acc, params=params, size_bytes=size_bytes, bits=bits,
-                             latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None, path=path)
+                             latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None, path=path,
+                             latency_device=lat.device if lat else None)
 
 
 class Technique(ABC):

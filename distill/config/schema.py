@@ -51,7 +51,7 @@ class TeacherConfig:
     compile: bool = False
     optim: OptimConfig = field(default_factory=OptimConfig)
     # Trainer settings for the teacher's own training and logit table, over the run's trainer.*
-    # (e.g. teacher.trainer.devices=1 keeps the teacher on one device in a multi-GPU run).
+    # (e.g. +teacher.trainer.devices=1 keeps the teacher on one device in a multi-GPU run).
     trainer: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = MISSING
 

@@ -31,6 +31,7 @@ class DeployedModel:
     latency_ms: float | None
     latency_ms_batch: float | None
     path: str | None
+    latency_device: str | None = "cpu"  # where its latency was timed (int8: always CPU); None: not timed
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -82,7 +82,7 @@ def run_row(run: Path) -> dict[str, Any]:
         latency_ms_fp32_batch=s.get("latency_ms_fp32_batch"),
         latency_batch_size=s.get("latency_batch_size"),
         latency_threads=s.get("latency_threads"),
-        latency_device=s.get("latency_device", "cpu"),
+        latency_device=deployed.latency_device,
         sparsity=s.get("sparsity"),
         macs=s.get("macs_after"),
         speedup_batch=s.get("speedup_batch"),

@@ -67,8 +67,8 @@ def plot_tradeoff(rows: list[dict[str, Any]], cost: str, path: str | Path) -> Pa
         ax.set_title("Accuracy vs size")
     else:
         batch, threads = ok[0].get("latency_batch_size"), ok[0].get("latency_threads")
-        device = ok[0].get("latency_device") or "CPU"
-        ax.set_xlabel(f"{device.upper()} latency per batch of {batch} (ms, {threads} thread(s), log scale)")
+        devices = "/".join(sorted({(r.get("latency_device") or "cpu").upper() for r in ok}))  # CPU/CUDA: both in one plot
+        ax.set_xlabel(f"{devices} latency per batch of {batch} (ms, {threads} thread(s), log scale)")
         ax.set_title("Accuracy vs latency")
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)

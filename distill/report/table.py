@@ -24,8 +24,8 @@ def _fmt_int(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
-def _fmt_ms(ms: float | None) -> str:
-    return "-" if ms is None else f"{ms:.3f}"
+def _fmt_ms(ms: float | None, where: str = "") -> str:
+    return "-" if ms is None else f"{ms:.3f}{where}"
 
 
 def print_comparison(summary: dict[str, Any], console: Console | None = None, notes: list[str] | None = None) -> None:
@@ -47,8 +47,10 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None, no
     table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")),
                   _fmt_ms(s.get("latency_ms")), _fmt_ms(s.get("latency_ms_batch")))
     if deployed.kind != "fp32":
+        # An int8 model is timed on CPU even in a GPU run: its figures then say so.
+        where = "" if deployed.latency_device in (None, device) else f" ({deployed.latency_device})"
         table.add_row(f"student {deployed.kind}", s["arch"], _fmt_acc(deployed.acc), _fmt_int(deployed.params),
-                      _fmt_int(deployed.size_bytes), _fmt_ms(deployed.latency_ms), _fmt_ms(deployed.latency_ms_batch))
+                      _fmt_int(deployed.size_bytes), _fmt_ms(deployed.latency_ms, where), _fmt_ms(deployed.latency_ms_batch, where))
     out = console or make_console()
     out.print(table)
     if deployed.kind != "fp32" and deployed.path:

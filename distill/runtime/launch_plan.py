@@ -25,22 +25,35 @@ import torch.distributed as dist
 _PREFIX = "DISTILL_PLAN_"
 
 
-def _rank_from_env() -> int | None:
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return None
+def _rank_is_zero_from_env() -> bool:
+    """Whether the environment says this is global rank 0 (no process group yet)."""
+    env = os.environ
+    if env.get("RANK", "").isdigit():  # torchrun and launchers like it: the global rank
+        return int(env["RANK"]) == 0
+    if env.get("LOCAL_RANK", "").isdigit():  # Lightning's subprocess launch: node rank and local rank
+        return int(env["LOCAL_RANK"]) == 0 and int(env.get("NODE_RANK", "0") or 0) == 0
+    # srun tasks. (SLURM_PROCID is also set in an interactive `srun --pty bash`, where Lightning then
+    # launches the processes itself and sets LOCAL_RANK above: it comes first for that reason.)
+    if env.get("SLURM_PROCID", "").isdigit() and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return int(env["SLURM_PROCID"]) == 0
+    return True
 
 
 def externally_launched(world_size: int) -> bool:
     """Whether this multi-process run's processes were started by an external launcher (torchrun,
-    srun) rather than by Lightning from this process, with no decision handed down to them."""
+    srun, or by hand on each node) rather than by Lightning from our rank 0. Lightning's children
+    have ``LOCAL_RANK`` without ``RANK``; torchrun sets ``RANK``; srun starts several tasks; a
+    process started by hand on a node has ``NODE_RANK`` and no ``LOCAL_RANK``."""
+    env = os.environ
     if world_size <= 1 or dist.is_available() and dist.is_initialized():
         return False
-    if any(k.startswith(_PREFIX) for k in os.environ):
-        return False  # launched by our rank 0, which handed its decisions down
-    ntasks = os.environ.get("SLURM_NTASKS") or os.environ.get("WORLD_SIZE")
-    return bool(ntasks and ntasks.isdigit() and int(ntasks) > 1)
+    if "RANK" in env or "TORCHELASTIC_RUN_ID" in env:
+        return True
+    if "LOCAL_RANK" in env:
+        return False  # launched by Lightning from our rank 0, which hands its decisions down
+    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
+        return True
+    return "NODE_RANK" in env
 
 
 def decide(name: str, decide_on_rank0: Callable[[], str] | None) -> str:
@@ -56,21 +69,33 @@ def decide(name: str, decide_on_rank0: Callable[[], str] | None) -> str:
         box = [on_rank0() if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return str(box[0])
-    inherited = os.environ.get(_PREFIX + name)
-    rank = _rank_from_env()
-    if inherited is not None and rank not in (None, 0):
+    var = _PREFIX + name.upper()
+    inherited = os.environ.get(var)
+    if inherited is not None and not _rank_is_zero_from_env():
         return inherited
     decision = on_rank0()
-    os.environ[_PREFIX + name] = decision  # for the processes a later distributed call launches
+    os.environ[var] = decision  # for the processes a later distributed call launches
     return decision
 
 
 def is_rank_zero() -> bool:
+    """Whether this is global rank 0 (or the only process): the one that decides and writes."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank() == 0
-    return _rank_from_env() in (None, 0)
+    return _rank_is_zero_from_env()
 
 
 def barrier() -> None:
+    """Wait for every rank of the process group (nothing to wait for without one)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.barrier()
+
+
+def share_outcome(error: str | None) -> None:
+    """Rank 0 says whether its step (storing what all ranks computed) failed; every rank waits for
+    it and, if it failed, raises the same error, so no rank is left waiting in a collective."""
+    box = [error]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(box, src=0)
+    if box[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {box[0]}")

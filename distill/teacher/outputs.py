@@ -100,7 +100,7 @@ class _TableWriter(L.LightningModule):
 
     def predict_step(self, batch: Any, batch_idx: int) -> None:
         x, index = batch
-        # A padded shard repeats a sample: it writes the same row twice, harmlessly.
+        # (Were a shard padded with repeated samples, they would write the same row twice, harmlessly.)
         self.table[index.cpu().numpy()] = self.teacher(x).float().cpu().numpy()
 
     def on_predict_end(self) -> None:
@@ -230,12 +230,12 @@ class TeacherOutputCache:
         rows = len(dataset)  # type: ignore[arg-type]
         make_cache_dir(self.dir)
         partial = self.dir / f"{key}.partial.npy"
-        shared = trainer_kwargs is not None and trainer_kwargs.get("strategy") != "auto"
+        shared = trainer_kwargs is not None
         if shared and not launch_plan.is_rank_zero():
             plan = launch_plan.decide(f"outputs_{key}", None)
             if plan == "compute":
                 table_by_all_ranks(teacher, dataset, partial, trainer_kwargs)
-                launch_plan.barrier()  # rank 0 has written the entry
+                launch_plan.share_outcome(None)  # rank 0 has written the entry, or says why not
             found = self.read(key, rows, num_classes)
             if found is None:
                 raise RuntimeError(f"teacher outputs {self.paths(key)['values']}: rank 0 wrote them, but this process cannot read them")
@@ -251,15 +251,19 @@ class TeacherOutputCache:
             start = time.perf_counter()
             if shared:
                 table_by_all_ranks(teacher, dataset, partial, trainer_kwargs)
-                logits = torch.from_numpy(np.array(np.load(partial, mmap_mode="r")))
-                if not torch.isfinite(logits).all():
-                    raise FloatingPointError("the teacher produced non-finite logits on the training split")
+                try:
+                    logits = torch.from_numpy(np.array(np.load(partial, mmap_mode="r")))
+                    if not torch.isfinite(logits).all():
+                        raise FloatingPointError("the teacher produced non-finite logits on the training split")
+                    self.write(key, logits, dtype, topk, {**(meta or {}), "seconds": time.perf_counter() - start})
+                except Exception as err:
+                    launch_plan.share_outcome(f"{type(err).__name__}: {err}")  # raises, on every rank
+                    raise
+                launch_plan.share_outcome(None)  # the entry is complete: the other ranks may read it
             else:
                 logits = compute_teacher_logits(teacher, dataset, device=device)
-            self.write(key, logits, dtype, topk, {**(meta or {}), "seconds": time.perf_counter() - start})
+                self.write(key, logits, dtype, topk, {**(meta or {}), "seconds": time.perf_counter() - start})
             partial.unlink(missing_ok=True)
-            if shared:
-                launch_plan.barrier()  # the entry is complete: the other ranks may read it
             found = self.read(key, rows, num_classes)
             if found is None:
                 raise RuntimeError(f"teacher outputs written to {self.paths(key)['values']} cannot be read back")

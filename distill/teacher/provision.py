@@ -41,8 +41,6 @@ CACHE_FORMAT = 1
 _NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile", "cache_views")
 
 
-
-
 def check_teacher(cfg: DictConfig) -> None:
     """The teacher's name, and its file when one is given."""
     check_in_registry(cfg, "teacher.name", TEACHERS, "teacher")
@@ -224,7 +222,6 @@ def _from_entry(model: nn.Module, entry: dict[str, Any] | None, arch: str, path:
     meta = entry["meta"]
     log.info("teacher: reusing cached %s (test acc %.4f) from %s", arch, meta["test_acc"], path)
     return _freeze(model), TeacherInfo(arch, count_parameters(model), meta["test_acc"], "cache", str(path), key)
-
 
 
 def _freeze(model: nn.Module) -> nn.Module:

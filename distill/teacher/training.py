@@ -63,7 +63,8 @@ def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
     module = DistillationModule(model, None, KDLoss(temperature=1.0, alpha=0.0), tcfg.optim, datamodule.num_classes)
     kwargs, _ = teacher_trainer_kwargs(cfg)
     kwargs.update(
-        max_epochs=tcfg.epochs, enable_checkpointing=False,
+        # The data module shards by rank itself (EpochShuffleSampler, EvenShardSampler), as for the student.
+        max_epochs=tcfg.epochs, enable_checkpointing=False, use_distributed_sampler=False,
         logger=CSVLogger(save_dir=str(output_dir), name="teacher", version=""),
         default_root_dir=str(output_dir / "teacher"), callbacks=progress_callbacks(cfg),
     )

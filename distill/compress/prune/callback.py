@@ -103,6 +103,7 @@ class ChannelRemoval:
     latency_ms_batch_after_removal: float | None
     speedup_batch: float | None
     latency_threads: int
+    latency_device: str | None = "cpu"
     shrunk_artifact: str | None = None
 
 
@@ -130,7 +131,8 @@ class PruneReport(TechniqueReport):
             acc = r.acc_after_removal if r.acc_after_removal is not None else student.test_acc
             return DeployedModel(kind="channels-removed" if r.removal_exact else "channels-removed (outputs differ)", acc=acc, params=r.params_after_removal,
                                  size_bytes=r.size_bytes_removed, bits=32, latency_ms=r.latency_ms_after_removal,
-                                 latency_ms_batch=r.latency_ms_batch_after_removal, path=r.shrunk_artifact)
+                                 latency_ms_batch=r.latency_ms_batch_after_removal, path=r.shrunk_artifact,
+                                 latency_device=r.latency_device)
         if self.size_bytes_sparse is not None:
             return student.deployed_as("pruned", self.nonzero_params, self.size_bytes_sparse, 32, self.sparse_artifact)
         return None
@@ -352,6 +354,10 @@ class Pruning(Callback):
             rows = torch.tensor(t.index, device=t.mask.device)[pruned.to(t.mask.device)]
             t.mask[rows] = 0
             setattr(t.module, t.name, getattr(t.module, t.name + "_orig") * t.mask)  # as the pruning hook would
+            if isinstance(t.module, nn.modules.batchnorm._BatchNorm) and t.module.running_mean is not None:
+                # A pruned channel's input is zero, so its batch mean is, and its running mean stays, zero:
+                # in eval mode a BatchNorm whose shift alone is masked (QAT's fused one) then outputs zero too.
+                t.module.running_mean[rows.to(t.module.running_mean.device)] = 0
 
     @staticmethod
     def _alive(tensors: list[GroupTensor]) -> torch.Tensor:
@@ -384,7 +390,7 @@ class Pruning(Callback):
         if trainer.is_global_zero:
             datamodule = getattr(trainer, "datamodule", None)
             test = datamodule.test_dataloader(shard=False) if datamodule is not None else None
-            self.report = self.measure(pl_module.student, test)
+            self.report = self.measure(pl_module.student, test, pl_module.device)
 
     def pruned_channels(self) -> dict[str, list[int]]:
         """Structured: each group's pruned channels, as rows of its root layer."""
@@ -395,7 +401,7 @@ class Pruning(Callback):
             out[group.root] = [root.index[i] for i in dead]
         return out
 
-    def measure(self, student: nn.Module, test_loader: Any = None) -> PruneReport:
+    def measure(self, student: nn.Module, test_loader: Any = None, device: torch.device | str = "cpu") -> PruneReport:
         """Sparsity, non-zero parameters, dense and sparse size (the sparse file is written); for
         structured pruning the physically shrunk model's MACs and latency against the masked dense one."""
         sparsity = self.sparsity()
@@ -418,11 +424,11 @@ class Pruning(Callback):
             path = save_sparse(Path(self.output_dir) / SPARSE_ARTIFACT, state, self.meta)
             report.size_bytes_sparse, report.sparse_artifact = path.stat().st_size, str(path)
         if self.remove_channels and not qat and self.sample_shape is not None:
-            report.removal = self._remove_channels(dense, test_loader)
+            report.removal = self._remove_channels(dense, test_loader, device)
         log.info("prune: final sparsity %.4f, %d non-zero parameters", report.sparsity, report.nonzero_params)
         return report
 
-    def _remove_channels(self, dense: nn.Module, test_loader: Any = None) -> ChannelRemoval:
+    def _remove_channels(self, dense: nn.Module, test_loader: Any = None, device: torch.device | str = "cpu") -> ChannelRemoval:
         example = torch.zeros(1, *self.sample_shape)
         shrunk, removed = remove_pruned_channels(dense, example, self.pruned_channels())
         # A batch of the test split (the images the model is judged on), else a seeded random one.
@@ -444,7 +450,8 @@ class Pruning(Callback):
             macs_before=count_macs(dense, example),
             macs_after=count_macs(shrunk, example),
             max_abs_diff_after_removal=diff,
-            acc_after_removal=loader_accuracy(shrunk, test_loader) if test_loader is not None else None,
+            # on the run's device (the whole test split), then back on CPU for the artifact
+            acc_after_removal=loader_accuracy(copy.deepcopy(shrunk), test_loader, str(device)) if test_loader is not None else None,
             removal_exact=exact,
             latency_ms_before_removal=before.ms,
             latency_ms_after_removal=after.ms,
@@ -452,6 +459,7 @@ class Pruning(Callback):
             latency_ms_batch_after_removal=after.ms_batch,
             speedup_batch=before.ms_batch / after.ms_batch if after.ms_batch else None,
             latency_threads=threads,
+            latency_device=after.device,
         )
         if self.output_dir is not None:
             path = save_torchscript(Path(self.output_dir) / SHRUNK_ARTIFACT, shrunk, example, {"channels_removed": removed})

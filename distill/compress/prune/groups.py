@@ -15,12 +15,17 @@ tensor of a channel makes that channel exactly zero everywhere the group reaches
 input columns then multiply zeros, and removing the group
 (:func:`distill.compress.prune.channel_removal.remove_pruned_channels`) keeps the outputs.
 
-Importance of a group's channel (:func:`group_scores`): the Ln norm of its output row in each
-producing conv / linear layer, each layer's norms divided by their mean over the channels (so a
-layer of large weights does not outvote the others), averaged over the layers; Torch-Pruning's
-``GroupMagnitudeImportance`` with ``normalizer="mean"``, ``group_reduction="mean"``, restricted to the
-producers. A group of one layer (a plain CNN or MLP) ranks channels exactly as per-layer Ln-norm
-pruning (``torch.nn.utils.prune.ln_structured``) does.
+Importance of a group's channel (:func:`group_scores`), this package's rule: the Ln norm of its
+output row in each producing conv / linear layer, each layer's norms divided by their mean over the
+channels (so a layer of large weights does not outvote the others), averaged over the layers. (Like
+Torch-Pruning's ``GroupMagnitudeImportance``, a magnitude over the whole group, but normalised per
+layer before the mean rather than after, and over the producers only.) A group of one layer (a
+plain CNN or MLP) ranks channels exactly as per-layer Ln-norm pruning
+(``torch.nn.utils.prune.ln_structured``) does.
+
+Only BatchNorm is masked among normalisation layers: a LayerNorm or GroupNorm normalises over
+several channels, so a removed channel changes the others' statistics; in such a model the
+removal's measured difference from the masked model shows it (``prune.removal_tolerance``).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from distill.compress.prune.masks import effective
 
 # Module types whose output channels are masked by their (weight, bias) rows.
 _PRODUCERS = (nn.modules.conv._ConvNd, nn.Linear)
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_NORMS = (nn.modules.batchnorm._BatchNorm,)
 
 
 @dataclass(frozen=True)

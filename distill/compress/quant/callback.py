@@ -82,7 +82,7 @@ class QATReport(TechniqueReport):
     def deployed(self, student: StudentFigures) -> DeployedModel:
         return DeployedModel(kind=f"int{self.bits}", acc=self.acc_quant, params=student.params, size_bytes=self.size_bytes_quant,
                              bits=self.bits, latency_ms=self.latency_ms_quant, latency_ms_batch=self.latency_ms_quant_batch,
-                             path=self.artifact)
+                             path=self.artifact, latency_device="cpu" if self.latency_ms_quant is not None else None)
 
     def fp32_latency(self) -> Latency:
         # timed on CPU beside the integer model (None when measure.latency=off)
