@@ -77,8 +77,20 @@ def test_the_key_follows_the_data_not_its_location_and_the_teachers_own_training
     assert _teacher_key_for(make_cfg, moved, "teacher.augment=true") == base
     assert _teacher_key_for(make_cfg, here, "teacher.augment=true", "data.augment=true") == base
     for changed in ("trainer.precision=bf16-mixed", "trainer.accumulate_grad_batches=2", "trainer.gradient_clip_val=1.0",
-                    "teacher.augment=false"):
+                    "teacher.augment=false", "+teacher.trainer.precision=bf16-mixed"):
         assert _teacher_key_for(make_cfg, here, "teacher.augment=true", changed) != base, changed
+    # teacher.trainer settings that do not change what it learns leave the key alone (and an empty
+    # teacher.trainer is the key teachers had before the setting existed)
+    assert _teacher_key_for(make_cfg, here, "teacher.augment=true", "+teacher.trainer.enable_progress_bar=false") == base
+    from omegaconf import OmegaConf
+
+    from distill.data.datamodules import build_datamodule
+    from distill.teacher.provision import teacher_fingerprint
+
+    cfg = make_cfg("data=imagefolder", f"data.root={here}", "teacher.augment=true")
+    without = OmegaConf.create({k: v for k, v in OmegaConf.to_container(cfg.teacher, resolve=True).items() if k != "trainer"})
+    fingerprint = teacher_fingerprint(cfg, build_datamodule(cfg.data).fingerprint())
+    assert teacher_key(without, fingerprint, int(cfg.seed)) == base
     (moved / "train" / "cat" / "extra.png").write_bytes((here / "train" / "cat" / "0.png").read_bytes())
     assert _teacher_key_for(make_cfg, moved, "teacher.augment=true") != base  # other files: another teacher
 

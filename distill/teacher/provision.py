@@ -38,7 +38,11 @@ log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 # Settings that change only how a teacher is provisioned, not what it learns.
-_NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile", "cache_views")
+# Not part of the key: where it is stored, how its outputs are used, and teacher.trainer (what of it
+# changes the trained teacher, its precision, batches, clipping and process count, is in
+# teacher_fingerprint; leaving the rest out keeps the keys of teachers cached before it existed).
+_NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile", "cache_views",
+               "trainer")
 
 
 def check_teacher(cfg: DictConfig) -> None:
