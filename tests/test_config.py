@@ -216,6 +216,7 @@ PRECHECK_CASES = [
     ("lowrank.rank_ratio=2", "lowrank.rank_ratio"), ("export.dtype=fp8", "export.dtype"), ("loss.hint.weight=-1", "loss.hint.weight"),
     ("+teacher.trainer.devices=3", "teacher.trainer.devices"), ("+teacher.trainer.strategy=ddp", "teacher.trainer.strategy"),
     ("+teacher.trainer.max_epoch=3", "teacher.trainer.max_epochs"), ("+teacher.trainer.accelerator=gpu", "teacher.trainer.accelerator"),
+    ("+teacher.trainer.max_epochs=5", "teacher.epochs"),
 ]
 
 

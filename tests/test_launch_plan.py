@@ -13,8 +13,9 @@ LAUNCH_VARS = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "SLURM_PROCID", 
 def env(monkeypatch):
     import os
 
-    for var in [*LAUNCH_VARS, *(k for k in os.environ if k.startswith("DISTILL_PLAN_"))]:
-        monkeypatch.delenv(var, raising=False)
+    # A private copy of the environment: what decide() writes there leaks into no other test.
+    monkeypatch.setattr(os, "environ", {k: v for k, v in os.environ.items()
+                                        if k not in LAUNCH_VARS and not k.startswith("DISTILL_PLAN_")})
 
     def set_env(**values: str) -> None:
         for k, v in values.items():
@@ -34,7 +35,9 @@ def env(monkeypatch):
     ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, False, True),  # srun -n 2 python train.py
     # a decision left in the environment by an earlier run does not make an srun job look like ours
     ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "DISTILL_PLAN_TEACHER_K": "train"}, True, True),
-    ({"NODE_RANK": "1"}, True, True),  # started by hand on a second node
+    ({"NODE_RANK": "1"}, False, True),  # started by hand on a second node
+    ({"NODE_RANK": "0"}, True, True),  # ... and on the first
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2"}, False, True),  # mpirun
 ])
 def test_rank_and_launcher_from_the_environment(env, values, rank_zero, external):
     env(**values)
@@ -54,7 +57,11 @@ def test_rank_zero_decides_and_hands_the_decision_down(env):
         launch_plan.decide("teacher_other", None)
 
 
-def test_a_failure_of_rank_zero_is_raised_on_every_rank():
-    launch_plan.share_outcome(None)
-    with pytest.raises(RuntimeError, match="rank 0 failed: OSError: disk full"):
-        launch_plan.share_outcome("OSError: disk full")
+def test_processes_launched_from_an_external_one_stay_external(env):
+    """A `salloc -n 2` shell (SLURM_NTASKS=2 without srun): the first process keeps its teacher on one
+    process, and so must the processes Lightning launches from it (LOCAL_RANK set), or they would
+    wait for a decision it never takes."""
+    env(SLURM_NTASKS="2")
+    assert launch_plan.externally_launched(2)
+    env(LOCAL_RANK="1", WORLD_SIZE="2")  # what a child inherits, plus Lightning's own variables
+    assert launch_plan.externally_launched(2)

@@ -79,6 +79,8 @@ class HalfReport(TechniqueReport):
     half_artifact: str
     latency_ms_half_batch: float | None = None  # native mode (or CUDA) only
     latency_ms_fp32_batch: float | None = None
+    latency_ms_half: float | None = None  # batch 1
+    latency_ms_fp32: float | None = None
     latency_device: str | None = None
 
     def summary(self) -> dict[str, Any]:
@@ -86,11 +88,11 @@ class HalfReport(TechniqueReport):
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
         return DeployedModel(kind=self.half_dtype, acc=self.acc_half, params=student.params, size_bytes=self.size_bytes_half,
-                             bits=16, latency_ms=None, latency_ms_batch=self.latency_ms_half_batch, path=self.half_artifact,
+                             bits=16, latency_ms=self.latency_ms_half, latency_ms_batch=self.latency_ms_half_batch, path=self.half_artifact,
                              latency_device=self.latency_device)
 
     def fp32_latency(self) -> Latency | None:
-        return Latency(None, self.latency_ms_fp32_batch, self.latency_device) if self.latency_ms_fp32_batch is not None else None
+        return Latency(self.latency_ms_fp32, self.latency_ms_fp32_batch, self.latency_device) if self.latency_ms_fp32_batch is not None else None
 
 
 class HalfPrecisionExport(Callback):
@@ -129,6 +131,7 @@ class HalfPrecisionExport(Callback):
         if lat is not None:
             self.report.latency_ms_half_batch = lat["half"].ms_batch
             self.report.latency_ms_fp32_batch = lat["fp32"].ms_batch
+            self.report.latency_ms_half, self.report.latency_ms_fp32 = lat["half"].ms, lat["fp32"].ms
             self.report.latency_device = device
         log.info("export: %s student: test acc %.4f (%s), %d bytes at %s", self.dtype_name, acc, mode, path.stat().st_size, path)
 

@@ -24,7 +24,11 @@ def deployed_model(summary: dict[str, Any]) -> DeployedModel:
     """The run's deployed model: its ``deployed`` record, or for an older summary the same figures
     derived from its ``student`` keys."""
     if summary.get("deployed"):
-        return DeployedModel.from_dict(summary["deployed"])
+        record = dict(summary["deployed"])
+        if "latency_device" not in record:  # written before the record had it: timed where the student was
+            integer = str(record.get("kind", "")).startswith("int")
+            record["latency_device"] = "cpu" if integer else summary.get("student", {}).get("latency_device", "cpu")
+        return DeployedModel.from_dict(record)
     return _legacy_deployed(summary["student"])
 
 

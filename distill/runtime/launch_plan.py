@@ -23,6 +23,7 @@ from collections.abc import Callable
 import torch.distributed as dist
 
 _PREFIX = "DISTILL_PLAN_"
+EXTERNAL = _PREFIX + "EXTERNAL"
 
 
 def _rank_is_zero_from_env() -> bool:
@@ -30,13 +31,16 @@ def _rank_is_zero_from_env() -> bool:
     env = os.environ
     if env.get("RANK", "").isdigit():  # torchrun and launchers like it: the global rank
         return int(env["RANK"]) == 0
+    for var in ("OMPI_COMM_WORLD_RANK", "PMI_RANK"):  # mpirun
+        if env.get(var, "").isdigit():
+            return int(env[var]) == 0
     if env.get("LOCAL_RANK", "").isdigit():  # Lightning's subprocess launch: node rank and local rank
         return int(env["LOCAL_RANK"]) == 0 and int(env.get("NODE_RANK", "0") or 0) == 0
     # srun tasks. (SLURM_PROCID is also set in an interactive `srun --pty bash`, where Lightning then
     # launches the processes itself and sets LOCAL_RANK above: it comes first for that reason.)
     if env.get("SLURM_PROCID", "").isdigit() and int(env.get("SLURM_NTASKS", "1") or 1) > 1:
         return int(env["SLURM_PROCID"]) == 0
-    return True
+    return int(env.get("NODE_RANK", "0") or 0) == 0  # a process started by hand on node NODE_RANK
 
 
 def externally_launched(world_size: int) -> bool:
@@ -47,13 +51,17 @@ def externally_launched(world_size: int) -> bool:
     env = os.environ
     if world_size <= 1 or dist.is_available() and dist.is_initialized():
         return False
-    if "RANK" in env or "TORCHELASTIC_RUN_ID" in env:
+    if EXTERNAL in env:  # the process that launched us found it external: so is this launch
         return True
-    if "LOCAL_RANK" in env:
+    if any(v in env for v in ("RANK", "TORCHELASTIC_RUN_ID", "OMPI_COMM_WORLD_RANK", "PMI_RANK")):
+        external = True  # torchrun, mpirun and the like
+    elif "LOCAL_RANK" in env:
         return False  # launched by Lightning from our rank 0, which hands its decisions down
-    if int(env.get("SLURM_NTASKS", "1") or 1) > 1:
-        return True
-    return "NODE_RANK" in env
+    else:
+        external = int(env.get("SLURM_NTASKS", "1") or 1) > 1 or "NODE_RANK" in env
+    if external:
+        os.environ[EXTERNAL] = "1"  # inherited by any process Lightning launches from this one
+    return external
 
 
 def decide(name: str, decide_on_rank0: Callable[[], str] | None) -> str:
@@ -93,9 +101,10 @@ def barrier() -> None:
 
 def share_outcome(error: str | None) -> None:
     """Rank 0 says whether its step (storing what all ranks computed) failed; every rank waits for
-    it and, if it failed, raises the same error, so no rank is left waiting in a collective."""
+    it and, if it failed, the other ranks raise its error, so none is left waiting in a collective
+    (rank 0 raises its own)."""
     box = [error]
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.broadcast_object_list(box, src=0)
-    if box[0] is not None:
+    if box[0] is not None and not is_rank_zero():
         raise RuntimeError(f"rank 0 failed: {box[0]}")

@@ -233,6 +233,8 @@ class TeacherOutputCache:
         shared = trainer_kwargs is not None
         if shared and not launch_plan.is_rank_zero():
             plan = launch_plan.decide(f"outputs_{key}", None)
+            if plan.startswith("error:"):
+                raise RuntimeError(f"teacher outputs: rank 0 failed: {plan[len('error:'):]}")
             if plan == "compute":
                 table_by_all_ranks(teacher, dataset, partial, trainer_kwargs)
                 launch_plan.share_outcome(None)  # rank 0 has written the entry, or says why not
@@ -243,9 +245,18 @@ class TeacherOutputCache:
         with FileLock(str(self.dir / f"{key}.lock")):
             found = self.read(key, rows, num_classes)
             if shared:
-                if found is None:  # the table every rank writes its shard into
-                    np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(rows, num_classes)).flush()
-                launch_plan.decide(f"outputs_{key}", lambda: "cache" if found is not None else "compute")
+                def plan() -> str:
+                    if found is not None:
+                        return "cache"
+                    try:  # the table every rank writes its shard into (the other ranks learn of a failure)
+                        np.lib.format.open_memmap(partial, mode="w+", dtype=np.float32, shape=(rows, num_classes)).flush()
+                    except OSError as err:
+                        return f"error:cannot create {partial}: {err}"
+                    return "compute"
+
+                decided = launch_plan.decide(f"outputs_{key}", plan)
+                if decided.startswith("error:"):
+                    raise RuntimeError(f"teacher outputs: {decided[len('error:'):]}")
             if found is not None:
                 return found, "cache"
             start = time.perf_counter()
@@ -257,7 +268,7 @@ class TeacherOutputCache:
                         raise FloatingPointError("the teacher produced non-finite logits on the training split")
                     self.write(key, logits, dtype, topk, {**(meta or {}), "seconds": time.perf_counter() - start})
                 except Exception as err:
-                    launch_plan.share_outcome(f"{type(err).__name__}: {err}")  # raises, on every rank
+                    launch_plan.share_outcome(f"{type(err).__name__}: {err}")  # the other ranks raise it too
                     raise
                 launch_plan.share_outcome(None)  # the entry is complete: the other ranks may read it
             else:

@@ -31,7 +31,9 @@ def check_teacher_trainer(cfg: DictConfig) -> None:
     for key in own:
         if key == "strategy":
             raise ConfigError("teacher.trainer.strategy: the teacher's strategy is chosen for it (DDP over several "
-                              "processes); set teacher.trainer.devices=1 to keep it on one")
+                              "processes); set +teacher.trainer.devices=1 to keep it on one")
+        if key in ("max_epochs", "min_epochs", "max_steps"):
+            raise ConfigError(f"teacher.trainer.{key}: the teacher trains for teacher.epochs; set that instead")
         if key not in known:
             close = difflib.get_close_matches(str(key), sorted(known), n=1)
             raise ConfigError(f"teacher.trainer.{key}: not a trainer setting" + (f" (did you mean teacher.trainer.{close[0]}?)" if close else ""))
