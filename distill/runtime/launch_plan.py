@@ -22,6 +22,8 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from distill.runtime.rank_sync import is_distributed
+
 _PREFIX = "DISTILL_PLAN_"
 EXTERNAL = _PREFIX + "EXTERNAL"
 
@@ -73,7 +75,7 @@ def decide(name: str, decide_on_rank0: Callable[[], str] | None) -> str:
             raise RuntimeError(f"launch plan {name!r}: rank 0 has not decided it, and this process cannot")
         return decide_on_rank0()
 
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         box = [on_rank0() if dist.get_rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         return str(box[0])
@@ -95,7 +97,7 @@ def is_rank_zero() -> bool:
 
 def barrier() -> None:
     """Wait for every rank of the process group (nothing to wait for without one)."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()
 
 
@@ -104,7 +106,7 @@ def share_outcome(error: str | None) -> None:
     it and, if it failed, the other ranks raise its error, so none is left waiting in a collective
     (rank 0 raises its own)."""
     box = [error]
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.broadcast_object_list(box, src=0)
     if box[0] is not None and not is_rank_zero():
         raise RuntimeError(f"rank 0 failed: {box[0]}")
