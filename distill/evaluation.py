@@ -24,6 +24,7 @@ from distill.report.comparison import compare, table_columns, to_markdown, write
 from distill.report.table import make_console
 from distill.runtime.atomic import atomic_write
 from distill.runtime.checkpoint_io import load_checkpoint
+from distill.runtime.console import quiet_third_party
 from distill.runtime.loggers import resolve_wandb_mode, wandb_server_reachable
 
 STUDENT_PREFIX = "student."
@@ -178,6 +179,7 @@ def _plain(value: Any) -> Any:
 
 def evaluate(cfg: DictConfig) -> dict[str, Any]:
     """``evaluate.py``: one checkpoint (``ckpt_path=``) or a comparison of runs (``runs=``)."""
+    quiet_third_party()
     if bool(cfg.ckpt_path) == bool(cfg.runs):
         raise ConfigError("evaluate.py needs exactly one of ckpt_path=PATH (a student) or runs=PATH (runs to compare)")
     return evaluate_checkpoint(cfg) if cfg.ckpt_path else compare_runs(cfg)

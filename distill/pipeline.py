@@ -43,7 +43,9 @@ from distill.models.registry import build_student
 from distill.report.summary import final_metrics, write_summary
 from distill.report.table import print_comparison
 from distill.runtime.atomic import atomic_write_text
-from distill.runtime.checkpoint_io import AtomicCheckpointIO, find_resume_checkpoint
+from distill.runtime.checkpoint_io import BackgroundCheckpointIO, find_resume_checkpoint
+from distill.runtime.console import quiet_third_party
+from distill.runtime.cuda_probe import skip_nvml_check_without_nvml
 from distill.runtime.loggers import build_loggers
 from distill.runtime.preemption import Preemption
 from distill.runtime.rng_state import RNGState
@@ -71,7 +73,7 @@ class Teacher:
     provisioned: nn.Module | None = None  # the teacher as loaded, cached or trained
     info: TeacherInfo | None = None
     live: nn.Module | None = None  # the teacher run at every step (None: precomputed outputs, or no teacher)
-    outputs: Any = None  # its precomputed logits (a tensor, or a memory-mapped table)
+    outputs: Any = None  # its precomputed logits (a tensor, or a memory-mapped table), read by the training loader
     outputs_source: str | None = None
     seconds: float = 0.0
 
@@ -102,17 +104,31 @@ class Tested:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Distil a student as ``cfg`` says; write and return the run summary."""
     start = time.perf_counter()
+    skip_nvml_check_without_nvml()  # no per-step NVML probe on a machine without an NVIDIA driver
+    quiet_third_party()
     extra_callbacks = check_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = load_data(cfg)
+    stages, mark = {"setup": time.perf_counter() - start}, time.perf_counter()  # where the run's time goes (summary)
+
+    def lap(name: str) -> None:
+        nonlocal mark
+        stages[name], mark = time.perf_counter() - mark, time.perf_counter()
+
     teacher = provide_teacher(cfg, datamodule, output_dir, start)
+    lap("teacher")
     L.seed_everything(int(cfg.seed), workers=True)
     fit = fit_student(cfg, datamodule, teacher, output_dir, extra_callbacks)
+    lap("fit")
     tested = evaluate_student(cfg, fit, datamodule)
+    lap("test")
     student = measure_student(cfg, fit, tested, datamodule.shape)
     summary = make_summary(cfg, fit, tested, student, teacher, datamodule, output_dir, start)
+    lap("measure")
+    summary["stage_seconds"] = stages
+    log.info("time: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stages.items()))
     report(cfg, fit.trainer, fit.compression, summary)
     return summary
 
@@ -163,7 +179,7 @@ def fit_student(cfg: DictConfig, datamodule: BaseDataModule, teacher: Teacher, o
         # The teacher's file by name only: its directory may come from the environment (DISTILL_CACHE_DIR).
         hparams={"config": resolved, "shape": shape,
                  "teacher": {**info.as_dict(), "path": Path(info.path).name if info.path else None} if info else None},
-        teacher_outputs=teacher.outputs, teacher_channels_last=cfg.teacher.channels_last and teacher.live is not None,
+        teacher_channels_last=cfg.teacher.channels_last and teacher.live is not None,
         skip_nonfinite=cfg.loss.on_nonfinite == "skip", hints=build_hints(cfg, student, teacher.live, shape),
     )
     ctx = BuildContext(shape, output_dir, resolved["student"], resolved["data"], _latency_batch(cfg, shape), cfg.quant.latency_threads,
@@ -203,7 +219,7 @@ def _trainer(cfg: DictConfig, module: DistillationModule, compression: Compressi
     trainer = L.Trainer(
         **trainer_kwargs(cfg), strategy=build_strategy(cfg.strategy, cfg.trainer.accelerator),
         default_root_dir=str(output_dir), logger=loggers or False, callbacks=callbacks + extra_callbacks,
-        plugins=None if deepspeed else [AtomicCheckpointIO()],
+        plugins=None if deepspeed else [BackgroundCheckpointIO()],  # atomic writes, off the training loop
         # The data module shards the training data itself (EpochShuffleSampler), resumable mid-epoch.
         use_distributed_sampler=False,
     )

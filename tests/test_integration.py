@@ -112,6 +112,8 @@ def test_train_and_evaluate_scripts(tmp_path):
     assert "teacher vs student" in result.stdout
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     assert last.is_file()
+    header = (tmp_path / "run" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/loss", "train/kd", "train/ce", "train/acc", "val/acc", "test/acc"} <= set(header)  # the epoch means
     ev = run_script("evaluate.py", f"ckpt_path={summary['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
     assert f"{100 * summary['student']['test_acc']:.2f} %" in ev.stdout
@@ -149,6 +151,11 @@ def test_wandb_runs_offline_without_credentials(tmp_path):
     runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
     assert list(runs[0].glob("*.wandb")), "the offline run holds its data for `wandb sync`"
+    # A clean console: none of the third-party noise (distill/runtime/console.py), no line printed twice.
+    console = result.stdout + result.stderr
+    for noise in ("litlogger", "litmodels", "anonymous setting", "LeafSpec", "to estimate number of stepping batches"):
+        assert noise not in console, noise
+    assert "INFO: Seed set to" not in console  # Lightning's own handler's copy of its log lines
 
 
 def test_quantized_run_artifact_and_comparison(tmp_path):

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from filelock import FileLock
 from omegaconf import OmegaConf
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset, default_collate
 
-from distill.data.datasets import IndexedDataset
+from distill.data.datamodules import build_datamodule
+from distill.data.datasets import TensorSplit, WithTeacherRows
 from distill.distillation.losses.kd import KDLoss
 from distill.distillation.module import DistillationModule
 from distill.teacher.outputs import (
@@ -46,25 +47,45 @@ def test_precomputed_logits_equal_live_teacher_in_eval_mode():
         torch.testing.assert_close(logits, teacher(x))
 
 
-def test_indexed_dataset_appends_the_index():
-    data = TensorDataset(torch.arange(5.0), torch.arange(5))
-    x, y, i = IndexedDataset(data)[3]
-    assert (x.item(), y.item(), i) == (3.0, 3, 3)
+def test_each_sample_comes_with_its_own_row_of_the_table():
+    x = torch.arange(12.0).reshape(6, 1, 2, 1)
+    table = torch.arange(6.0).unsqueeze(1) * torch.ones(1, 3)  # row i = [i, i, i]
+    split = TensorSplit(x, torch.arange(6), [4, 0, 5, 2, 1, 3])
+    rows = WithTeacherRows(split, table)
+    assert rows[2][2].tolist() == [2.0, 2.0, 2.0]  # item 2 is table row 2 (the split's item, not its sample 5)
+    one_by_one = default_collate(rows.__getitems__([3, 0, 5]))
+    for a, b in zip(one_by_one, rows.gather([3, 0, 5]), strict=True):
+        torch.testing.assert_close(a, b)
+    assert rows.gather([3, 0, 5])[2][:, 0].tolist() == [3.0, 0.0, 5.0]
+
+    class WithViewRow(Dataset):  # items that name their own row, as ReplayedViews does
+        def __len__(self) -> int:
+            return 6
+
+        def __getitem__(self, i: int) -> tuple:
+            return x[i], i, 5 - i
+
+    viewed = WithTeacherRows(WithViewRow(), table)
+    assert viewed[1][2].tolist() == [4.0, 4.0, 4.0] and not hasattr(viewed, "gather")
 
 
-def test_training_step_uses_the_row_of_each_sample():
+def test_training_batches_carry_the_teachers_logits_of_their_samples(make_cfg):
+    cfg = make_cfg("data=synthetic", "data.num_samples=90", "data.image_size=4", "data.channels=1", "data.num_classes=5",
+                   "data.batch_size=8")
+    dm = build_datamodule(cfg.data)
+    dm.setup("fit")
     teacher = _teacher().eval()
-    x = torch.randn(10, 1, 4, 4)
+    table = compute_teacher_logits(teacher, dm.train_set)
+    dm.teacher_table = table
+    loader = dm.train_dataloader()
+    seen = 0
     with torch.no_grad():
-        table = teacher(x)
-    student = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
-    loss = KDLoss(temperature=2.0, alpha=0.7)
-    cached = DistillationModule(student, None, loss, OPTIM, 5, teacher_outputs=table)
-    live = DistillationModule(student, teacher, loss, OPTIM, 5)
-    idx = torch.tensor([7, 2, 9])
-    torch.testing.assert_close(cached.teacher_logits(x[idx], idx), live.teacher_logits(x[idx]))
-    # A shuffled index must pick shuffled rows, not the first rows of the table.
-    assert not torch.allclose(cached.teacher_logits(x[idx], idx), table[:3])
+        for x, y, logits in loader:  # shuffled: each batch's rows must follow its samples
+            torch.testing.assert_close(logits, teacher(x))
+            seen += len(y)
+    assert seen == len(dm.train_set)
+    first = next(iter(loader))[2]
+    assert not torch.allclose(first, table[: len(first)])  # not the table's first rows in order
 
 
 # --- the on-disk cache --------------------------------------------------------------------------
@@ -174,7 +195,7 @@ WORKER = textwrap.dedent(
     """
     import os, sys, time, torch, filelock
     from torch import nn
-    from torch.utils.data import TensorDataset
+    from torch.utils.data import Dataset, TensorDataset, default_collate
     from distill.teacher.outputs import TeacherOutputCache
 
     cache_dir, marker, go = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -243,10 +264,9 @@ def test_cached_and_live_distillation_give_the_same_loss(tmp_path):
     student = nn.Sequential(nn.Flatten(), nn.Linear(16, 5))
     loss = KDLoss(temperature=4.0, alpha=0.9)
     live = DistillationModule(student, teacher, loss, OPTIM, 5)
-    cached = DistillationModule(student, None, loss, OPTIM, 5, teacher_outputs=table)  # memory-mapped table
-    idx = torch.tensor([4, 17, 33, 8])
-    x, y = data.tensors[0][idx], data.tensors[1][idx]
+    idx = [4, 17, 33, 8]
+    x, y, rows = default_collate(WithTeacherRows(data, table).__getitems__(idx))  # the memory-mapped table's rows
     logits = student(x)
     live_loss = loss(logits, live.teacher_logits(x), y)["loss"]
-    cached_loss = loss(logits, cached.teacher_logits(x, idx), y)["loss"]
+    cached_loss = loss(logits, rows, y)["loss"]
     torch.testing.assert_close(cached_loss, live_loss, rtol=1e-3, atol=1e-4)  # fp16 storage

@@ -26,13 +26,19 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
 from torchvision import datasets
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
 
-from distill.data.datasets import IndexedDataset, PaddedSplit, TransformedSubset
-from distill.data.samplers import EpochShuffleSampler, EvenShardSampler
+from distill.data.datasets import (
+    Batched,
+    PaddedSplit,
+    TensorSplit,
+    TransformedSubset,
+    WithTeacherRows,
+)
+from distill.data.samplers import EpochBatchSampler, EpochShuffleSampler, EvenShardSampler
 from distill.data.transforms import image_transforms
 from distill.errors import ConfigError
 from distill.runtime.rank_sync import is_distributed
@@ -87,8 +93,9 @@ class BaseDataModule(L.LightningDataModule):
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
-        # True: training batches carry each sample's index, to look up precomputed teacher logits.
-        self.index_train = False
+        # The teacher's precomputed logits for the training split (a dense tensor or a memory-mapped
+        # TeacherOutputs, distill/teacher/outputs.py): training batches then carry each sample's row.
+        self.teacher_table: Any = None
         # (epoch, batches already trained in it) of a mid-epoch checkpoint being resumed; set by
         # distill.rng_state.RNGState from the checkpoint, read when the training loader is built.
         self.resume_position: tuple[int, int] | None = None
@@ -148,9 +155,17 @@ class BaseDataModule(L.LightningDataModule):
             shuffle = False
         workers = int(self.cfg.num_workers)
         pin = self.cfg.pin_memory if self.cfg.pin_memory is not None else torch.cuda.is_available()
+        batch_size = batch_size or self.batch_size
+        if hasattr(dataset, "gather"):
+            # A dataset that gathers a whole batch at once (an in-memory split; distill/data/datasets.py):
+            # the batch sampler is the sampler, and each item the loader reads is a batch.
+            order = sampler if sampler is not None else (RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset))
+            return DataLoader(Batched(dataset), batch_size=None, sampler=EpochBatchSampler(order, batch_size, drop_last=False),
+                              num_workers=workers, pin_memory=pin, persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
+                              generator=generator)
         return DataLoader(
             dataset,
-            batch_size=batch_size or self.batch_size,
+            batch_size=batch_size,
             shuffle=shuffle,
             sampler=sampler,
             num_workers=workers,
@@ -161,10 +176,9 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-
         dataset = self.train_set
-        if self.index_train and dataset is not None:
-            dataset = IndexedDataset(dataset)
+        if self.teacher_table is not None and dataset is not None:
+            dataset = WithTeacherRows(dataset, self.teacher_table)  # (x, y, teacher logits)
         return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -233,12 +247,11 @@ class DigitsDataModule(BaseDataModule):
         mean = self.cfg.mean[0] if self.cfg.mean else x[train].mean().item()
         std = self.cfg.std[0] if self.cfg.std else x[train].std().item()
         x = (x - mean) / std
-        full = TensorDataset(x, y)
-        self.train_set, self.val_set, self.test_set = (Subset(full, i.tolist()) for i in (train, val, test))
+        self.train_set, self.val_set, self.test_set = (TensorSplit(x, y, i.tolist()) for i in (train, val, test))
         if self.cfg.augment:
             # One-pixel random shifts, drawn per sample; edge padding repeats the (blank) border.
             shift = v2.RandomCrop(8, padding=1, padding_mode="edge")
-            self.train_set = TransformedSubset(full, train.tolist(), shift)
+            self.train_set = TransformedSubset(TensorSplit(x, y, list(range(len(y)))), train.tolist(), shift)
 
 
 @register_dataset("synthetic")
@@ -266,8 +279,7 @@ class SyntheticDataModule(BaseDataModule):
         y = y[torch.randperm(n, generator=g)]
         x = means[y] + torch.randn(n, *shape, generator=g)
         train, val, test = _stratified_split(y.numpy(), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed)
-        full = TensorDataset(x, y)
-        self.train_set, self.val_set, self.test_set = (Subset(full, i.tolist()) for i in (train, val, test))
+        self.train_set, self.val_set, self.test_set = (TensorSplit(x, y, i.tolist()) for i in (train, val, test))
 
 
 _CIFAR_STATS = {

@@ -1,14 +1,57 @@
-"""Dataset wrappers: a subset with its own transform, one whose items carry their index, and an
-evaluation split padded to an even length over the ranks."""
+"""Dataset wrappers: an in-memory split read a batch at a time, a subset with its own transform, one
+whose items carry the teacher's cached logits, and an evaluation split padded to an even length over
+the ranks.
+
+Reading a batch item by item and collating it costs a small student more than its step. A dataset
+that can do better has ``gather(indices) -> batch``: an in-memory split gathers the batch with one
+indexing operation, and the teacher's rows come from their table with one (fancy-indexing, for a
+memory map) read per batch. The data module then loads it through :class:`Batched` with the batch
+sampler as the sampler (PyTorch's documented way to load batched data: ``batch_size=None``).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
 from distill.runtime.rank_sync import PADDING_LABEL
+
+
+class TensorSplit(Dataset):
+    """Rows ``indices`` of in-memory tensors (inputs, labels): one split of a dataset held in memory."""
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, indices: list[int]) -> None:
+        self.x, self.y, self.indices = x, y, list(indices)
+        self._index = torch.as_tensor(self.indices, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = self.indices[i]
+        return self.x[j], self.y[j]
+
+    def gather(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Items ``indices`` as one batch, gathered with one index operation."""
+        rows = self._index[torch.as_tensor(indices, dtype=torch.long)]
+        return self.x[rows], self.y[rows]
+
+
+class Batched(Dataset):
+    """``dataset`` read a batch at a time: item ``indices`` (a list, from a ``BatchSampler`` used as the
+    loader's sampler) is ``dataset.gather(indices)``."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, indices: list[int]) -> Any:
+        return self.dataset.gather(indices)  # type: ignore[attr-defined]
 
 
 class TransformedSubset(Dataset):
@@ -25,17 +68,41 @@ class TransformedSubset(Dataset):
         return self.transform(image), label
 
 
-class IndexedDataset(Dataset):
-    """``dataset[i] + (i,)``: the sample index rides along so its cached teacher logits can be found."""
+class WithTeacherRows(Dataset):
+    """``(x, y, t)``: each training sample with the teacher's cached logits for it, so they arrive with
+    the batch (pinned and moved to the device with it) and the training step reads no table.
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    ``table`` is a dense ``(N, C)`` tensor or a memory-mapped :class:`distill.teacher.outputs.TeacherOutputs`
+    (anything with ``rows(index) -> (len(index), C)`` float logits). The row of item ``i`` is ``i``,
+    or, for a dataset whose items carry their row as a third element (``(x, y, row)``, as
+    :class:`distill.teacher.views.ReplayedViews` does for the view it drew), that row. A batch's rows
+    are read at once: in ``gather`` (over a dataset that has it) and in ``__getitems__`` (PyTorch's
+    batched fetch, per-sample items otherwise)."""
+
+    def __init__(self, dataset: Dataset, table: Any) -> None:
+        self.dataset, self.table = dataset, table
+        if hasattr(dataset, "gather"):
+            self.gather = self._gather
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def _rows(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        index = torch.as_tensor(rows, dtype=torch.long)
+        return self.table[index] if isinstance(self.table, torch.Tensor) else self.table.rows(index)
+
     def __getitem__(self, i: int) -> tuple:
-        return (*self.dataset[i], i)
+        item = self.dataset[i]
+        return item[0], item[1], self._rows([item[2] if len(item) > 2 else i])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[tuple]:
+        items = [self.dataset[i] for i in indices]
+        rows = [item[2] if len(item) > 2 else i for item, i in zip(items, indices, strict=True)]
+        return [(item[0], item[1], logits) for item, logits in zip(items, self._rows(rows), strict=True)]
+
+    def _gather(self, indices: Sequence[int]) -> tuple:
+        x, y, *rows = self.dataset.gather(indices)  # type: ignore[attr-defined]
+        return x, y, self._rows(rows[0] if rows else indices)
 
 
 class PaddedSplit(Dataset):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -74,3 +74,13 @@ class EvenShardSampler(Sampler[int]):
 
     def __iter__(self) -> Iterator[int]:
         return iter(range(self.rank, self.padded_size, self.num_replicas))
+
+
+class EpochBatchSampler(BatchSampler):
+    """``BatchSampler`` that passes ``set_epoch`` on to its sampler. Used as a loader's *sampler* (for a
+    dataset read a batch at a time, :class:`distill.data.datasets.Batched`), it is where Lightning looks
+    for ``set_epoch`` each epoch, and the epoch's order must still change."""
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)

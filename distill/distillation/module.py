@@ -12,9 +12,9 @@ import lightning as L
 import torch
 from omegaconf import DictConfig
 from torch import nn
-from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.distillation.epoch_sums import EpochSums
 from distill.distillation.losses.base import DistillationLoss
 from distill.distillation.optim import build_optimizer, build_scheduler
 from distill.errors import NonFiniteLossError
@@ -33,7 +33,6 @@ class DistillationModule(L.LightningModule):
         optim: DictConfig,
         num_classes: int,
         hparams: dict[str, Any] | None = None,
-        teacher_outputs: Any = None,  # a logits tensor, or a TeacherOutputs table (see distill/teacher/outputs.py)
         teacher_channels_last: bool = False,
         skip_nonfinite: bool = False,
         hints: nn.Module | None = None,  # a distill.distillation.hints.HintLoss, attached to student and teacher
@@ -52,24 +51,25 @@ class DistillationModule(L.LightningModule):
         self.teacher_channels_last = teacher_channels_last
         if teacher is not None and teacher_channels_last:
             teacher.to(memory_format=torch.channels_last)
-        # Precomputed teacher logits for the training split, looked up by sample index (see
-        # distill/teacher/outputs.py). A non-persistent buffer: it follows the module to its device
-        # but stays out of checkpoints.
-        # A TeacherOutputs (memory-mapped table, too large for memory) is looked up row by row.
-        self.teacher_table = None
-        if teacher_outputs is not None and not isinstance(teacher_outputs, torch.Tensor):
-            self.teacher_table, teacher_outputs = teacher_outputs, None
-        self.register_buffer("teacher_outputs", teacher_outputs, persistent=False)
         self.distill_loss = loss
         self.optim_cfg = optim
-        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
-        # Epoch means of the loss terms as metrics: exact over data-parallel ranks (synchronised
-        # once at epoch end, not at every step).
-        self.train_means = nn.ModuleDict({k: MeanMetric() for k in ("loss", *loss.terms, "hint")})
+        # The epoch's loss terms and accuracy, summed on the device and synced once per epoch.
+        self.train_sums = EpochSums(("loss", *loss.terms, *(("hint",) if hints is not None else ())))
         # Under data parallelism the evaluation shards are padded to equal length with samples labelled
         # PADDING_LABEL (distill/data/samplers.py: EvenShardSampler): ignored, so each sample counts once.
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
+
+    # Lightning sets these on the module around every hook it calls (dozens of times per step), and
+    # nn.Module.__setattr__ (which checks whether each value is a parameter, buffer or module) costs
+    # several microseconds each time. They are only ever plain values, never registered in the module.
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name"})
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in self._PLAIN_ATTRIBUTES:
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     # The teacher is frozen: Lightning calls .train() on the whole module at every epoch start,
     # which would put its BatchNorm layers back in training mode (updating running statistics).
@@ -82,14 +82,9 @@ class DistillationModule(L.LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
-    def teacher_logits(self, x: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor | None:
-        if self.distill_loss.alpha == 0:
-            return None
-        if self.teacher_outputs is not None and index is not None:
-            return self.teacher_outputs[index]
-        if self.teacher_table is not None and index is not None:
-            return self.teacher_table.rows(index).to(x.device, non_blocking=True)
-        if self.teacher is None:
+    def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The live teacher's logits for ``x`` (None without a teacher, or when the loss ignores it)."""
+        if self.distill_loss.alpha == 0 or self.teacher is None:
             return None
         if self.teacher_channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -101,10 +96,12 @@ class DistillationModule(L.LightningModule):
             return self.teacher(x)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
-        # (x, y), or (x, y, sample index) when the teacher's logits were precomputed.
-        x, y, *index = batch
+        # (x, y), or (x, y, the teacher's precomputed logits for x) when the data loader reads them
+        # from the cached table (distill/data/datasets.py: WithTeacherRows).
+        x, y, *cached = batch
         logits = self.student(x)
-        terms = self.distill_loss(logits, self.teacher_logits(x, index[0] if index else None), y)
+        teacher = (cached[0] if self.distill_loss.alpha != 0 else None) if cached else self.teacher_logits(x)
+        terms = self.distill_loss(logits, teacher, y)
         if self.hints is not None:  # the forward passes above filled the hooked features
             terms["hint"] = self.hints()
             terms["loss"] = terms["loss"] + terms["hint"]
@@ -122,12 +119,26 @@ class DistillationModule(L.LightningModule):
             self.skipped_batches += 1
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
             return None  # Lightning skips the backward pass and the optimizer step
-        self.train_acc(logits, y)
-        for name, value in terms.items():
-            self.train_means[name](value.detach())
-            self.log(f"train/{name}", self.train_means[name], on_step=True, on_epoch=True)
-        self.log("train/acc", self.train_acc, on_step=False, on_epoch=True)
+        self.train_sums.update(terms, logits, y)
+        self._log_step_values(terms)
         return terms["loss"]
+
+    def _log_step_values(self, terms: dict[str, torch.Tensor]) -> None:
+        """This step's loss terms as ``train/<term>_step``, every ``trainer.log_every_n_steps`` steps (read
+        on the host only then), handed straight to the loggers: a ``self.log`` per term and step costs
+        more than a small student's whole step. The epoch means are logged at the epoch's end."""
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers or (self.global_step + 1) % max(trainer.log_every_n_steps, 1):
+            return
+        values = {f"train/{name}_step": float(value.detach()) for name, value in terms.items()}
+        for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
+            logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step)
+
+    def on_train_epoch_end(self) -> None:
+        reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._world_size() > 1 else None
+        means = self.train_sums.means(reduce)
+        # Already exact over the ranks (the same on every rank), so logged without another sync.
+        self.log_dict({f"train/{name}": value for name, value in means.items()}, on_step=False, on_epoch=True)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1
@@ -142,15 +153,21 @@ class DistillationModule(L.LightningModule):
             bad = bool(self.trainer.strategy.reduce_boolean_decision(bad, all=False))
         return bad
 
+    # Evaluation: the accuracy metrics are updated per batch and logged once, at the epoch's end
+    # (where torchmetrics syncs them over the ranks): a metric logged per step costs more than the step.
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.val_acc(self.student(x), y)
-        self.log("val/acc", self.val_acc, on_epoch=True, prog_bar=True)
+        self.val_acc.update(self.student(x), y)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/acc", self.val_acc, prog_bar=True)
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.test_acc(self.student(x), y)
-        self.log("test/acc", self.test_acc, on_epoch=True)
+        self.test_acc.update(self.student(x), y)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/acc", self.test_acc)
 
     def configure_optimizers(self) -> Any:
         # Only the student's parameters: the teacher never enters the optimizer.

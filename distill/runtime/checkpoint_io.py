@@ -1,5 +1,5 @@
 """Checkpoints, safely: loaded with ``weights_only=True`` and an error that names the file; written
-atomically and only when finite; and the newest valid one found for ``resume=auto``."""
+atomically and only when finite, in a background thread; and the newest valid one found for ``resume=auto``."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.plugins.io import AsyncCheckpointIO
 
 from distill.errors import CheckpointError
 from distill.runtime.atomic import atomic_torch_save
@@ -42,13 +43,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     anything is written. Loading goes through :func:`load_checkpoint` (``weights_only=True``)."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if torch.is_tensor(v) and v.is_floating_point() and not bool(torch.isfinite(v).all())]
-        if bad:
-            raise FloatingPointError(
-                f"refusing to write checkpoint {path}: non-finite values in {', '.join(bad[:5])}"
-                f"{' ...' if len(bad) > 5 else ''}; earlier checkpoints are kept"
-            )
+        refuse_nonfinite(checkpoint, path)
         try:
             atomic_torch_save(checkpoint, path)
         except Exception as err:  # ENOSPC surfaces from torch's zip writer as a RuntimeError
@@ -57,6 +52,91 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
         return load_checkpoint(path, what="checkpoint")
+
+
+def refuse_nonfinite(checkpoint: dict[str, Any], path: Any) -> None:
+    """Raise, naming them, when floating-point tensors of the state dict hold NaN or inf (one device sync)."""
+    floats = [(k, v) for k, v in checkpoint.get("state_dict", {}).items() if torch.is_tensor(v) and v.is_floating_point() and v.numel()]
+    if not floats or bool(torch.stack([torch.isfinite(v).all().to(floats[0][1].device) for _, v in floats]).all()):
+        return
+    bad = [k for k, v in floats if not bool(torch.isfinite(v).all())]
+    raise FloatingPointError(f"refusing to write checkpoint {path}: non-finite values in {', '.join(bad[:5])}"
+                             f"{' ...' if len(bad) > 5 else ''}; earlier checkpoints are kept")
+
+
+def snapshot(obj: Any) -> Any:
+    """A copy of a checkpoint that later training cannot change: every tensor cloned, every dict, list
+    and tuple rebuilt (keeping a state dict's ``_metadata``); other values (numbers, strings) shared.
+    (Lightning's ``AsyncCheckpointIO`` clones through ``apply_to_collection``, several times slower on
+    a checkpoint whose hyperparameters hold a whole resolved config.)"""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        items = [(k, snapshot(v)) for k, v in obj.items()]
+        try:
+            copy = type(obj)(items)
+        except TypeError:  # a mapping type built differently (defaultdict): a plain dict holds the same
+            copy = dict(items)
+        if hasattr(obj, "_metadata"):
+            copy._metadata = obj._metadata  # type: ignore[attr-defined]
+        return copy
+    if type(obj) in (list, tuple):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+class BackgroundCheckpointIO(AsyncCheckpointIO):
+    """:class:`AtomicCheckpointIO`'s writes, off the training loop: Lightning's ``AsyncCheckpointIO``
+    copies the checkpoint's tensors (the next step cannot change what is written) and writes them in one
+    background thread, in the order they were asked for; each write is atomic (a temporary file renamed
+    over the target), so ``last.ckpt`` is the previous complete file until the new one is, never a
+    partial one. The non-finite check runs before the copy, so a NaN checkpoint is refused at the step
+    that asked for it. Removals (Lightning's ``save_top_k``) queue behind the writes, so a file is never
+    removed before the write that made it. Lightning waits for the queue when ``fit`` or ``test`` ends
+    (the strategy's teardown) and raises a failed write then, or at the next save. A SLURM requeue
+    checkpoint (``hpc_ckpt_*``, written before Lightning requeues the job) is on disk when its save returns."""
+
+    def __init__(self) -> None:
+        super().__init__(AtomicCheckpointIO())
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        refuse_nonfinite(checkpoint, path)
+        self._ensure_setup()
+        assert self._executor is not None
+        copy = snapshot(checkpoint)  # now: the next step changes the weights in place
+
+        def write() -> None:
+            try:
+                self.checkpoint_io.save_checkpoint(copy, path, storage_options)
+            except BaseException as err:
+                self._error = err
+
+        self._executor.submit(write)
+        if Path(path).name.startswith("hpc_ckpt"):
+            self.wait()
+        elif self._error:  # an earlier write failed: say so at the next save, not only at the end
+            error, self._error = self._error, None
+            raise error
+
+    def remove_checkpoint(self, path: Any) -> None:
+        self._ensure_setup()
+        assert self._executor is not None
+
+        def remove() -> None:
+            try:
+                self.checkpoint_io.remove_checkpoint(path)
+            except BaseException as err:
+                self._error = err
+
+        self._executor.submit(remove)
+
+    def wait(self) -> None:
+        """Block until every queued write and removal is done; raise the first that failed."""
+        if self._executor is not None:
+            self._executor.submit(lambda: None).result()
+        if self._error:
+            error, self._error = self._error, None
+            raise error
 
 
 def find_resume_checkpoint(ckpt_dir: str | os.PathLike, extra_dirs: list[Path] | None = None) -> Path | None:

@@ -25,6 +25,8 @@ from hydra.types import RunMode
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
 from omegaconf import DictConfig
 
+from distill.runtime.console import drop_wandb_anonymous
+
 log = logging.getLogger(__name__)
 
 
@@ -110,6 +112,7 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path, run_config: dict[str,
             mode=mode, log_model=False,  # the model artifact is uploaded at the end (pipeline.py)
             config=run_config, settings=wandb.Settings(init_timeout=60, silent=True),
         )
+        drop_wandb_anonymous(logger)
         if mode == "online":
             try:
                 _ = logger.experiment  # start the run now: a server that accepts TCP but fails the API
@@ -117,5 +120,6 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path, run_config: dict[str,
                 log.warning("wandb: online start failed (%s); running offline", err)
                 logger = WandbLogger(project=lcfg.wandb.project, entity=lcfg.wandb.entity, **run_identity(cfg),
                                      save_dir=str(output_dir), mode="offline", log_model=False, config=run_config)
+                drop_wandb_anonymous(logger)
         loggers.append(logger)
     return loggers

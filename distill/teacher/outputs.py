@@ -283,8 +283,9 @@ class TeacherOutputCache:
 
 def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, datamodule: BaseDataModule) -> tuple[Any, str]:
     """The teacher's logits for the training split, from the on-disk cache or computed into it, and
-    where they came from. With ``teacher.cache_views`` the data module's training set becomes the
-    replayed views (:mod:`distill.teacher.views`); else its batches carry the sample index."""
+    where they came from. The data module's training batches then carry each sample's logits
+    (``datamodule.teacher_table``); with ``teacher.cache_views`` its training set becomes the replayed
+    views (:mod:`distill.teacher.views`), whose items name their row of the table."""
     tcfg = cfg.teacher
     datamodule.setup("fit")
     if tcfg.outputs_topk is not None and tcfg.outputs_topk > datamodule.num_classes:
@@ -301,8 +302,6 @@ def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, 
         datamodule.train_set = replay  # yields (x, y, row of its view)
         table_data = replay.all_views()
         fingerprint = {**fingerprint, "views": tcfg.cache_views, "view_seed": int(cfg.seed)}
-    else:
-        datamodule.index_train = True  # batches carry the sample index
     key = outputs_key(f"{info.arch}:{identity}", fingerprint, tcfg.outputs_dtype, tcfg.outputs_topk)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     cache = TeacherOutputCache(tcfg.cache_dir)
@@ -314,7 +313,10 @@ def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, 
     )
     log.info("teacher: logits for %d training %s %s (%s)", len(outputs), "views" if tcfg.cache_views else "samples",
              "read from the cache" if source == "cache" else "computed and cached", cache.paths(key)["values"])
-    # A table that fits comfortably in memory is kept dense on the device (no per-step copy);
-    # a large one (ImageNet-scale) stays memory-mapped and each step reads only its rows.
+    # A table that fits comfortably in memory is read into it (decoded once); a large one
+    # (ImageNet-scale) stays memory-mapped. Either way the data loader reads each batch's rows (in its
+    # worker processes, when there are any) and they travel with the batch to the device.
     small = len(outputs) * datamodule.num_classes * 4 <= 256 * 2**20
-    return (outputs.dense() if small else outputs), f"precomputed ({source})"
+    table = outputs.dense() if small else outputs
+    datamodule.teacher_table = table
+    return table, f"precomputed ({source})"

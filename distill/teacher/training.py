@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Callback, RichProgressBar
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -24,6 +24,7 @@ from distill.data.datamodules import build_datamodule
 from distill.distillation.losses.kd import KDLoss
 from distill.distillation.module import DistillationModule
 from distill.runtime.launch_plan import externally_launched
+from distill.runtime.progress import ReadableProgressBar
 from distill.runtime.strategies import build_strategy
 
 
@@ -50,7 +51,8 @@ def teacher_trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], int]:
 
 
 def progress_callbacks(cfg: DictConfig) -> list[Callback]:
-    return [RichProgressBar(leave=True)] if cfg.trainer.enable_progress_bar else []
+    # One display, redrawn in place (leave=True would stop and restart it at every epoch).
+    return [ReadableProgressBar()] if cfg.trainer.enable_progress_bar else []
 
 
 def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
