@@ -181,7 +181,7 @@ def plain_loop(cfg: DictConfig, dm: BaseDataModule, table: torch.Tensor, output_
     best = -1.0
     output_dir.mkdir(parents=True, exist_ok=True)
     for epoch in range(epochs):
-        train.sampler.set_epoch(epoch)  # as Lightning does: the epoch's shuffled order
+        train.batch_sampler.set_epoch(epoch)  # as Lightning does: the epoch's shuffled order
         student.train()
         for x, y, t in train:
             x, y, t = x.to(device, non_blocking=True), y.to(device, non_blocking=True), t.to(device, non_blocking=True)

@@ -105,10 +105,10 @@ def test_an_in_memory_split_is_read_a_batch_at_a_time_in_a_new_order_each_epoch(
     dm = build_datamodule(make_cfg("data=digits", "data.batch_size=50").data)
     dm.setup("fit")
     loader = dm.train_dataloader()
-    assert loader.batch_size is None and len(loader) == -(-len(dm.train_set) // 50)
+    assert loader.batch_sampler.batch_size == 50 and len(loader) == -(-len(dm.train_set) // 50)
     epochs = []
     for epoch in range(2):
-        loader.sampler.set_epoch(epoch)  # what Lightning calls on the loader's sampler each epoch
+        loader.batch_sampler.set_epoch(epoch)  # what Lightning calls on the loader's batch sampler each epoch
         xs, ys = zip(*loader, strict=True)
         assert sum(len(y) for y in ys) == len(dm.train_set)
         epochs.append(torch.cat(ys))

@@ -37,6 +37,7 @@ from distill.data.datasets import (
     TensorSplit,
     TransformedSubset,
     WithTeacherRows,
+    as_batch,
 )
 from distill.data.samplers import EpochBatchSampler, EpochShuffleSampler, EvenShardSampler
 from distill.data.transforms import image_transforms
@@ -158,9 +159,9 @@ class BaseDataModule(L.LightningDataModule):
         batch_size = batch_size or self.batch_size
         if hasattr(dataset, "gather"):
             # A dataset that gathers a whole batch at once (an in-memory split; distill/data/datasets.py):
-            # the batch sampler is the sampler, and each item the loader reads is a batch.
+            # the loader fetches each batch of the batch sampler with one call, collated already.
             order = sampler if sampler is not None else (RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset))
-            return DataLoader(Batched(dataset), batch_size=None, sampler=EpochBatchSampler(order, batch_size, drop_last=False),
+            return DataLoader(Batched(dataset), batch_sampler=EpochBatchSampler(order, batch_size, drop_last=False), collate_fn=as_batch,
                               num_workers=workers, pin_memory=pin, persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
                               generator=generator)
         return DataLoader(

@@ -5,8 +5,8 @@ the ranks.
 Reading a batch item by item and collating it costs a small student more than its step. A dataset
 that can do better has ``gather(indices) -> batch``: an in-memory split gathers the batch with one
 indexing operation, and the teacher's rows come from their table with one (fancy-indexing, for a
-memory map) read per batch. The data module then loads it through :class:`Batched` with the batch
-sampler as the sampler (PyTorch's documented way to load batched data: ``batch_size=None``).
+memory map) read per batch. The data module then loads it through :class:`Batched`, whose
+``__getitems__`` (PyTorch's batched fetch) returns the gathered batch.
 """
 
 from __future__ import annotations
@@ -41,8 +41,9 @@ class TensorSplit(Dataset):
 
 
 class Batched(Dataset):
-    """``dataset`` read a batch at a time: item ``indices`` (a list, from a ``BatchSampler`` used as the
-    loader's sampler) is ``dataset.gather(indices)``."""
+    """``dataset`` read a batch at a time: PyTorch's batched fetch (``__getitems__``, called with a
+    batch sampler's indices) returns ``dataset.gather(indices)``, collated already (pass
+    :func:`as_batch` as the loader's ``collate_fn``). Only a loader built for it sees this wrapper."""
 
     def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
@@ -50,8 +51,16 @@ class Batched(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, indices: list[int]) -> Any:
+    def __getitem__(self, i: int) -> Any:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: list[int]) -> Any:
         return self.dataset.gather(indices)  # type: ignore[attr-defined]
+
+
+def as_batch(batch: Any) -> Any:
+    """The ``collate_fn`` of a :class:`Batched` loader: the batch ``gather`` made, as it is."""
+    return batch
 
 
 class TransformedSubset(Dataset):

@@ -77,9 +77,9 @@ class EvenShardSampler(Sampler[int]):
 
 
 class EpochBatchSampler(BatchSampler):
-    """``BatchSampler`` that passes ``set_epoch`` on to its sampler. Used as a loader's *sampler* (for a
-    dataset read a batch at a time, :class:`distill.data.datasets.Batched`), it is where Lightning looks
-    for ``set_epoch`` each epoch, and the epoch's order must still change."""
+    """``BatchSampler`` with ``set_epoch`` passed on to its sampler, for the loader of a dataset read a
+    batch at a time (:class:`distill.data.datasets.Batched`): Lightning reaches the inner sampler itself
+    (``batch_sampler.sampler``); a plain loop can call ``loader.batch_sampler.set_epoch``."""
 
     def set_epoch(self, epoch: int) -> None:
         if hasattr(self.sampler, "set_epoch"):
