@@ -32,18 +32,44 @@ def test_epoch_sums_give_sample_weighted_means_and_accuracy():
     assert sums.means() == {}  # zeroed: a new epoch with no sample yet has no figure
 
 
-def test_a_checkpoint_is_written_as_it_was_when_saved(tmp_path):
+def test_a_checkpoint_is_written_as_it_was_when_saved(tmp_path, monkeypatch):
     io = BackgroundCheckpointIO()
+    gate = threading.Event()
+    real_save = io.checkpoint_io.save_checkpoint
+
+    def held_save(*args, **kwargs):
+        gate.wait(10)  # the write starts only after training changed the weights in place
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(io.checkpoint_io, "save_checkpoint", held_save)
     weight = torch.ones(1000)
     checkpoint = {"state_dict": {"w": weight}, "hyper_parameters": {"config": {"lr": [0.1, 0.2]}}, "epoch": 3}
     path = tmp_path / "last.ckpt"
     io.save_checkpoint(checkpoint, path)
-    weight.mul_(0)  # the next optimizer step, while the write may still be running
+    weight.mul_(0)  # the next optimizer step
     checkpoint["hyper_parameters"]["config"]["lr"].append(9)
+    gate.set()
     io.wait()
     saved = load_checkpoint(path)
     assert torch.equal(saved["state_dict"]["w"], torch.ones(1000)) and saved["hyper_parameters"]["config"]["lr"] == [0.1, 0.2]
     io.teardown()
+
+
+def test_the_module_holds_no_epoch_sums_that_ddp_would_broadcast_or_a_cast_would_round():
+    from omegaconf import OmegaConf
+
+    from distill.distillation.losses.kd import KDLoss
+    from distill.distillation.module import DistillationModule
+
+    module = DistillationModule(torch.nn.Linear(4, 3), None, KDLoss(1.0, 0.0), OmegaConf.create({}), 3)
+    assert not any(b.dtype == torch.float64 for b in module.buffers())  # DDP syncs every buffer from rank 0
+    module.to(torch.bfloat16)  # a bf16-true run
+    module.train_sums.update({"loss": torch.tensor(0.7), "ce": torch.tensor(0.7), "kd": torch.tensor(0.0)},
+                             torch.zeros(64, 3), torch.zeros(64, dtype=torch.long))
+    for _ in range(999):
+        module.train_sums.update({"loss": torch.tensor(0.7), "ce": torch.tensor(0.7), "kd": torch.tensor(0.0)},
+                                 torch.zeros(64, 3), torch.zeros(64, dtype=torch.long))
+    assert module.train_sums.means()["loss"].item() == pytest.approx(0.7, rel=1e-6)
 
 
 def test_snapshot_keeps_state_dict_metadata_and_mapping_types():
@@ -67,24 +93,46 @@ def test_writes_and_removals_happen_in_the_order_asked(tmp_path, monkeypatch):
     old = tmp_path / "epoch001.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, old)
     io.remove_checkpoint(old)  # Lightning's save_top_k: the previous best goes
-    assert not old.exists()
     gate.set()
     io.wait()
     assert not old.exists(), "a removal ran before the write of the same file, which then left it behind"
     io.teardown()
 
 
-def test_a_nonfinite_checkpoint_is_refused_when_saved_and_a_failed_write_is_raised(tmp_path):
+def test_a_nonfinite_checkpoint_is_refused_when_saved_and_a_failed_write_is_raised(tmp_path, monkeypatch):
     io = BackgroundCheckpointIO()
     with pytest.raises(FloatingPointError, match="bad.ckpt.*w"):
         io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists()
+    gate = threading.Event()
+    real_save = io.checkpoint_io.save_checkpoint
+
+    def held_save(*args, **kwargs):
+        gate.wait(10)  # the write fails after its save call returned
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(io.checkpoint_io, "save_checkpoint", held_save)
     blocked = tmp_path / "file"
     blocked.write_text("")
     io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, blocked / "last.ckpt")  # its directory is a file
+    gate.set()
     with pytest.raises(OSError, match="last.ckpt"):
         io.wait()
-    io.teardown()
+    gate.clear()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, blocked / "again.ckpt")
+    gate.set()
+    with pytest.raises(OSError, match="again.ckpt"):  # at the end of fit
+        io.teardown()
+    gate.clear()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, blocked / "third.ckpt")
+    with pytest.raises(KeyboardInterrupt):  # on the way out of another error, that error stays the run's
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            gate.set()
+            io.teardown()  # logs the failed write instead of replacing the exception
+            raise
+    io.teardown()  # the failure was reported once, not again
 
 
 def test_a_slurm_requeue_checkpoint_is_on_disk_when_its_save_returns(tmp_path, monkeypatch):
@@ -148,3 +196,14 @@ def test_third_party_noise_is_dropped_and_other_lines_kept(caplog):
     assert "anonymous" not in drop_wandb_anonymous(FakeWandb())._wandb_init
     FakeWandb._wandb_init = {"anonymous": "allow"}  # asked for by the user: kept
     assert drop_wandb_anonymous(FakeWandb())._wandb_init == {"anonymous": "allow"}
+
+
+def test_lightning_lines_reach_the_configured_logging_once(monkeypatch):
+    root, pl = logging.getLogger(), logging.getLogger("lightning.pytorch")
+    own = logging.StreamHandler()  # what Lightning adds when imported before logging is configured
+    configured = logging.NullHandler()  # Hydra's job logging
+    monkeypatch.setattr(pl, "handlers", [own])
+    monkeypatch.setattr(pl, "propagate", False)
+    monkeypatch.setattr(root, "handlers", [*root.handlers, configured])
+    quiet_third_party()
+    assert own not in pl.handlers and pl.propagate  # its records now go to the configured handlers, once

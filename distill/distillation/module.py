@@ -55,15 +55,16 @@ class DistillationModule(L.LightningModule):
         self.optim_cfg = optim
         # The epoch's loss terms and accuracy, summed on the device and synced once per epoch.
         self.train_sums = EpochSums(("loss", *loss.terms, *(("hint",) if hints is not None else ())))
+        self._step_terms: dict[str, torch.Tensor] | None = None  # the last step's terms, for the step log
         # Under data parallelism the evaluation shards are padded to equal length with samples labelled
         # PADDING_LABEL (distill/data/samplers.py: EvenShardSampler): ignored, so each sample counts once.
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
 
-    # Lightning sets these on the module around every hook it calls (dozens of times per step), and
-    # nn.Module.__setattr__ (which checks whether each value is a parameter, buffer or module) costs
-    # several microseconds each time. They are only ever plain values, never registered in the module.
-    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name"})
+    # Lightning sets _current_fx_name on the module around every hook it calls (dozens of times per
+    # step), and nn.Module.__setattr__ (which checks whether each value is a parameter, buffer or
+    # module) costs several microseconds each time. These are only ever plain values, never registered.
+    _PLAIN_ATTRIBUTES = frozenset({"_current_fx_name", "_step_terms"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in self._PLAIN_ATTRIBUTES:
@@ -120,25 +121,31 @@ class DistillationModule(L.LightningModule):
             self.log("train/skipped_batches", float(self.skipped_batches), on_step=True, on_epoch=False)
             return None  # Lightning skips the backward pass and the optimizer step
         self.train_sums.update(terms, logits, y)
-        self._log_step_values(terms)
+        self._step_terms = {name: value.detach() for name, value in terms.items()}
         return terms["loss"]
 
-    def _log_step_values(self, terms: dict[str, torch.Tensor]) -> None:
-        """This step's loss terms as ``train/<term>_step``, every ``trainer.log_every_n_steps`` steps (read
-        on the host only then), handed straight to the loggers: a ``self.log`` per term and step costs
-        more than a small student's whole step. The epoch means are logged at the epoch's end."""
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """The step's loss terms as ``train/<term>_step``, after every ``trainer.log_every_n_steps``-th
+        optimizer step (read on the host only then), handed straight to the loggers: a ``self.log`` per
+        term and step costs more than a small student's whole step. Not while gradients accumulate, nor
+        for a skipped batch. The epoch means are logged at the epoch's end."""
+        terms, self._step_terms = self._step_terms, None
         trainer = self._trainer
-        if trainer is None or not trainer.loggers or (self.global_step + 1) % max(trainer.log_every_n_steps, 1):
+        if terms is None or trainer is None or not trainer.loggers or trainer.fit_loop.epoch_loop._should_accumulate():
             return
-        values = {f"train/{name}_step": float(value.detach()) for name, value in terms.items()}
+        if self.global_step % max(trainer.log_every_n_steps, 1):  # global_step: optimizer steps done, this one included
+            return
+        values = {f"train/{name}_step": float(value) for name, value in terms.items()}
         for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
-            logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step)
+            logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step - 1)
 
     def on_train_epoch_end(self) -> None:
         reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._world_size() > 1 else None
-        means = self.train_sums.means(reduce)
-        # Already exact over the ranks (the same on every rank), so logged without another sync.
-        self.log_dict({f"train/{name}": value for name, value in means.items()}, on_step=False, on_epoch=True)
+        means = self.train_sums.means(reduce)  # every rank: one all-reduce of the sums
+        # Already exact and equal on every rank; sync_dist (a mean of equal values) only spares Lightning's
+        # warning about epoch values logged unsynchronised under data parallelism.
+        self.log_dict({f"train/{name}": value for name, value in means.items()}, on_step=False, on_epoch=True,
+                      sync_dist=self._world_size() > 1)
 
     def _world_size(self) -> int:
         return self.trainer.world_size if self._trainer is not None else 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -65,12 +66,12 @@ def refuse_nonfinite(checkpoint: dict[str, Any], path: Any) -> None:
 
 
 def snapshot(obj: Any) -> Any:
-    """A copy of a checkpoint that later training cannot change: every tensor cloned, every dict, list
-    and tuple rebuilt (keeping a state dict's ``_metadata``); other values (numbers, strings) shared.
+    """A copy of a checkpoint that later training cannot change: every tensor copied to host memory
+    (what ``torch.save`` writes; a queued checkpoint holds no GPU memory), every dict, list and tuple rebuilt (keeping a state dict's ``_metadata``); other values (numbers, strings) shared.
     (Lightning's ``AsyncCheckpointIO`` clones through ``apply_to_collection``, several times slower on
     a checkpoint whose hyperparameters hold a whole resolved config.)"""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
+    if isinstance(obj, torch.Tensor):  # to host memory: no GPU copy per queued checkpoint
+        return obj.detach().to("cpu", copy=True)
     if isinstance(obj, dict):
         items = [(k, snapshot(v)) for k, v in obj.items()]
         try:
@@ -129,6 +130,20 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
                 self._error = err
 
         self._executor.submit(remove)
+
+    def teardown(self) -> None:
+        """Wait for the queue (Lightning calls this when ``fit``/``test`` ends, and on the way out of an
+        exception). A failed write is raised, unless another exception is already on its way (a
+        preemption, a NaN loss): that one stays the run's error and the write failure is logged."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        error, self._error = self._error, None
+        if error is not None:
+            if sys.exc_info()[1] is not None:
+                log.error("a background checkpoint write failed: %s", error)
+            else:
+                raise error
 
     def wait(self) -> None:
         """Block until every queued write and removal is done; raise the first that failed."""

@@ -45,6 +45,7 @@ def quiet_third_party() -> None:
             logger = logging.getLogger(name)
             for handler in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
                 logger.removeHandler(handler)
+            logger.propagate = True  # (Lightning stops propagation where it added its handler)
 
 
 def drop_wandb_anonymous(logger: Any) -> Any:

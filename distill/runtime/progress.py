@@ -15,8 +15,9 @@ class ReadableProgressBar(RichProgressBar):
     Lightning's bar redraws, and collects the logged metrics for its display, at every batch: with a
     small student that costs more than the step. Here every batch still advances the bar's count (so
     its rate and time estimates see every batch), but the redraw and the metrics wait for the
-    interval; a finished epoch's line is drawn complete when the next one starts (Rich draws a display
-    once more when it stops), and explicit hard refreshes go through."""
+    interval. With ``leave=True`` a finished epoch's line is complete: Lightning stops the display at
+    the next epoch's start (or the end of fit), and Rich draws it once more when it stops. Hard
+    refreshes go through."""
 
     def __init__(self, interval: float = 0.2, **kwargs: Any) -> None:
         super().__init__(**kwargs)

@@ -51,8 +51,9 @@ def teacher_trainer_kwargs(cfg: DictConfig) -> tuple[dict[str, Any], int]:
 
 
 def progress_callbacks(cfg: DictConfig) -> list[Callback]:
-    # One display, redrawn in place (leave=True would stop and restart it at every epoch).
-    return [ReadableProgressBar()] if cfg.trainer.enable_progress_bar else []
+    # leave=True: each finished epoch keeps its line (with val/acc), also in a batch job's log file,
+    # where Rich prints a display only when it stops.
+    return [ReadableProgressBar(leave=True)] if cfg.trainer.enable_progress_bar else []
 
 
 def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
