@@ -186,6 +186,9 @@ class CheckpointConfig:
     """Besides the best (by val/acc) and last checkpoints, which are always kept."""
 
     every_n_epochs: int | None = None  # also keep epochNNN.ckpt of every Nth epoch (null: none)
+    # Write checkpoints in a background thread (atomic either way). null: when training on a GPU,
+    # whose host threads are otherwise idle; on CPU the writer would compete with the compute threads.
+    background: bool | None = None
 
 
 @dataclass

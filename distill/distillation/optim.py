@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ def _host_optimizer(params: Iterable[torch.nn.Parameter], cfg: DictConfig) -> to
     return DeepSpeedCPUAdam(params, lr=cfg.lr, betas=ADAMW_BETAS, eps=ADAMW_EPS, weight_decay=cfg.weight_decay, adamw_mode=True)
 
 
-def lr_factor(step: int, cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> float:
+def lr_factor(step: int, cfg: DictConfig | SimpleNamespace, total_steps: int, steps_per_epoch: int) -> float:
     """LR multiplier at optimizer step ``step``: linear warm-up, then cosine to 0 or step decay.
 
     Computed per step (not per epoch) so that short runs, like a 10-epoch teacher, still get a
@@ -62,7 +63,10 @@ def lr_factor(step: int, cfg: DictConfig, total_steps: int, steps_per_epoch: int
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: DictConfig, total_steps: int, steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     steps_per_epoch = max(int(steps_per_epoch), 1)
     total_steps = max(int(total_steps), 1)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps, steps_per_epoch))
+    # The schedule's settings as plain values: it is evaluated at every optimizer step, and each
+    # DictConfig attribute read costs microseconds (several per step).
+    plain = SimpleNamespace(**{k: cfg.get(k) for k in ("warmup_epochs", "scheduler", "gamma", "step_size")})
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, plain, total_steps, steps_per_epoch))
 
 
 def rebuild_optimizer(trainer: Any) -> None:
