@@ -32,16 +32,25 @@ def test_epoch_sums_give_sample_weighted_means_and_accuracy():
     assert sums.means() == {}  # zeroed: a new epoch with no sample yet has no figure
 
 
-def test_a_checkpoint_is_written_as_it_was_when_saved(tmp_path, monkeypatch):
-    io = BackgroundCheckpointIO()
+def _held_writes(io: BackgroundCheckpointIO, monkeypatch, seconds: float | None = None) -> threading.Event:
+    """Hold ``io``'s writer thread before each write until the returned event is set (or for ``seconds``)."""
     gate = threading.Event()
     real_save = io.checkpoint_io.save_checkpoint
 
     def held_save(*args, **kwargs):
-        gate.wait(10)  # the write starts only after training changed the weights in place
+        if seconds is None:
+            gate.wait(10)
+        else:
+            time.sleep(seconds)
         real_save(*args, **kwargs)
 
     monkeypatch.setattr(io.checkpoint_io, "save_checkpoint", held_save)
+    return gate
+
+
+def test_a_checkpoint_is_written_as_it_was_when_saved(tmp_path, monkeypatch):
+    io = BackgroundCheckpointIO()
+    gate = _held_writes(io, monkeypatch)  # the write starts only after training changed the weights in place
     weight = torch.ones(1000)
     checkpoint = {"state_dict": {"w": weight}, "hyper_parameters": {"config": {"lr": [0.1, 0.2]}}, "epoch": 3}
     path = tmp_path / "last.ckpt"
@@ -82,14 +91,7 @@ def test_snapshot_keeps_state_dict_metadata_and_mapping_types():
 
 def test_writes_and_removals_happen_in_the_order_asked(tmp_path, monkeypatch):
     io = BackgroundCheckpointIO()
-    gate = threading.Event()
-    real_save = io.checkpoint_io.save_checkpoint
-
-    def slow_save(*args, **kwargs):
-        gate.wait(10)  # the write is still running when the removal is asked for
-        real_save(*args, **kwargs)
-
-    monkeypatch.setattr(io.checkpoint_io, "save_checkpoint", slow_save)
+    gate = _held_writes(io, monkeypatch)  # the write is still running when the removal is asked for
     old = tmp_path / "epoch001.ckpt"
     io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, old)
     io.remove_checkpoint(old)  # Lightning's save_top_k: the previous best goes
@@ -104,14 +106,7 @@ def test_a_nonfinite_checkpoint_is_refused_when_saved_and_a_failed_write_is_rais
     with pytest.raises(FloatingPointError, match="bad.ckpt.*w"):
         io.save_checkpoint({"state_dict": {"w": torch.tensor([1.0, float("nan")])}}, tmp_path / "bad.ckpt")
     assert not (tmp_path / "bad.ckpt").exists()
-    gate = threading.Event()
-    real_save = io.checkpoint_io.save_checkpoint
-
-    def held_save(*args, **kwargs):
-        gate.wait(10)  # the write fails after its save call returned
-        real_save(*args, **kwargs)
-
-    monkeypatch.setattr(io.checkpoint_io, "save_checkpoint", held_save)
+    gate = _held_writes(io, monkeypatch)  # the write fails after its save call returned
     blocked = tmp_path / "file"
     blocked.write_text("")
     io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, blocked / "last.ckpt")  # its directory is a file
@@ -137,13 +132,7 @@ def test_a_nonfinite_checkpoint_is_refused_when_saved_and_a_failed_write_is_rais
 
 def test_a_slurm_requeue_checkpoint_is_on_disk_when_its_save_returns(tmp_path, monkeypatch):
     io = BackgroundCheckpointIO()
-    real_save = io.checkpoint_io.save_checkpoint
-
-    def slow_save(*args, **kwargs):
-        time.sleep(0.3)
-        real_save(*args, **kwargs)
-
-    monkeypatch.setattr(io.checkpoint_io, "save_checkpoint", slow_save)
+    _held_writes(io, monkeypatch, seconds=0.3)
     io.save_checkpoint({"state_dict": {"w": torch.ones(1)}}, tmp_path / "hpc_ckpt_1.ckpt")
     assert (tmp_path / "hpc_ckpt_1.ckpt").is_file()  # Lightning requeues the job right after this call
     io.teardown()

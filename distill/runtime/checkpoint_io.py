@@ -102,17 +102,8 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         refuse_nonfinite(checkpoint, path)
-        self._ensure_setup()
-        assert self._executor is not None
         copy = snapshot(checkpoint)  # now: the next step changes the weights in place
-
-        def write() -> None:
-            try:
-                self.checkpoint_io.save_checkpoint(copy, path, storage_options)
-            except BaseException as err:
-                self._error = err
-
-        self._executor.submit(write)
+        self._queue(lambda: self.checkpoint_io.save_checkpoint(copy, path, storage_options))
         if Path(path).name.startswith("hpc_ckpt"):
             self.wait()
         elif self._error:  # an earlier write failed: say so at the next save, not only at the end
@@ -120,16 +111,20 @@ class BackgroundCheckpointIO(AsyncCheckpointIO):
             raise error
 
     def remove_checkpoint(self, path: Any) -> None:
+        self._queue(lambda: self.checkpoint_io.remove_checkpoint(path))
+
+    def _queue(self, job: Any) -> None:
+        """Run ``job`` in the writer thread after everything queued before it; keep its failure for later."""
         self._ensure_setup()
         assert self._executor is not None
 
-        def remove() -> None:
+        def run() -> None:
             try:
-                self.checkpoint_io.remove_checkpoint(path)
+                job()
             except BaseException as err:
                 self._error = err
 
-        self._executor.submit(remove)
+        self._executor.submit(run)
 
     def teardown(self) -> None:
         """Wait for the queue (Lightning calls this when ``fit``/``test`` ends, and on the way out of an
