@@ -46,19 +46,40 @@ class RunDirectoryCheck(HydraCallback):
             sys.exit(EXIT_USER_ERROR)
 
 
+def leave_process_group() -> None:
+    """Destroy this rank's process group, if it has one, before the process exits on an error.
+
+    Left to the interpreter's shutdown, the group's C++ threads (gloo's workers, rank 0's TCPStore
+    server) can be destroyed while still joinable, and the process then dies of SIGABRT
+    ("terminate called without an active exception", seen once in CI on a DDP NaN stop) instead
+    of exiting with the status a scheduler or sweep reads. Every rank raises the same error at the
+    same step (the decisions are collective), so each leaves its group here; gloo's destroy is local.
+    """
+    if "torch.distributed" not in sys.modules:  # no torch imported (a config error): nothing to do
+        return
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def guarded(fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn``; on a user error print ``error: <message>`` and exit with status 2."""
+    """Run ``fn``; on a user error print ``error: <message>`` and exit with status 2 (3 for a
+    non-finite loss, 128 + signal when preempted)."""
     try:
         return fn(*args)
     except Preempted as err:  # a signal: the checkpoint is saved; exit 128 + signal number
         log.warning("%s", err)
         print(f"preempted: {err}", file=sys.stderr)
+        leave_process_group()
         sys.exit(err.exit_code)
     except NonFiniteLossError as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
+        leave_process_group()
         sys.exit(EXIT_NONFINITE)
     except USER_ERRORS as err:
         log.error("%s", err)
         print(f"error: {err}", file=sys.stderr)
+        leave_process_group()
         sys.exit(EXIT_USER_ERROR)
