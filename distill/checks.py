@@ -53,7 +53,7 @@ def validate(cfg: DictConfig) -> None:
     # deferred: the registries import torch, torchvision and Lightning; precheck must not wait for them
     from distill.compress.registry import check_techniques  # deferred
     from distill.data.datamodules import DATASETS, check_data  # deferred
-    from distill.distillation.hints import check_hints  # deferred
+    from distill.distillation.features.combined import check_features  # deferred
     from distill.distillation.losses.registry import check_loss  # deferred
     from distill.measure.latency import check_device  # deferred
     from distill.models.registry import STUDENTS  # deferred
@@ -71,7 +71,8 @@ def validate(cfg: DictConfig) -> None:
     check_techniques(cfg)
     check_nonfinite_policy(cfg)
     check_optimizer_offload(cfg)
-    check_hints(cfg)
+    check_features(cfg)
+    check_feature_layers(cfg)
     check_teacher_outputs(cfg)
     check_resume(cfg)
     check_devices(cfg.trainer)
@@ -88,3 +89,22 @@ def check_resume(cfg: DictConfig) -> None:
         raise ConfigError(f"ckpt_path: no such file or directory: {cfg.ckpt_path}")
     if Path(cfg.ckpt_path).is_file():  # readable, and a checkpoint: before any work is done
         load_checkpoint(cfg.ckpt_path, what="ckpt_path")
+
+
+def check_feature_layers(cfg: DictConfig) -> None:
+    """The feature terms' layers exist in the student and the teacher (an unknown one is named with
+    the valid choices): both models are built on the ``meta`` device, without weights or data, and
+    the terms are hooked and probed there, in well under a second."""
+    from distill.config.loss_terms import active_features  # deferred: with the torch-side checks
+    if not active_features(cfg.loss):
+        return
+    import torch  # deferred: heavy
+
+    from distill.data.datamodules import build_datamodule  # deferred
+    from distill.distillation.features.combined import build_features  # deferred
+    from distill.models.registry import build_student, build_teacher  # deferred
+
+    shape = build_datamodule(cfg.data).shape  # known before any data is read
+    teacher_cfg = OmegaConf.merge(cfg.teacher, {"pretrained": False})  # no weights are fetched for a check
+    with torch.device("meta"):
+        build_features(cfg, build_student(cfg.student, **shape), build_teacher(teacher_cfg, **shape), shape)

@@ -57,7 +57,7 @@ def leave_process_group() -> None:
     """
     if "torch.distributed" not in sys.modules:  # no torch imported (a config error): nothing to do
         return
-    import torch.distributed as dist
+    import torch.distributed as dist  # deferred: imported already (checked above); cli stays torch-free
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

@@ -33,9 +33,10 @@ from distill.compress.registry import Compression, build_compression, technique_
 from distill.compress.technique import BuildContext, StudentFigures
 from distill.config.redaction import redacted_container
 from distill.data.datamodules import BaseDataModule, build_datamodule
-from distill.distillation.hints import build_hints
+from distill.distillation.features.combined import build_features
 from distill.distillation.losses.registry import build_loss
 from distill.distillation.module import DistillationModule
+from distill.distillation.settings import active_features, loss_label, loss_weights, uses_teacher
 from distill.errors import ConfigError, Preempted
 from distill.measure import latency
 from distill.measure.size import count_parameters, serialized_size_bytes
@@ -152,14 +153,14 @@ def load_data(cfg: DictConfig) -> BaseDataModule:
 
 def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Path, start: float) -> Teacher:
     """The teacher (loaded, cached or trained) and, where the inputs allow, its precomputed outputs."""
-    # alpha = 0 is the no-distillation baseline: no teacher at all, unless the student starts from it.
-    if cfg.loss.alpha == 0 and cfg.student.init != "teacher":
+    # kd with alpha = 0 is the no-distillation baseline: no teacher at all, unless the student starts from it.
+    if not uses_teacher(cfg.loss) and cfg.student.init != "teacher":
         return Teacher(seconds=time.perf_counter() - start)
     _, world = teacher_trainer_kwargs(cfg)  # the processes that train the teacher (the run's, by default)
     fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint(), world)
     model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir), world)
-    teacher = Teacher(provisioned=model, info=info, live=model if cfg.loss.alpha > 0 else None)
-    precompute, hints = cfg.teacher.precompute_outputs, cfg.loss.hint.weight > 0  # hints need a live teacher
+    teacher = Teacher(provisioned=model, info=info, live=model if uses_teacher(cfg.loss) else None)
+    precompute, hints = cfg.teacher.precompute_outputs, bool(active_features(cfg.loss))  # features need a live teacher
     if teacher.live is not None and (cfg.teacher.cache_views or precompute or (precompute is None and not cfg.data.augment and not hints)):
         teacher.outputs, teacher.outputs_source = teacher_outputs_for(cfg, model, info, datamodule)
         teacher.live = None  # the module then holds no teacher: in no DDP bucket, no DeepSpeed partition
@@ -184,11 +185,11 @@ def fit_student(cfg: DictConfig, datamodule: BaseDataModule, teacher: Teacher, o
         hparams={"config": resolved, "shape": shape,
                  "teacher": {**info.as_dict(), "path": Path(info.path).name if info.path else None} if info else None},
         teacher_channels_last=cfg.teacher.channels_last and teacher.live is not None,
-        skip_nonfinite=cfg.loss.on_nonfinite == "skip", hints=build_hints(cfg, student, teacher.live, shape),
+        skip_nonfinite=cfg.loss.on_nonfinite == "skip", features=build_features(cfg, student, teacher.live, shape),
     )
     ctx = BuildContext(shape, output_dir, resolved["student"], resolved["data"], _latency_batch(cfg, shape), cfg.quant.latency_threads,
                        _latency_device(cfg))
-    fit = _trainer(cfg, module, build_compression(cfg, ctx), output_dir, build_loggers(cfg, output_dir, resolved), extra_callbacks)
+    fit = _trainer(cfg, module, build_compression(cfg, ctx), output_dir, build_loggers(cfg, output_dir, resolved, loss_label(cfg.loss), uses_teacher(cfg.loss)), extra_callbacks)
     fit.init_report = init_report
     # Parameter count and fp32 size depend only on the architecture; taken before training because
     # DeepSpeed ZeRO-3 partitions the parameters across ranks (each rank then holds a slice).
@@ -343,7 +344,7 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         # test_split only where the test accuracy is not from a test split (an image folder without test/)
         "data": {"name": cfg.data.name, **shape, **({"test_split": datamodule.test_split} if datamodule.test_split != "test" else {})},
         "hparams": _hparams(cfg),
-        "teacher_outputs": None if teacher.info is None or cfg.loss.alpha == 0 else (teacher.outputs_source or "live"),
+        "teacher_outputs": None if teacher.info is None or not uses_teacher(cfg.loss) else (teacher.outputs_source or "live"),
         "wall_time_s": time.perf_counter() - start,
         "teacher_time_s": teacher.seconds,
         "run_dir": str(output_dir),
@@ -353,11 +354,13 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
 def _labels(cfg: DictConfig, fit: Fit) -> list[str]:
     """The run's technique label, e.g. ``init:teacher+hints+prune0.7+int8``."""
     extra = ([f"init:{cfg.student.init}"] if cfg.student.init else []) + (["hints"] if cfg.loss.hint.weight else [])
+    extra += [name for name in active_features(cfg.loss) if name != "hint"]
     return extra + fit.compression.label(cfg)
 
 
 def _hparams(cfg: DictConfig) -> dict[str, Any]:
     return {
+        "loss": cfg.loss.name, **loss_weights(cfg.loss),
         "temperature": cfg.loss.temperature, "alpha": cfg.loss.alpha, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
         "max_epochs": cfg.trainer.max_epochs, "batch_size": cfg.data.batch_size, "seed": cfg.seed,
         "hint_weight": cfg.loss.hint.weight or None, "student_init": cfg.student.init, **technique_hparams(cfg),

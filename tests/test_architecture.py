@@ -120,6 +120,6 @@ def test_registries_name_their_choices(make_cfg, registry):
         with pytest.raises(ConfigError, match="unknown compression technique 'distil'; choose from: lowrank, sharing, quant, prune, export"):
             get_technique("distil")
         return
-    override = {"loss": "loss.name=dkd", "student": "student.name=vit", "dataset": "data.name=mnist"}[registry]
+    override = {"loss": "loss.name=dkdd", "student": "student.name=vit", "dataset": "data.name=mnist"}[registry]
     with pytest.raises(ConfigError, match=r"unknown \w+ '\w+'; choose from: "):
         validate(make_cfg(override))

@@ -109,7 +109,7 @@ def test_init_from_an_unrelated_teacher_is_a_named_error(make_cfg):
     (["student.init=yes"], "student.init"),
     (["export.dtype=fp8"], "export.dtype"),
     (["export.dtype=fp16", "quant.bits=8"], "export.dtype=fp16 with quant.bits=8"),
-    (["loss.hint.weight=1"], "loss.hint.weight > 0 needs loss.hint.layers"),
+    (["loss.hint.weight=-1"], "loss.hint.weight=-1.0 is out of range: must be >= 0"),
     (["loss.hint.weight=1", "loss.hint.layers=[features.2]"], "loss.hint.layers: 'features.2' is not"),
     (["loss.hint.weight=1", "loss.hint.layers=[net.1:layer2]", "teacher.precompute_outputs=true"], "loss.hint needs the live teacher"),
     (["sharing.bits=4", "quant.bits=8"], "sharing.bits=4 with quant.bits"),
@@ -183,27 +183,31 @@ def test_shared_values_get_the_summed_gradient_of_their_cluster():
 
 
 def test_hint_loss_is_zero_for_identical_features_and_learns_a_projection_otherwise(make_cfg):
-    from distill.distillation.hints import HintLoss
+    from distill.distillation.features.combined import FeatureLoss
+    from distill.distillation.features.fitnets import HintTerm
 
     cfg = make_cfg("student=cnn")
     torch.manual_seed(0)
     net = build_student(cfg.student, num_classes=10, channels=1, image_size=8)
-    same = HintLoss([("features.2", "features.2")], weight=1.0)
+    same = FeatureLoss({"hint": (1.0, HintTerm(), [("features.2", "features.2")])})
     same.attach(net, net, torch.zeros(2, 1, 8, 8))
     net(torch.randn(3, 1, 8, 8))
-    assert isinstance(same.regressors[0], nn.Identity) and same().item() == 0.0
+    parts, total = same()
+    assert isinstance(same.terms["hint"].regressors[0], nn.Identity) and parts["hint"].item() == 0.0 == total.item()
 
     teacher = build_teacher(make_cfg("teacher=resnet18").teacher, num_classes=10, channels=1, image_size=8)
-    hints = HintLoss([("features.2", "layer2")], weight=2.0)
+    hints = FeatureLoss({"hint": (2.0, HintTerm(), [("features.2", "layer2")])})
     hints.attach(net, teacher, torch.zeros(2, 1, 8, 8))
-    assert isinstance(hints.regressors[0], nn.Conv2d) and hints.regressors[0].out_channels == 128
+    regressor = hints.terms["hint"].regressors[0]
+    assert isinstance(regressor, nn.Conv2d) and regressor.out_channels == 128
     x = torch.randn(3, 1, 8, 8)
     net(x)
     with torch.no_grad():
         teacher(x)
-    loss = hints()
-    loss.backward()
-    assert loss.item() > 0 and hints.regressors[0].weight.grad is not None
+    parts, total = hints()
+    total.backward()
+    assert parts["hint"].item() > 0 and torch.isclose(total, 2.0 * parts["hint"])  # logged unweighted
+    assert regressor.weight.grad is not None
 
 
 @pytest.mark.integration

@@ -90,18 +90,52 @@ class DataConfig:
 
 @dataclass
 class HintConfig:
-    """FitNets hints (distill/distillation/hints.py): ``weight`` > 0 and ``layers`` of '<student path>:<teacher path>'."""
+    """FitNets hints (distill/distillation/features/fitnets.py): ``weight`` > 0 and ``layers`` of '<student path>:<teacher path>'."""
 
     weight: float = 0.0
     layers: list[str] = field(default_factory=list)
 
 
 @dataclass
+class FeatureTermConfig:
+    """A feature or relation term (distill/distillation/features/): ``weight`` > 0 switches it on;
+    ``layers`` '<student module>:<teacher module>' pairs, [] = the term's default for the pair."""
+
+    weight: float = 0.0
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class AttentionConfig(FeatureTermConfig):
+    p: float = 2.0  # the attention map is mean_c |f_c|^p
+
+
+@dataclass
+class RKDConfig(FeatureTermConfig):
+    distance_weight: float = 25.0  # Park et al.'s lambda_D
+    angle_weight: float = 50.0  # lambda_A
+
+
+@dataclass
 class LossConfig:
-    name: str = "kd"
+    """The logit loss ``name`` and the feature terms added to it. alpha, beta and gamma are named as
+    each method's paper names them (see conf/loss/<name>.yaml and the loss's docstring)."""
+
+    name: str = "kd"  # kd | dkd | dist | nkd
     temperature: float = 4.0
-    alpha: float = 0.9  # weight of the KD term; 0 = plain cross-entropy (no teacher is built)
+    alpha: float = 0.9  # kd: weight of the KD term, 0 = plain cross-entropy; dkd: TCKD weight; nkd: NKD weight
+    beta: float = 8.0  # dkd: NCKD weight; dist: inter-class relation weight
+    gamma: float = 1.5  # dist: intra-class relation weight; nkd: non-target term weight
+    ce_weight: float = 1.0  # dkd, dist, nkd: weight of the cross-entropy with the labels
+    warmup_epochs: int = 20  # dkd: the distillation weight ramps up linearly over these epochs
+    divergence: str = "forward_kl"  # kd: forward_kl | reverse_kl | jsd | tv
+    jsd_beta: float = 0.5  # divergence=jsd: the mixture's teacher share, in (0, 1)
+    logit_standardize: bool = False  # every logit loss: z-score both logits per sample first (Sun et al. 2024)
     hint: HintConfig = field(default_factory=HintConfig)
+    at: AttentionConfig = field(default_factory=lambda: AttentionConfig(weight=0.0))
+    rkd: RKDConfig = field(default_factory=lambda: RKDConfig(weight=0.0))
+    pkt: FeatureTermConfig = field(default_factory=FeatureTermConfig)
+    sp: FeatureTermConfig = field(default_factory=FeatureTermConfig)
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, no step taken) | skip (drop the batch, count it)
 
 

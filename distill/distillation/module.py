@@ -15,6 +15,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill.distillation.epoch_sums import EpochSums
+from distill.distillation.features.combined import FeatureLoss
 from distill.distillation.losses.base import DistillationLoss
 from distill.distillation.optim import build_optimizer, build_scheduler
 from distill.errors import NonFiniteLossError
@@ -22,6 +23,7 @@ from distill.runtime.rank_sync import PADDING_LABEL
 from distill.runtime.strategies import offloads_optimizer
 
 TEACHER_PREFIX = "teacher."
+OLD_HINTS_PREFIX, HINTS_PREFIX = "hints.regressors.", "features.terms.hint.regressors."
 
 
 class DistillationModule(L.LightningModule):
@@ -35,10 +37,10 @@ class DistillationModule(L.LightningModule):
         hparams: dict[str, Any] | None = None,
         teacher_channels_last: bool = False,
         skip_nonfinite: bool = False,
-        hints: nn.Module | None = None,  # a distill.distillation.hints.HintLoss, attached to student and teacher
+        features: FeatureLoss | None = None,  # feature and relation terms, hooked into student and teacher
     ) -> None:
         super().__init__()
-        self.hints = hints
+        self.features = features
         self.skip_nonfinite, self.skipped_batches = skip_nonfinite, 0
         # Only plain data goes into the checkpoint's hyper_parameters (the resolved config as a
         # dict), so checkpoints load with torch.load(weights_only=True).
@@ -54,7 +56,7 @@ class DistillationModule(L.LightningModule):
         self.distill_loss = loss
         self.optim_cfg = optim
         # The epoch's loss terms and accuracy, summed on the device and synced once per epoch.
-        self.train_sums = EpochSums(("loss", *loss.terms, *(("hint",) if hints is not None else ())))
+        self.train_sums = EpochSums(("loss", *loss.terms, *(features.part_names if features is not None else ())))
         self._step_terms: dict[str, torch.Tensor] | None = None  # the last step's terms, for the step log
         # Under data parallelism the evaluation shards are padded to equal length with samples labelled
         # PADDING_LABEL (distill/data/samplers.py: EvenShardSampler): ignored, so each sample counts once.
@@ -84,8 +86,9 @@ class DistillationModule(L.LightningModule):
         return self.student(x)
 
     def teacher_logits(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The live teacher's logits for ``x`` (None without a teacher, or when the loss ignores it)."""
-        if self.distill_loss.alpha == 0 or self.teacher is None:
+        """The live teacher's logits for ``x`` (None without a teacher, or when the loss ignores them).
+        The teacher also runs when only feature terms use it: its hooks keep their layers' outputs."""
+        if self.teacher is None or not (self.distill_loss.uses_teacher or self.features is not None):
             return None
         if self.teacher_channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -94,18 +97,20 @@ class DistillationModule(L.LightningModule):
         # the logits back to fp32).
         half = torch.bfloat16 if x.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
         with torch.no_grad(), torch.autocast("cuda", dtype=half, enabled=x.is_cuda):
-            return self.teacher(x)
+            logits = self.teacher(x)
+        return logits if self.distill_loss.uses_teacher else None
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
         # (x, y), or (x, y, the teacher's precomputed logits for x) when the data loader reads them
         # from the cached table (distill/data/datasets.py: WithTeacherRows).
         x, y, *cached = batch
         logits = self.student(x)
-        teacher = (cached[0] if self.distill_loss.alpha != 0 else None) if cached else self.teacher_logits(x)
+        teacher = (cached[0] if self.distill_loss.uses_teacher else None) if cached else self.teacher_logits(x)
         terms = self.distill_loss(logits, teacher, y)
-        if self.hints is not None:  # the forward passes above filled the hooked features
-            terms["hint"] = self.hints()
-            terms["loss"] = terms["loss"] + terms["hint"]
+        if self.features is not None:  # the forward passes above filled the hooked features
+            parts, weighted = self.features()
+            terms.update(parts)
+            terms["loss"] = terms["loss"] + weighted
         if self._nonfinite_anywhere(terms["loss"]):
             # Stop now, before the optimizer step puts NaN into the weights (and into a
             # checkpoint); or, with loss.on_nonfinite=skip, drop this batch and count it.
@@ -138,6 +143,9 @@ class DistillationModule(L.LightningModule):
         values = {f"train/{name}_step": float(value) for name, value in terms.items()}
         for logger in trainer.loggers:  # Lightning's loggers write on global rank 0 only
             logger.log_metrics({**values, "epoch": self.current_epoch}, step=self.global_step - 1)
+
+    def on_train_epoch_start(self) -> None:
+        self.distill_loss.epoch = self.current_epoch  # a function of the epoch: right after a resume too
 
     def on_train_epoch_end(self) -> None:
         reduce = (lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")) if self._world_size() > 1 else None
@@ -178,7 +186,7 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         # Only the student's parameters: the teacher never enters the optimizer.
-        params = list(self.student.parameters()) + (list(self.hints.parameters()) if self.hints is not None else [])
+        params = list(self.student.parameters()) + (list(self.features.parameters()) if self.features is not None else [])
         optimizer = build_optimizer(params, self.optim_cfg, offload=offloads_optimizer(self.trainer.strategy))
         total = self.trainer.estimated_stepping_batches
         epochs = max(self.trainer.max_epochs or 1, 1)
@@ -194,6 +202,9 @@ class DistillationModule(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith(OLD_HINTS_PREFIX)]:  # FitNets regressors, before features/
+            state[HINTS_PREFIX + key[len(OLD_HINTS_PREFIX):]] = state.pop(key)
         if self.teacher is not None:
             state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict().items():

@@ -67,22 +67,24 @@ def wandb_server_reachable(timeout: float = SERVER_TIMEOUT_S) -> bool:
         return False
 
 
-def run_identity(cfg: DictConfig) -> dict[str, Any]:
+def run_identity(cfg: DictConfig, method: str = "kd", teacher_used: bool = True) -> dict[str, Any]:
     """W&B name, group and tags from the config (explicit ``logger.wandb.*`` settings win).
 
-    Name: ``<teacher>-<student>-<data>[-int<bits>][-<prune><amount>]-T<temperature>-a<alpha>``.
+    Name: ``<teacher>-<student>-<data>[-int<bits>][-<prune><amount>][-<method>]-T<temperature>-a<alpha>``
+    (``method``: the loss label, named when it is not ``kd``; ``teacher_used``: whether the loss reads a teacher).
     Group: the multirun sweep directory's name, so the runs of one sweep sit together."""
     w = cfg.logger.wandb
-    teacher = cfg.teacher.name if cfg.loss.alpha > 0 else "none"
+    teacher = cfg.teacher.name if teacher_used else "none"
     parts = [teacher, cfg.student.name, cfg.data.name]
     if cfg.quant.bits:
         parts.append(f"int{cfg.quant.bits}")
     if cfg.prune.method != "none":
         parts.append(f"{cfg.prune.method}{cfg.prune.amount:g}")
+    parts += [method] if method != "kd" else []
     parts += [f"T{cfg.loss.temperature:g}", f"a{cfg.loss.alpha:g}"]
     tags = [f"teacher:{teacher}", f"student:{cfg.student.name}", f"bits:{cfg.quant.bits or 32}",
             f"prune:{cfg.prune.method}" + (f"-{cfg.prune.amount:g}" if cfg.prune.method != "none" else ""),
-            f"data:{cfg.data.name}", *w.tags]
+            f"data:{cfg.data.name}", f"loss:{method}", *w.tags]
     group = w.group
     if group is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
         group = f"{cfg.task_name}-{Path(HydraConfig.get().sweep.dir).name}"
@@ -90,7 +92,8 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
     return {"name": w.name or "-".join(parts), "group": group, "tags": tags}
 
 
-def build_loggers(cfg: DictConfig, output_dir: str | Path, run_config: dict[str, Any]) -> list[Logger]:
+def build_loggers(cfg: DictConfig, output_dir: str | Path, run_config: dict[str, Any], method: str = "kd",
+                  teacher_used: bool = True) -> list[Logger]:
     loggers: list[Logger] = []
     lcfg = cfg.logger
     if lcfg.csv is not None:
@@ -108,7 +111,7 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path, run_config: dict[str,
         import wandb  # deferred: heavy, and only runs that log to W&B need it
 
         logger = WandbLogger(
-            project=lcfg.wandb.project, entity=lcfg.wandb.entity, **run_identity(cfg), save_dir=str(output_dir),
+            project=lcfg.wandb.project, entity=lcfg.wandb.entity, **run_identity(cfg, method, teacher_used), save_dir=str(output_dir),
             mode=mode, log_model=False,  # the model artifact is uploaded at the end (pipeline.py)
             config=run_config, settings=wandb.Settings(init_timeout=60, silent=True),
         )
@@ -118,7 +121,7 @@ def build_loggers(cfg: DictConfig, output_dir: str | Path, run_config: dict[str,
                 _ = logger.experiment  # start the run now: a server that accepts TCP but fails the API
             except Exception as err:  # any wandb failure: fall back offline, never stop training
                 log.warning("wandb: online start failed (%s); running offline", err)
-                logger = WandbLogger(project=lcfg.wandb.project, entity=lcfg.wandb.entity, **run_identity(cfg),
+                logger = WandbLogger(project=lcfg.wandb.project, entity=lcfg.wandb.entity, **run_identity(cfg, method, teacher_used),
                                      save_dir=str(output_dir), mode="offline", log_model=False, config=run_config)
                 drop_wandb_anonymous(logger)
         loggers.append(logger)

@@ -27,6 +27,7 @@ from torch import nn
 from distill.config.validate import (
     check_in_registry,
 )
+from distill.distillation.settings import uses_teacher
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.size import count_parameters
 from distill.models.registry import TEACHERS, build_teacher
@@ -48,7 +49,7 @@ _NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype",
 def check_teacher(cfg: DictConfig) -> None:
     """The teacher's name, and its file when one is given."""
     check_in_registry(cfg, "teacher.name", TEACHERS, "teacher")
-    if cfg.teacher.checkpoint and cfg.loss.alpha != 0 and not Path(cfg.teacher.checkpoint).is_file():
+    if cfg.teacher.checkpoint and uses_teacher(cfg.loss) and not Path(cfg.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher.checkpoint: no such file: {cfg.teacher.checkpoint}")
 
 

@@ -11,22 +11,42 @@ from torch import nn
 
 from distill.config.validate import Check
 
-# {"loss": the total to minimise, <term>: each weighted part of it, for logging}
+# {"loss": the total to minimise, <term>: each part of it, unweighted, for logging}
 LossTerms = dict[str, torch.Tensor]
+
+
+def standardize(logits: torch.Tensor) -> torch.Tensor:
+    r"""Logit standardization of Sun et al., "Logit Standardization in Knowledge Distillation"
+    (CVPR 2024), https://arxiv.org/abs/2403.01427: each sample's logits z-scored over the classes,
+    :math:`(z - \bar z) / (\sigma(z) + 10^{-7})`, before the temperature is applied.
+
+    As the authors' ``normalize`` (sunshangquan/logit-standardization-KD, mdistiller/distillers/KD.py):
+    ``torch.std``'s unbiased (n - 1) deviation, and the 1e-7 added to the deviation, not under the root.
+    """
+    mean = logits.mean(dim=-1, keepdim=True)
+    return (logits - mean) / (logits.std(dim=-1, keepdim=True) + 1e-7)
 
 
 class DistillationLoss(nn.Module, ABC):
     """A loss of the ``loss=`` group. ``forward(student_logits, teacher_logits, target)`` returns
-    :data:`LossTerms`; ``teacher_logits`` is None only for a run without a teacher (``alpha == 0``).
+    :data:`LossTerms`; ``teacher_logits`` is None only for a run that does not use them
+    (``uses_teacher`` false: ``kd`` with ``alpha=0``).
 
     Subclasses set ``name`` (the registry key), ``terms`` (the names of the logged terms besides
-    ``loss``) and ``checks`` (range checks of their ``loss.*`` keys), and build themselves from the
-    ``loss`` config in :meth:`from_config`."""
+    ``loss``, unweighted) and ``checks`` (range checks of their ``loss.*`` keys), and build
+    themselves from the ``loss`` config in :meth:`from_config`. ``epoch`` is the training epoch
+    (0-based), set by the module at each epoch's start, for losses with a schedule (DKD's warm-up).
+    """
 
     name: ClassVar[str]
     terms: ClassVar[tuple[str, ...]]
     checks: ClassVar[list[Check]] = []
-    alpha: float  # weight of the teacher's part; 0: no teacher is needed at all
+    uses_teacher: bool  # whether forward reads teacher_logits (False: no teacher is needed for the logits)
+
+    def __init__(self, logit_standardize: bool = False) -> None:
+        super().__init__()
+        self.logit_standardize = bool(logit_standardize)
+        self.epoch = 0
 
     @classmethod
     @abstractmethod
@@ -36,3 +56,17 @@ class DistillationLoss(nn.Module, ABC):
     @abstractmethod
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor) -> LossTerms:
         """The loss of one batch and its named terms."""
+
+    def prepared(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Both logits in at least fp32 (log-softmax of small differences loses bits in half
+        precision, and the cached table may be fp16), z-scored with ``loss.logit_standardize``."""
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        s, t = student_logits.to(dtype), teacher_logits.to(dtype)
+        if self.logit_standardize:
+            s, t = standardize(s), standardize(t)
+        return s, t
+
+    def need_teacher(self, teacher_logits: torch.Tensor | None) -> torch.Tensor:
+        if teacher_logits is None:
+            raise ValueError(f"loss={self.name}: teacher logits are required with these weights")
+        return teacher_logits

@@ -1,6 +1,6 @@
 """Distillation losses by name (the ``loss=`` group). Adding one: a module in this package with a
 :class:`~distill.distillation.losses.base.DistillationLoss` subclass, a ``conf/loss/<name>.yaml``,
-and one entry below."""
+its range checks in ``distill/distillation/settings.py`` and one entry below."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from omegaconf import DictConfig
 
 from distill.config.validate import check_in_registry, run_checks
 from distill.distillation.losses.base import DistillationLoss
+from distill.distillation.losses.dist import DISTLoss
+from distill.distillation.losses.dkd import DKDLoss
 from distill.distillation.losses.kd import KDLoss
+from distill.distillation.losses.nkd import NKDLoss
 
-LOSSES: dict[str, type[DistillationLoss]] = {"kd": KDLoss}
+LOSSES: dict[str, type[DistillationLoss]] = {"kd": KDLoss, "dkd": DKDLoss, "dist": DISTLoss, "nkd": NKDLoss}
 
 
 def check_loss(cfg: DictConfig) -> None:
