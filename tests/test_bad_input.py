@@ -66,6 +66,17 @@ CASES = [
     ("+callbacks.stop.monitor=val/acc", "callbacks.stop: needs a _target_"),
     ("+callbacks.stop._target_=lightning.pytorch.callbacks.EarlyStopping +callbacks.stop.monitr=val/acc", "callbacks.stop:"),
     ("+callbacks.stop._target_=torch.nn.Identity", "callbacks.stop: torch.nn.Identity is not a Lightning Callback"),
+    # the distillation methods (issue 17): named before any data is loaded
+    ("loss.name=dkdd", "unknown loss 'dkdd'; choose from: dist, dkd, kd, nkd"),
+    ("loss=dkd loss.beta=-1", "loss.beta=-1.0 is out of range: must be >= 0 (the weight of NCKD)"),
+    ("loss.divergence=jsd loss.jsd_beta=1.0", "loss.jsd_beta=1.0 is out of range: must be in (0, 1)"),
+    ("loss.divergence=hellinger", "loss.divergence='hellinger' is out of range: must be one of forward_kl"),
+    ("loss=rkd data.batch_size=1", "loss.rkd relates the samples of a batch to each other: data.batch_size=1 is out of range: must be >= 2"),
+    ("loss=pkt loss.pkt.layers=[net.9:fc]", "loss.pkt.layers: the student has no module 'net.9'; choose 'embedding' or one of: net, net.0"),
+    ("loss=at", "loss.at needs feature maps, and the student has none larger than 1x1"),
+    ("student=cnn loss=at loss.at.layers=[features.2:layer9]", "loss.at.layers: the teacher has no module 'layer9'"),
+    ("loss=sp loss.sp.weight=-3", "loss.sp.weight=-3.0 is out of range: must be >= 0"),
+    ("loss=sp teacher.precompute_outputs=true", "loss.sp needs the live teacher"),
 ]
 
 

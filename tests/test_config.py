@@ -58,6 +58,8 @@ def _data_stand_in(choice: str, root: Path) -> tuple[list[str], dict[str, int]]:
 @pytest.mark.parametrize(("group", "choice"), [(g, c) for g, cs in GROUPS.items() for c in cs])
 def test_every_group_choice_composes_and_validates(make_cfg, tmp_path, group, choice):
     overrides, shape = [f"{group}={choice}"], {}
+    if (group, choice) in (("loss", "at"), ("loss", "fitnets")):
+        overrides.append("student=cnn")  # attention maps and hints need a convolutional student (the default is an MLP)
     if group == "data":
         extra, shape = _data_stand_in(choice, tmp_path / "data")
         overrides += extra

@@ -217,3 +217,31 @@ def test_structured_pruning_run_removes_channels(tmp_path):
     shrunk = torch.jit.load(student["shrunk_artifact"])
     assert shrunk(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert "channels removed" in result.stdout
+
+
+# (overrides, the terms logged as train/<term> epoch means, the hparams that name the method)
+METHODS = [
+    (["loss=dkd", "loss.warmup_epochs=2"], {"tckd", "nckd", "ce"}, {"loss": "dkd", "beta": 8.0, "warmup_epochs": 2}),
+    (["loss=dist"], {"inter", "intra", "ce"}, {"loss": "dist", "beta": 2.0, "gamma": 2.0}),
+    (["loss=nkd", "loss.logit_standardize=true"], {"target", "non_target", "ce"}, {"loss": "nkd", "logit_standardize": True}),
+    (["loss.divergence=jsd"], {"kd", "ce"}, {"loss": "kd", "divergence": "jsd", "jsd_beta": 0.5}),
+    (["loss=rkd", "loss.alpha=0.5"], {"kd", "ce", "rkd_distance", "rkd_angle"}, {"loss": "kd", "rkd_weight": 1.0}),
+    (["loss=at", "student=cnn"], {"kd", "ce", "at"}, {"loss": "kd", "at_weight": 1000.0}),
+    (["loss=dkd", "loss.pkt.weight=100", "loss.sp.weight=10", "loss.warmup_epochs=1"],
+     {"tckd", "nckd", "ce", "pkt", "sp"}, {"loss": "dkd", "pkt_weight": 100.0, "sp_weight": 10.0}),
+]
+
+
+def test_every_method_trains_and_logs_its_terms(make_cfg, tmp_path):
+    """Each logit loss and feature term in a short run (one cached teacher): its unweighted terms as
+    epoch means in metrics.csv, its weights in the summary, cached logits where the method allows."""
+    for index, (overrides, terms, hparams) in enumerate(METHODS):
+        cfg = make_cfg(*SHORT_RUN, *overrides, f"hydra.run.dir={tmp_path}/m{index}")
+        cfg.paths.output_dir = str(tmp_path / f"m{index}")
+        summary = run(cfg)
+        assert hparams.items() <= summary["hparams"].items(), (overrides, summary["hparams"])
+        features = [o for o in overrides if o.startswith(("loss=rkd", "loss=at", "loss.pkt"))]
+        assert summary["teacher_outputs"].startswith("live" if features else "precomputed"), overrides
+        header = (Path(summary["run_dir"]) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert {f"train/{t}" for t in {"loss", "acc", *terms}} <= set(header), (overrides, header)
+        assert summary["student"]["test_acc"] > 0.1

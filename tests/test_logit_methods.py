@@ -27,7 +27,7 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q) if pi > 0))
+    return float(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0))
 
 
 def _ce(z: np.ndarray, y: int) -> float:
@@ -41,7 +41,7 @@ def _dkd_reference(s, t, y, T):
     """TCKD and NCKD from Zhao et al.'s definitions: b = [p_y, 1 - p_y], p-hat = the non-target
     classes renormalised; both KLs times T^2, averaged over the batch."""
     tckd = nckd = 0.0
-    for zs, zt, yy in zip(s.double().numpy(), t.double().numpy(), y.tolist()):
+    for zs, zt, yy in zip(s.double().numpy(), t.double().numpy(), y.tolist(), strict=True):
         ps, pt = _softmax(zs / T), _softmax(zt / T)
         tckd += _kl(np.array([pt[yy], 1 - pt[yy]]), np.array([ps[yy], 1 - ps[yy]]))
         rest = [c for c in range(len(zs)) if c != yy]
@@ -57,7 +57,7 @@ def test_dkd_matches_the_papers_definitions():
     tckd, nckd = _dkd_reference(s, t, y, 4.0)
     assert out["tckd"].item() == pytest.approx(tckd, rel=1e-4)
     assert out["nckd"].item() == pytest.approx(nckd, rel=1e-4)
-    ce = np.mean([_ce(z, yy) for z, yy in zip(s.double().numpy(), y.tolist())])
+    ce = np.mean([_ce(z, yy) for z, yy in zip(s.double().numpy(), y.tolist(), strict=True)])
     assert out["loss"].item() == pytest.approx(ce + tckd + 8.0 * nckd, rel=1e-4)
 
 
@@ -102,7 +102,7 @@ def test_dist_matches_pearson_relations_of_the_softened_predictions():
     intra = tau**2 * (1 - np.mean([np.corrcoef(ys[:, j], yt[:, j])[0, 1] for j in range(ys.shape[1])]))
     assert out["inter"].item() == pytest.approx(inter, rel=1e-4)
     assert out["intra"].item() == pytest.approx(intra, rel=1e-4)
-    ce = np.mean([_ce(z, yy) for z, yy in zip(s.double().numpy(), y.tolist())])
+    ce = np.mean([_ce(z, yy) for z, yy in zip(s.double().numpy(), y.tolist(), strict=True)])
     assert out["loss"].item() == pytest.approx(ce + 2.0 * inter + 0.5 * intra, rel=1e-4)
 
 
@@ -121,7 +121,7 @@ def test_nkd_matches_the_normalized_loss():
     T, gamma = 2.0, 1.5
     out = NKDLoss(temperature=T, alpha=1.0, gamma=gamma, ce_weight=1.0)(s, t, y)
     target = non = 0.0
-    for zs, zt, yy in zip(s.double().numpy(), t.double().numpy(), y.tolist()):
+    for zs, zt, yy in zip(s.double().numpy(), t.double().numpy(), y.tolist(), strict=True):
         target += -_softmax(zt)[yy] * math.log(_softmax(zs)[yy])
         rest = [c for c in range(len(zs)) if c != yy]
         qs, qt = _softmax(zs[rest] / T), _softmax(zt[rest] / T)
@@ -141,7 +141,7 @@ def test_kd_divergences_match_their_definitions(kind):
     T, beta = 2.0, 0.3
     out = KDLoss(temperature=T, alpha=1.0, divergence=kind, jsd_beta=beta)(s, t, y)
     total = 0.0
-    for zs, zt in zip(s.double().numpy(), t.double().numpy()):
+    for zs, zt in zip(s.double().numpy(), t.double().numpy(), strict=True):
         ps, pt = _softmax(zs / T), _softmax(zt / T)
         if kind == "forward_kl":
             total += _kl(pt, ps)
@@ -175,7 +175,7 @@ def test_logit_standardization_makes_kd_invariant_to_shift_and_scale():
 
 def test_standardize_is_the_authors_z_score():
     z = torch.tensor([[1.0, 2.0, 4.0], [0.0, 0.0, 3.0]])
-    for row, out in zip(z.double().numpy(), standardize(z).double().numpy()):
+    for row, out in zip(z.double().numpy(), standardize(z).double().numpy(), strict=True):
         expected = (row - row.mean()) / (row.std(ddof=1) + 1e-7)  # torch.std: unbiased, eps outside
         assert np.allclose(out, expected, atol=1e-6)
 

@@ -66,4 +66,4 @@ def test_run_name_and_tags_come_from_the_config():
     })
     ident = run_identity(cfg)  # outside Hydra: no sweep, no group
     assert ident == {"name": "resnet50-cnn-digits-int4-magnitude0.7-T2-a0.5", "group": None,
-                     "tags": ["teacher:resnet50", "student:cnn", "bits:4", "prune:magnitude-0.7", "data:digits", "mine"]}
+                     "tags": ["teacher:resnet50", "student:cnn", "bits:4", "prune:magnitude-0.7", "data:digits", "loss:kd", "mine"]}

@@ -105,6 +105,7 @@ SETTINGS_CHECKS: list[Check] = [
     ("data.batch_size", at_least(1), ">= 1"),
     ("data.num_workers", at_least(0), ">= 0"),
     ("data.val_fraction", fraction_open, "in (0, 1)"),
+    ("data.train_fraction", lambda x: x is not None and 0.0 < x <= 1.0, "in (0, 1]"),
     ("data.test_fraction", fraction_open, "in (0, 1)"),
     ("data.num_samples", at_least(1), ">= 1"),
     ("student.dropout", lambda x: 0 <= x < 1, "in [0, 1)"),

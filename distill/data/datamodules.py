@@ -26,7 +26,7 @@ from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler
+from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
 from torchvision import datasets
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
@@ -109,6 +109,8 @@ class BaseDataModule(L.LightningDataModule):
         """Everything about the data that determines what a model trained on it learns."""
         keys = ("name", "val_fraction", "test_fraction", "split_seed", "augment", "num_samples", "mean", "std")
         fp = {k: self.cfg.get(k) for k in keys}
+        if self.cfg.get("train_fraction", 1.0) < 1.0:  # only then: the keys of teachers cached before it existed stay
+            fp["train_fraction"] = self.cfg.train_fraction
         # What the files are, not where they are: a copy staged to $TMPDIR in each SLURM job is the
         # same data (and the same teacher). Only a hash is stored: paths can be private.
         fp["content"] = self.content_id() if self.uses_root and self.cfg.get("root") else None
@@ -208,14 +210,23 @@ def _files_digest(root: Path, with_sizes: bool, under: tuple[str, ...] = ()) -> 
 
 
 def _stratified_split(
-    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int
+    labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int, train_fraction: float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Indices of a stratified train/val/test split; the same seed gives the same split."""
     idx = np.arange(len(labels))
     train_val, test = train_test_split(idx, test_size=test_fraction, stratify=labels, random_state=seed)
     rel_val = val_fraction / (1.0 - test_fraction)
     train, val = train_test_split(train_val, test_size=rel_val, stratify=labels[train_val], random_state=seed)
-    return train, val, test
+    return limit_training(train, labels, train_fraction, seed), val, test
+
+
+def limit_training(train: np.ndarray, labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """``data.train_fraction``: a seeded, stratified subset of the training indices (every class
+    keeps its share; validation and test splits are unchanged). 1.0: all of them."""
+    if fraction >= 1.0:
+        return train
+    keep, _ = train_test_split(train, train_size=fraction, stratify=labels[train], random_state=seed)
+    return np.sort(keep)
 
 
 def _check_fixed_shape(cfg: DictConfig, name: str, **fixed: int) -> None:
@@ -243,7 +254,7 @@ class DigitsDataModule(BaseDataModule):
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # N,1,8,8 in [0,1]
         y = torch.tensor(digits.target, dtype=torch.long)
         train, val, test = _stratified_split(
-            digits.target, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed
+            digits.target, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed, self.cfg.train_fraction
         )
         mean = self.cfg.mean[0] if self.cfg.mean else x[train].mean().item()
         std = self.cfg.std[0] if self.cfg.std else x[train].std().item()
@@ -279,7 +290,8 @@ class SyntheticDataModule(BaseDataModule):
         y = torch.arange(n) % self.num_classes
         y = y[torch.randperm(n, generator=g)]
         x = means[y] + torch.randn(n, *shape, generator=g)
-        train, val, test = _stratified_split(y.numpy(), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed)
+        train, val, test = _stratified_split(y.numpy(), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed,
+                                             self.cfg.train_fraction)
         self.train_set, self.val_set, self.test_set = (TensorSplit(x, y, i.tolist()) for i in (train, val, test))
 
 
@@ -343,6 +355,7 @@ class _CIFARDataModule(BaseDataModule):
         train_idx, val_idx = train_test_split(
             np.arange(len(labels)), test_size=self.cfg.val_fraction, stratify=labels, random_state=self.cfg.split_seed
         )
+        train_idx = limit_training(train_idx, labels, self.cfg.train_fraction, self.cfg.split_seed)
         t_train = image_transforms(self.cfg, 32, 3, mean, std, train=True)
         t_eval = image_transforms(self.cfg, 32, 3, mean, std, train=False)
         self.train_set = TransformedSubset(train_full, train_idx.tolist(), t_train)
@@ -406,3 +419,7 @@ class ImageFolderDataModule(BaseDataModule):
         for split in (self.val_set, self.test_set):
             if split.classes != self.classes:
                 raise ConfigError(f"data.root: imagefolder: class folders of {split.root} differ from {self.root / 'train'}")
+        if self.cfg.train_fraction < 1.0:
+            targets = np.asarray(self.train_set.targets)
+            keep = limit_training(np.arange(len(targets)), targets, self.cfg.train_fraction, self.cfg.split_seed)
+            self.train_set = Subset(self.train_set, keep.tolist())

@@ -27,7 +27,7 @@ from distill.runtime.atomic import atomic_write_text
 
 # (column, formatter) for the trade-off part of a row; values come from summary.json.
 TRADE_OFF = [
-    "student", "technique", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
+    "student", "technique", "method", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
     "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
     "pareto_size", "pareto_latency", "deployed",
 ]
@@ -69,6 +69,8 @@ def run_row(run: Path) -> dict[str, Any]:
         status="ok",
         student=s["arch"],
         technique=summary.get("technique") or technique(summary),
+        method=method(summary.get("hparams", {})),
+        seed=summary.get("hparams", {}).get("seed"),
         bits=deployed.bits,
         teacher=t.get("arch"),
         teacher_acc=t.get("test_acc"),
@@ -92,6 +94,21 @@ def run_row(run: Path) -> dict[str, Any]:
         deployed_path=deployed.path,
     )
     return row
+
+
+FEATURE_WEIGHTS = ("at_weight", "rkd_weight", "pkt_weight", "sp_weight")
+
+
+def method(hparams: dict[str, Any]) -> str:
+    """What the student learned from: the logit loss and the feature terms (``dkd``, ``kd+rkd``),
+    ``ce`` for labels alone (kd with alpha 0 and no feature term); older summaries: ``kd``."""
+    name = hparams.get("loss") or "kd"
+    features = [key.removesuffix("_weight") for key in FEATURE_WEIGHTS if hparams.get(key)]
+    if hparams.get("hint_weight"):
+        features.insert(0, "fitnets")
+    if name == "kd" and hparams.get("alpha") == 0:
+        name = "ce"
+    return "+".join([name, *features])
 
 
 def technique(summary: dict[str, Any]) -> str:

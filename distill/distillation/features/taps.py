@@ -85,7 +85,8 @@ class Taps:
 
 def stage_outputs(model: nn.Module, example: torch.Tensor) -> list[tuple[str, int]]:
     """The model's stage outputs for ``example``: at each spatial resolution (> 1 px) of its feature
-    maps, the last module to finish among those at most two levels deep (``layer2``, ``features.6``),
+    maps, the last module to finish among those at most two levels deep (``layer2``, ``features.2``;
+    a container ending a stage is named rather than its last child: ``layer1``, not ``layer1.2``),
     in forward order, as (path, height). ResNets give ``layer1..layer4``; a plain CNN its last block
     before each pooling."""
     seen: list[tuple[str, int]] = []
