@@ -21,6 +21,8 @@ from distill.measure.accuracy import accuracy_on_test_split
 from distill.measure.size import count_parameters, serialized_size_bytes
 from distill.models.registry import build_student
 from distill.report.comparison import compare, table_columns, to_markdown, write_comparison
+from distill.report.seeds import SeedGroup, group_by_seed, group_columns, has_repeats
+from distill.report.seeds import to_markdown as seeds_markdown
 from distill.report.table import make_console
 from distill.runtime.atomic import atomic_write
 from distill.runtime.checkpoint_io import load_checkpoint
@@ -134,17 +136,25 @@ def compare_runs(cfg: DictConfig, console: Console | None = None) -> dict[str, A
     written = write_comparison(rows, cfg.out_dir or paths[0])
     out = console or make_console()
     out.print(to_markdown(rows), markup=False)
+    groups = group_by_seed(rows)
+    if has_repeats(groups):
+        out.print("over seeds (runs that differ only in seed):", markup=False)
+        out.print(seeds_markdown(groups), markup=False)
     for kind, path in written.items():
         out.print(f"{kind}: {path}", markup=False)
-    result = {"rows": rows, "files": {k: str(v) for k, v in written.items()}}
+    result = {"rows": rows, "groups": [g.row() for g in groups] if has_repeats(groups) else [],
+              "files": {k: str(v) for k, v in written.items()}}
     if cfg.wandb.project:
-        result["wandb_run"] = push_comparison(rows, written, cfg.wandb, Path(cfg.out_dir or paths[0]))
+        result["wandb_run"] = push_comparison(rows, written, cfg.wandb, Path(cfg.out_dir or paths[0]), groups)
         out.print(f"wandb: {result['wandb_run']}", markup=False)
     return result
 
 
-def push_comparison(rows: list[dict[str, Any]], files: dict[str, Path], wcfg: DictConfig, out_dir: Path) -> str:
-    """The comparison as one W&B run (job_type "comparison"): the table and both frontier plots.
+def push_comparison(rows: list[dict[str, Any]], files: dict[str, Path], wcfg: DictConfig, out_dir: Path,
+                    groups: list[SeedGroup] | None = None) -> str:
+    """The comparison as one W&B run (job_type "comparison"): the table and both frontier plots, and,
+    when settings were run over several seeds, the table over seeds (``comparison_seeds``: mean, std
+    and n of the accuracy, median size and latency, the frontier on the means) and its plots.
     Online when logged in and the server answers; offline otherwise (``wandb sync`` later)."""
     import wandb  # deferred: heavy, and only a comparison pushed to W&B needs it
 
@@ -165,7 +175,11 @@ def push_comparison(rows: list[dict[str, Any]], files: dict[str, Path], wcfg: Di
         mode = "offline"
         run = start(mode)
     payload: dict[str, Any] = {"comparison": table}
-    for kind in ("plot_size", "plot_latency"):
+    if groups and has_repeats(groups):
+        group_cols = group_columns(groups)
+        payload["comparison_seeds"] = wandb.Table(columns=[c.lstrip("+") for c in group_cols],
+                                                  data=[[_plain(g.row().get(c)) for c in group_cols] for g in groups])
+    for kind in ("plot_size", "plot_latency", "plot_seeds_size", "plot_seeds_latency"):
         if kind in files:
             payload[kind] = wandb.Image(str(files[kind]))
     run.log(payload)

@@ -83,3 +83,57 @@ def test_comparison_pushed_to_wandb_offline(tmp_path, make_cfg, monkeypatch):
     [table] = (runs / "wandb").glob("offline-run-*/files/media/table/comparison_*.table.json")
     assert len(json.loads(table.read_text())["data"]) == 2
     assert list((runs / "wandb").glob("offline-run-*/files/media/images/plot_size_*.png"))
+
+
+def _seeded_runs(root, table):
+    """Run directories as a sweep writes them: summary.json with the seed, and Hydra's overrides."""
+    for num, (loss, seed, acc, size) in enumerate(table):
+        run = root / str(num)
+        (run / ".hydra").mkdir(parents=True)
+        summary = _summary(acc, size, 1.0 + num / 100)
+        summary["hparams"] = {"loss": loss, "seed": seed, "alpha": 0.9}
+        (run / "summary.json").write_text(json.dumps(summary))
+        (run / ".hydra" / "overrides.yaml").write_text(f"- loss={loss}\n- seed={seed}\n")
+
+
+def test_runs_differing_only_in_seed_are_grouped_with_mean_std_and_n(tmp_path):
+    import statistics
+
+    from distill.report.seeds import group_by_seed
+
+    accs = {"kd": [0.95, 0.96, 0.97], "dkd": [0.96, 0.98, 0.97, 0.99]}
+    table = [(loss, seed, acc, 30_000 if loss == "kd" else 40_000) for loss, values in accs.items() for seed, acc in enumerate(values)]
+    _seeded_runs(tmp_path, table)
+    rows = compare([tmp_path])
+    assert {r["method"] for r in rows} == {"kd", "dkd"} and sorted(r["seed"] for r in rows) == [0, 0, 1, 1, 2, 2, 3]
+    groups = {g.method: g for g in group_by_seed(rows)}
+    for loss, values in accs.items():
+        g = groups[loss]
+        assert g.n == len(values) and sorted(g.seeds) == list(range(len(values)))
+        assert g.acc_mean == pytest.approx(statistics.fmean(values)) and g.acc_std == pytest.approx(statistics.stdev(values))
+    # the frontier is on the means: dkd is more accurate but larger, kd smaller: both on it
+    assert groups["kd"].pareto_size and groups["dkd"].pareto_size
+    written = write_comparison(rows, tmp_path)
+    markdown = written["seeds_markdown"].read_text()
+    assert "97.50 ± 1.29" in markdown and "96.00 ± 1.00" in markdown  # dkd, kd in percent, with n beside them
+    assert "| n |" in markdown.splitlines()[0]
+    header = written["seeds_csv"].read_text().splitlines()[0].split(",")
+    assert {"n", "acc_mean", "acc_std", "size_bytes", "pareto_size"} <= set(header) and "seed" not in header
+    import matplotlib.pyplot as plt
+
+    assert plt.imread(written["plot_seeds_size"]).shape[0] > 300
+
+
+def test_single_seed_sweeps_write_no_seed_table(tmp_path):
+    _seeded_runs(tmp_path, [("kd", 0, 0.95, 30_000), ("dkd", 0, 0.96, 40_000)])
+    assert "seeds_markdown" not in write_comparison(compare([tmp_path]), tmp_path)
+
+
+def test_runs_without_a_recorded_seed_are_not_taken_for_seeds(tmp_path):
+    """Two alike runs of an older version (no seed in the summary) may differ in anything: not grouped."""
+    from distill.report.seeds import group_by_seed
+
+    for num in range(2):
+        (tmp_path / str(num)).mkdir()
+        (tmp_path / str(num) / "summary.json").write_text(json.dumps(_summary(0.95 + num / 100, 30_000, 1.0)))
+    assert [g.n for g in group_by_seed(compare([tmp_path]))] == [1, 1]

@@ -21,7 +21,10 @@ from typing import Any
 
 import yaml
 
-from distill.report.plots import plot_tradeoff
+from distill.report.pareto import pareto_front
+from distill.report.plots import plot_groups, plot_tradeoff
+from distill.report.seeds import group_by_seed, has_repeats, seeds_csv
+from distill.report.seeds import to_markdown as seeds_markdown
 from distill.report.summary import deployed_model
 from distill.runtime.atomic import atomic_write_text
 
@@ -142,15 +145,6 @@ def _display_name(run: Path, roots: list[Path]) -> str:
     return str(run)
 
 
-def pareto_front(points: list[tuple[float, float] | None]) -> list[bool]:
-    """For (accuracy, cost) points: True where no other point has accuracy >= and cost <=, with one
-    of the two strict. ``None`` (not measured) is never on the front."""
-    def dominated(p: tuple[float, float]) -> bool:
-        return any(q is not None and q[0] >= p[0] and q[1] <= p[1] and (q[0] > p[0] or q[1] < p[1]) for q in points)
-
-    return [p is not None and not dominated(p) for p in points]
-
-
 def mark_pareto(rows: list[dict[str, Any]]) -> None:
     """Set ``pareto_size`` and ``pareto_latency`` on every finished row (accuracy vs each cost)."""
     ok = [r for r in rows if r.get("status") == "ok"]
@@ -215,4 +209,12 @@ def write_comparison(rows: list[dict[str, Any]], out_dir: str | Path) -> dict[st
         path = plot_tradeoff(rows, cost, out_dir / f"tradeoff_{cost}.png")
         if path is not None:
             written[f"plot_{cost}"] = path
+    groups = group_by_seed(rows)
+    if has_repeats(groups):  # runs that differ only in seed: their means, spreads and frontier
+        written["seeds_markdown"] = atomic_write_text(out_dir / "comparison_seeds.md", seeds_markdown(groups))
+        written["seeds_csv"] = atomic_write_text(out_dir / "comparison_seeds.csv", seeds_csv(groups))
+        for cost in ("size", "latency"):
+            path = plot_groups(groups, cost, out_dir / f"tradeoff_seeds_{cost}.png")
+            if path is not None:
+                written[f"plot_seeds_{cost}"] = path
     return written

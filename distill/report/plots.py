@@ -78,3 +78,38 @@ def plot_tradeoff(rows: list[dict[str, Any]], cost: str, path: str | Path) -> Pa
         return atomic_write(path, lambda f: fig.savefig(f, format="png"))
     finally:
         plt.close(fig)
+
+
+def plot_groups(groups: list[Any], cost: str, path: str | Path) -> Path | None:
+    """Mean accuracy over seeds against the median ``cost``, with ± one standard deviation as error
+    bars and the frontier on the means (``groups``: :class:`distill.report.seeds.SeedGroup`)."""
+    import matplotlib  # deferred: heavy, and only comparisons draw plots
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # deferred, as matplotlib above
+
+    key = "size_bytes" if cost == "size" else "latency_ms_batch"
+    shown = [g for g in groups if getattr(g, key) is not None]
+    if not shown:
+        return None
+    scale = 1e-3 if cost == "size" else 1.0
+    fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
+    for on_front, colour, label in ((False, "tab:gray", "setting (mean ± std over seeds)"), (True, "tab:red", "Pareto-optimal mean")):
+        part = [g for g in shown if getattr(g, f"pareto_{cost}") == on_front]
+        if part:
+            ax.errorbar([getattr(g, key) * scale for g in part], [100 * g.acc_mean for g in part],
+                        yerr=[100 * g.acc_std for g in part], fmt="o", color=colour, capsize=3, label=label, zorder=3)
+    for g in shown:
+        ax.annotate(f"{g.student} {g.method} {g.technique} (n={g.n})", (getattr(g, key) * scale, 100 * g.acc_mean),
+                    textcoords="offset points", xytext=(4, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("size of the deployed student (KB, log scale)" if cost == "size" else "latency per batch (ms, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"Accuracy vs {cost}, over seeds")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    try:
+        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    finally:
+        plt.close(fig)

@@ -8,11 +8,13 @@ seeds (``n``) stand behind each mean, and the spread (sample standard deviation,
 
 from __future__ import annotations
 
+import csv
+import io
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
-from distill.report.comparison import pareto_front
+from distill.report.pareto import pareto_front
 
 SEED_KEYS = ("+seed",)
 
@@ -60,9 +62,12 @@ def group_by_seed(rows: list[dict[str, Any]]) -> list[SeedGroup]:
         if row.get("status") != "ok" or row.get("acc") is None:
             continue
         settings = tuple(sorted((k, str(v)) for k, v in row.items() if k.startswith("+") and k not in SEED_KEYS))
-        groups.setdefault((settings, row["student"], row["technique"], row.get("method")), []).append(row)
+        # A run whose seed is not recorded (an older summary) may differ from its look-alikes in
+        # anything: it stays a group of its own.
+        alone = () if row.get("seed") is not None else (row["run"],)
+        groups.setdefault((settings, row["student"], row["technique"], row.get("method"), alone), []).append(row)
     out = []
-    for (settings, student, technique, method), members in groups.items():
+    for (settings, student, technique, method, _), members in groups.items():
         accs = [float(r["acc"]) for r in members]
         out.append(SeedGroup(
             settings=dict(settings), student=student, technique=technique, method=method or "kd",
@@ -116,3 +121,13 @@ def to_markdown(groups: list[SeedGroup]) -> str:
                 cells.append("" if value is None else str(value))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def seeds_csv(groups: list[SeedGroup]) -> str:
+    """The groups as CSV, accuracy mean and std as fractions (as the per-run table's ``acc``)."""
+    cols = group_columns(groups)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow([c.lstrip("+") for c in cols])
+    writer.writerows([[g.row().get(c, "") for c in cols] for g in groups])
+    return buffer.getvalue()
