@@ -12,6 +12,8 @@ which do not change the arithmetic):
   - student_only:  training the student on labels (forward, backward, optimizer step),
   - cached:        distillation from the teacher's cached logits, which the data loader returns
                    with each batch (distill/data/datasets.py: WithTeacherRows),
+  - cached_<m>:    the same with each other logit loss (dkd, dist, nkd, kd with JSD, kd with
+                   logit standardization),
   - live:          distillation running the teacher on every batch,
   - teacher:       teacher inference alone (inference mode);
 
@@ -106,9 +108,20 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+# The logit losses timed from the cache beside kd (``cached``): loss config overrides by label.
+LOGIT_METHODS: dict[str, dict] = {
+    "dkd": {"name": "dkd", "alpha": 1.0, "beta": 8.0, "ce_weight": 1.0, "warmup_epochs": 0},
+    "dist": {"name": "dist", "beta": 2.0, "gamma": 2.0, "ce_weight": 1.0},
+    "nkd": {"name": "nkd", "temperature": 1.0, "alpha": 1.0, "gamma": 1.5, "ce_weight": 1.0},
+    "kd_jsd": {"divergence": "jsd"},
+    "kd_standardized": {"logit_standardize": True},
+}
+
+
 def step_rates(cfg: DictConfig, dm: BaseDataModule, teacher: torch.nn.Module, table: torch.Tensor, seconds: float, repeats: int,
                device: str) -> tuple[dict[str, list[float]], dict[str, float]]:
-    """Samples/s of single training steps: student alone, from the cached logits, with the live teacher; teacher inference."""
+    """Samples/s of single training steps: student alone, from the cached logits (kd, and each of
+    :data:`LOGIT_METHODS` as ``cached_<label>``), with the live teacher; teacher inference."""
     batch_size = dm.batch_size
     student = build_student(cfg.student, **dm.shape).to(device).train()
     optimizer = build_optimizer(student.parameters(), cfg.optim)
@@ -143,6 +156,9 @@ def step_rates(cfg: DictConfig, dm: BaseDataModule, teacher: torch.nn.Module, ta
         "live": (train_step(lambda logits, b: kd(logits, live_logits(b[0]), b[1])["loss"]), plain_batches),
         "teacher": (teacher_step, plain_batches),
     }
+    for label, overrides in LOGIT_METHODS.items():
+        loss = build_loss(OmegaConf.merge(cfg.loss, overrides))
+        methods[f"cached_{label}"] = (train_step(lambda logits, b, loss=loss: loss(logits, b[2], b[1])["loss"]), cached_batches)
     rates: dict[str, list[float]] = {k: [] for k in methods}
     memory: dict[str, float] = {}
     for _ in range(repeats):
@@ -237,6 +253,7 @@ def run_setup(name: str, setup: dict, seconds: float, repeats: int, batch_size: 
         "fit_seconds_all": fit_seconds,
         "ideal_live": ideal_live,
         "cached_over_student_only": rate["cached"] / rate["student_only"],
+        "methods_over_student_only": {label: rate[f"cached_{label}"] / rate["student_only"] for label in LOGIT_METHODS},
         "live_over_ideal_live": rate["live"] / ideal_live,
         "student_only_over_live": rate["student_only"] / rate["live"],
         "trainer_fit_over_plain_loop": rate["trainer_fit"] / rate["plain_loop"],
@@ -271,6 +288,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             print(f"  {key:>12}: {s[key]:10.1f} samples/s   (median of {len(r['fit_seconds_all'][key])} runs: "
                   f"{', '.join(f'{v:.2f}' for v in r['fit_seconds_all'][key])} s)")
         print(f"  cached / student_only    = {r['cached_over_student_only']:.3f}   (goal >= 0.95)")
+        for label, ratio in r["methods_over_student_only"].items():
+            print(f"  cached_{label} / student_only = {ratio:.3f}   (goal >= 0.9; {s['cached_' + label]:.1f} samples/s)")
         print(f"  live / ideal_live        = {r['live_over_ideal_live']:.3f}   (goal >= 0.9; ideal_live = {r['ideal_live']:.1f}/s)")
         print(f"  trainer_fit / plain_loop = {r['trainer_fit_over_plain_loop']:.3f}   (goal >= {0.8 if r['data'] == 'digits' else 0.9})")
         print(f"  student_only / live      = {r['student_only_over_live']:.1f}x  (what the cache saves)")

@@ -191,7 +191,8 @@ def test_hint_loss_is_zero_for_identical_features_and_learns_a_projection_otherw
     net = build_student(cfg.student, num_classes=10, channels=1, image_size=8)
     same = FeatureLoss({"hint": (1.0, HintTerm(), [("features.2", "features.2")])})
     same.attach(net, net, torch.zeros(2, 1, 8, 8))
-    net(torch.randn(3, 1, 8, 8))
+    with same.taps.record():
+        net(torch.randn(3, 1, 8, 8))
     parts, total = same()
     assert isinstance(same.terms["hint"].regressors[0], nn.Identity) and parts["hint"].item() == 0.0 == total.item()
 
@@ -201,9 +202,10 @@ def test_hint_loss_is_zero_for_identical_features_and_learns_a_projection_otherw
     regressor = hints.terms["hint"].regressors[0]
     assert isinstance(regressor, nn.Conv2d) and regressor.out_channels == 128
     x = torch.randn(3, 1, 8, 8)
-    net(x)
-    with torch.no_grad():
-        teacher(x)
+    with hints.taps.record():
+        net(x)
+        with torch.no_grad():
+            teacher(x)
     parts, total = hints()
     total.backward()
     assert parts["hint"].item() > 0 and torch.isclose(total, 2.0 * parts["hint"])  # logged unweighted

@@ -11,7 +11,7 @@ from torch import nn
 from distill.distillation.features.attention import AttentionTerm
 from distill.distillation.features.combined import FeatureLoss
 from distill.distillation.features.relations import PKTTerm, RKDTerm, SPTerm
-from distill.distillation.features.taps import stage_pairs
+from distill.distillation.features.taps import embedding_module, stage_pairs
 from distill.models.registry import build_student, build_teacher
 
 
@@ -120,11 +120,29 @@ def test_embedding_default_reads_the_classifiers_inputs(make_cfg):
     features.attach(student, teacher, torch.zeros(2, 1, 8, 8))
     assert features.describe() == {"rkd": {"weight": 1.0, "layers": ["embedding:embedding"]}}
     x = torch.randn(4, 1, 8, 8)
-    student(x)
-    with torch.no_grad():
-        teacher(x)
+    student.train()
+    with features.taps.record():
+        student(x)
+        with torch.no_grad():
+            teacher(x)
     s_emb, t_emb = features._features("rkd")
     assert s_emb[0].shape == (4, 128) and t_emb[0].shape == (4, 512) and not t_emb[0].requires_grad
+    # taken before the dropout in front of the classifier (the teacher's side runs in eval mode)
+    assert embedding_module(student) is student.net[6] and isinstance(student.net[6], nn.Dropout)
+    cnn = build_student(make_cfg("student=cnn").student, num_classes=10, channels=1, image_size=8)
+    assert embedding_module(cnn) is cnn.head[1] and embedding_module(teacher) is teacher.fc
+    student.eval()
+    with features.taps.record():
+        student(x)
+        teacher(x)
+    emb, _ = features._features("rkd")
+    assert torch.equal(emb[0], student.net[:6](x))
+    # a copy of the student (measured, exported) carries the hooks and records nothing
+    import copy
+
+    copy.deepcopy(student)(x)
+    with pytest.raises(RuntimeError, match="was not produced by the last forward pass"):
+        features._features("rkd")
 
 
 def test_feature_loss_weights_each_term_and_logs_it_unweighted():
@@ -133,8 +151,9 @@ def test_feature_loss_weights_each_term_and_logs_it_unweighted():
     features = FeatureLoss({"pkt": (10.0, PKTTerm(), []), "sp": (0.5, SPTerm(), [])})
     features.attach(net, other, torch.zeros(2, 4))
     x = torch.randn(6, 4)
-    net(x)
-    other(x)
+    with features.taps.record():
+        net(x)
+        other(x)
     parts, total = features()
     assert set(parts) == {"pkt", "sp"} and features.part_names == ("pkt", "sp")
     assert total.item() == pytest.approx(10.0 * parts["pkt"].item() + 0.5 * parts["sp"].item(), rel=1e-6)

@@ -33,6 +33,7 @@ from torch import nn
 
 from distill.compress.settings import LOWRANK_CHECKS
 from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.config.loss_terms import active_features
 from distill.config.validate import epochs_bound, one_process
 from distill.distillation.optim import rebuild_optimizer
 from distill.errors import ConfigError
@@ -237,8 +238,9 @@ class LowRankTechnique(Technique):
         if "quant" in on:
             raise ConfigError("lowrank with quant.bits: combining them is not supported (the quantized artifact stores the "
                               "unfactorized architecture); choose one")
-        if cfg.loss.hint.weight > 0:
-            raise ConfigError("lowrank with loss.hint: the factorization replaces the hooked layers; choose one")
+        if active_features(cfg.loss):
+            raise ConfigError(f"lowrank with loss.{active_features(cfg.loss)[0]}: the factorization replaces the hooked "
+                              "layers; choose one")
         if lr_cfg.start_epoch > 0 and not one_process(cfg):
             raise ConfigError("lowrank.start_epoch > 0 needs one process (it rebuilds the optimizer mid-run); use lowrank.start_epoch=0")
         epochs = epochs_bound(cfg)

@@ -6,6 +6,7 @@ cross-entropy. Compression (quantization, pruning) lives in callbacks, not here.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import lightning as L
@@ -104,10 +105,12 @@ class DistillationModule(L.LightningModule):
         # (x, y), or (x, y, the teacher's precomputed logits for x) when the data loader reads them
         # from the cached table (distill/data/datasets.py: WithTeacherRows).
         x, y, *cached = batch
-        logits = self.student(x)
-        teacher = (cached[0] if self.distill_loss.uses_teacher else None) if cached else self.teacher_logits(x)
+        # The feature hooks keep their layers' outputs during these two forward passes only.
+        with self.features.taps.record() if self.features is not None else nullcontext():
+            logits = self.student(x)
+            teacher = (cached[0] if self.distill_loss.uses_teacher else None) if cached else self.teacher_logits(x)
         terms = self.distill_loss(logits, teacher, y)
-        if self.features is not None:  # the forward passes above filled the hooked features
+        if self.features is not None:
             parts, weighted = self.features()
             terms.update(parts)
             terms["loss"] = terms["loss"] + weighted

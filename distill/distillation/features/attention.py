@@ -2,12 +2,12 @@ r"""Attention transfer of Zagoruyko & Komodakis, "Paying More Attention to Atten
 https://arxiv.org/abs/1612.03928 (``loss=at``).
 
 Each feature map :math:`f \in \mathbb{R}^{B \times C \times H \times W}` becomes a spatial attention
-map, the channel mean of :math:`|f|^p` flattened and L2-normalised per sample; for each layer pair
+map, the channel mean of :math:`f^p` flattened and L2-normalised per sample; for each layer pair
 the squared difference of the student's and teacher's maps is averaged over batch and positions:
 
 .. math::
 
-    a(f) = \frac{\mathrm{vec}\big(\tfrac1C \sum_c |f_c|^p\big)}{\big\|\mathrm{vec}\big(\tfrac1C \sum_c |f_c|^p\big)\big\|_2},
+    a(f) = \frac{\mathrm{vec}\big(\tfrac1C \sum_c f_c^p\big)}{\big\|\mathrm{vec}\big(\tfrac1C \sum_c f_c^p\big)\big\|_2},
     \qquad \mathrm{at} = \sum_{\text{pairs}} \operatorname{mean}\big((a(f_s) - a(f_t))^2\big)
 
 Conventions of the authors' code (szagoruyko/attention-transfer ``at_loss``, and mdistiller's
@@ -28,7 +28,7 @@ from distill.distillation.features.base import FeatureTerm
 
 def attention_map(feature: torch.Tensor, p: float = 2.0) -> torch.Tensor:
     """The L2-normalised spatial attention map of a B x C x H x W feature map, as B x (H*W)."""
-    return F.normalize(feature.abs().pow(p).mean(1).reshape(feature.shape[0], -1), dim=1)
+    return F.normalize(feature.pow(p).mean(1).reshape(feature.shape[0], -1), dim=1)
 
 
 class AttentionTerm(FeatureTerm):
@@ -44,11 +44,12 @@ class AttentionTerm(FeatureTerm):
             if f_s.dim() != 4 or f_t.dim() != 4:
                 raise ValueError(f"loss.at: attention transfer needs feature maps (B x C x H x W); got student "
                                  f"{tuple(f_s.shape)} and teacher {tuple(f_t.shape)}: name convolutional layers in loss.at.layers")
-            s_h, t_h = f_s.shape[-2:], f_t.shape[-2:]
-            if s_h[0] > t_h[0]:
-                f_s = F.adaptive_avg_pool2d(f_s, t_h)
-            elif s_h[0] < t_h[0]:
-                f_t = F.adaptive_avg_pool2d(f_t, s_h)
+            s_hw, t_hw = f_s.shape[-2:], f_t.shape[-2:]
+            if s_hw != t_hw:  # pool the larger map to the smaller, as mdistiller (by area, for non-square maps too)
+                if s_hw.numel() > t_hw.numel():
+                    f_s = F.adaptive_avg_pool2d(f_s, t_hw)
+                else:
+                    f_t = F.adaptive_avg_pool2d(f_t, s_hw)
             a_s, a_t = attention_map(f_s.float(), self.p), attention_map(f_t.float(), self.p)
             losses.append((a_s - a_t).pow(2).mean())
         return {"at": torch.stack(losses).sum()}

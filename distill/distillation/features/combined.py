@@ -73,7 +73,7 @@ class FeatureLoss(nn.Module):
                 self.taps.hook(teacher, t_path, f"{name}.teacher{index}", "teacher", name)
         was_training = student.training
         student.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.taps.record():
             student(example)
             teacher(example)
         student.train(was_training)

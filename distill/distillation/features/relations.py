@@ -117,8 +117,9 @@ class SPTerm(FeatureTerm):
 
     Conventions of RepDistiller's ``Similarity`` (the authors released no code): ``F.normalize`` of
     the rows, the sum of squares over B², summed over layer pairs; weight 3000. RepDistiller applies it
-    to the last feature map before pooling; the default here is the classifiers' input (the same
-    map, pooled, for ResNets), and ``loss.sp.layers`` picks any other.
+    to the last feature map before pooling (a different Gram matrix from the pooled one); the default
+    here is the embedding the classifier reads, as for the other relation terms, and
+    ``loss.sp.layers=[features:layer4]`` (for example) takes the maps RepDistiller uses.
     """
 
     name, parts = "sp", ("sp",)

@@ -1,12 +1,17 @@
 """Forward hooks that keep named modules' outputs, and the default layers of each kind of term.
 
 A layer is a module path of ``model.named_modules()`` (its output is taken) or :data:`EMBEDDING`:
-the input of the model's last ``nn.Linear``, the embedding its classifier reads (the penultimate
-representation that relation losses compare). The models are not changed.
+the embedding the model's classifier (its last ``nn.Linear``) reads, the penultimate representation
+that relation losses compare, taken before any dropout in front of the classifier (the teacher runs
+in eval mode: a student embedding with dropout's zeros would be compared with a clean one). The
+models are not changed. Outputs are kept only while :attr:`Taps.recording` is on (the training
+step): copies of a student made for measuring or exporting carry the hooks, and record nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -32,21 +37,40 @@ def classifier(model: nn.Module) -> tuple[str, nn.Linear] | None:
     return linears[-1] if linears else None
 
 
+def embedding_module(model: nn.Module) -> nn.Module | None:
+    """The module whose *input* is the embedding: the classifier, or the first of the dropout layers
+    right before it in the same ``nn.Sequential`` (``Flatten, Dropout, Linear``: the Dropout)."""
+    found = classifier(model)
+    if found is None:
+        return None
+    name, head = found
+    parent_name, _, index = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if not isinstance(parent, nn.Sequential) or not index.isdigit():
+        return head
+    position, target = int(index), head
+    while position > 0 and isinstance(parent[position - 1], nn.modules.dropout._DropoutNd):
+        position -= 1
+        target = parent[position]
+    return target
+
+
 class Taps:
     """Keeps the latest output of each hooked layer, under a key, until :meth:`take`."""
 
     def __init__(self) -> None:
         self._kept: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
+        self.recording = False  # on for the training step's forward passes (and attach's probe) only
 
     def hook(self, model: nn.Module, path: str, key: str, side: str, term: str) -> None:
         """Hook ``path`` of ``model`` (the ``side``, "student" or "teacher"); an unknown path is a
         ValueError listing the valid ones."""
         if path == EMBEDDING:
-            found = classifier(model)
-            if found is None:
+            module = embedding_module(model)
+            if module is None:
                 raise ValueError(f"loss.{term}.layers: the {side} has no nn.Linear, so no '{EMBEDDING}'; name a module")
-            self._handles.append(found[1].register_forward_pre_hook(self._keep_input(key)))
+            self._handles.append(module.register_forward_pre_hook(self._keep_input(key)))
             return
         modules = dict(model.named_modules())
         if path not in modules or not path:
@@ -59,13 +83,24 @@ class Taps:
 
     def _keep_output(self, key: str) -> Any:
         def hook(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
-            self._kept[key] = output
+            if self.recording:
+                self._kept[key] = output
         return hook
 
     def _keep_input(self, key: str) -> Any:
         def hook(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-            self._kept[key] = inputs[0]
+            if self.recording:
+                self._kept[key] = inputs[0]
         return hook
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Keep the hooked outputs of the forward passes inside this block."""
+        self.recording = True
+        try:
+            yield
+        finally:
+            self.recording = False
 
     def take(self, key: str) -> torch.Tensor:
         """The kept output for ``key`` (from the last forward pass), dropped from the store."""

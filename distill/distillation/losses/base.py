@@ -66,6 +66,12 @@ class DistillationLoss(nn.Module, ABC):
             s, t = standardize(s), standardize(t)
         return s, t
 
+    def labels_only(self, ce: torch.Tensor) -> LossTerms:
+        """The terms of a batch when every teacher weight is 0: ``ce_weight`` times the cross-entropy,
+        every teacher term 0 (logged as such)."""
+        zero = torch.zeros((), device=ce.device, dtype=ce.dtype)
+        return {"loss": getattr(self, "ce_weight", 1.0) * ce, **{t: zero for t in self.terms if t != "ce"}, "ce": ce}
+
     def need_teacher(self, teacher_logits: torch.Tensor | None) -> torch.Tensor:
         if teacher_logits is None:
             raise ValueError(f"loss={self.name}: teacher logits are required with these weights")

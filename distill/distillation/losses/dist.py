@@ -33,9 +33,10 @@ class DISTLoss(DistillationLoss):
 
     Conventions of the authors' code (hunto/DIST_KD, ``classification/lib/models/losses/dist_kd.py``):
     :math:`\tau^2` on both relations, eps = 1e-8 added to the product of the norms; defaults
-    :math:`\beta = \gamma = 1, \tau = 1` (ImageNet; the paper's CIFAR-100 setting is
-    :math:`\beta = \gamma = 2, \tau = 4`). ``inter`` and ``intra`` are logged with their
-    :math:`\tau^2`, without :math:`\beta, \gamma`. The intra-class relation needs a batch of more than one sample.
+    :math:`\beta = \gamma = 1, \tau = 1` of the class (the authors' ImageNet configs, ``resnet_dist.yaml``,
+    add ``kd_loss_weight: 2``: effectively :math:`\beta = \gamma = 2, \tau = 1`; their CIFAR-100 setting,
+    conf/loss/dist.yaml's, is :math:`\beta = \gamma = 2, \tau = 4`). ``inter`` and ``intra`` are logged with their
+    :math:`\tau^2`, without :math:`\beta, \gamma`. The intra-class relation needs a batch of more than one sample (0 for a batch of one).
     """
 
     name, terms = "dist", ("inter", "intra", "ce")
@@ -58,10 +59,13 @@ class DISTLoss(DistillationLoss):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor) -> LossTerms:
         ce = F.cross_entropy(student_logits, target)
+        if not self.uses_teacher:  # every teacher weight 0: cross-entropy alone (no teacher is built for it)
+            return self.labels_only(ce)
         s, t = self.prepared(student_logits, self.need_teacher(teacher_logits))
         tau = self.temperature
         y_s, y_t = F.softmax(s / tau, dim=1), F.softmax(t / tau, dim=1)
         inter = tau * tau * (1 - pearson(y_s, y_t).mean())
-        intra = tau * tau * (1 - pearson(y_s.t(), y_t.t()).mean())
+        # One sample has no intra-class relation (its correlation over the batch is undefined): 0.
+        intra = tau * tau * (1 - pearson(y_s.t(), y_t.t()).mean()) if len(y_s) > 1 else y_s.sum() * 0
         loss = self.ce_weight * ce + self.beta * inter + self.gamma * intra
         return {"loss": loss, "inter": inter, "intra": intra, "ce": ce}

@@ -59,6 +59,8 @@ class DKDLoss(DistillationLoss):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor) -> LossTerms:
         ce = F.cross_entropy(student_logits, target)
+        if not self.uses_teacher:  # every teacher weight 0: cross-entropy alone (no teacher is built for it)
+            return self.labels_only(ce)
         s, t = self.prepared(student_logits, self.need_teacher(teacher_logits))
         tckd, nckd = decoupled_kl(s, t, target, self.temperature)
         loss = self.ce_weight * ce + self.warmup() * (self.alpha * tckd + self.beta * nckd)

@@ -28,8 +28,9 @@ class NKDLoss(DistillationLoss):
 
     Conventions of the authors' code (yzd-v/cls_KD, ``mmcls/models/losses/nkd.py``): the target term
     at temperature 1 without :math:`T^2`; the non-target term over the logits with the target
-    column removed, times :math:`T^2`; defaults ``temp=1.0``, ``gamma=1.5``, loss weight 1, added to
-    the cross-entropy. Logged terms are unweighted (``non_target`` without :math:`\gamma`).
+    column removed, times :math:`T^2`; the class defaults ``temp=1.0``, ``gamma=1.5`` (their ImageNet
+    setting; ``configs/distillers/cifar100/res34_distill_res18_cifar.py`` uses ``temp=3.0, gamma=3.5``),
+    loss weight 1, added to the cross-entropy. Logged terms are unweighted (``non_target`` without :math:`\gamma`).
     """
 
     name, terms = "nkd", ("target", "non_target", "ce")
@@ -52,6 +53,8 @@ class NKDLoss(DistillationLoss):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor) -> LossTerms:
         ce = F.cross_entropy(student_logits, target)
+        if not self.uses_teacher:  # every teacher weight 0: cross-entropy alone (no teacher is built for it)
+            return self.labels_only(ce)
         s, t = self.prepared(student_logits, self.need_teacher(teacher_logits))
         label = target.view(-1, 1)
         log_s_y = torch.gather(F.log_softmax(s, dim=1), 1, label)
