@@ -157,7 +157,8 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
     if not uses_teacher(cfg.loss) and cfg.student.init != "teacher":
         return Teacher(seconds=time.perf_counter() - start)
     _, world = teacher_trainer_kwargs(cfg)  # the processes that train the teacher (the run's, by default)
-    fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint(), world)
+    # The teacher trains on the full training split (data.train_fraction limits the student's data only).
+    fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint(subset=False), world)
     model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir), world)
     teacher = Teacher(provisioned=model, info=info, live=model if uses_teacher(cfg.loss) else None)
     precompute, hints = cfg.teacher.precompute_outputs, bool(active_features(cfg.loss))  # features need a live teacher

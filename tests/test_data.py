@@ -159,3 +159,27 @@ def test_imagefolder_tree(tmp_path):
 def test_imagefolder_missing_dirs(tmp_path):
     with pytest.raises(FileNotFoundError, match="train/ and val/"):
         dm_for(name="imagefolder", root=str(tmp_path))
+
+
+def test_train_fraction_is_a_seeded_stratified_subset_for_the_student_only(make_cfg):
+    import collections
+
+    from distill.data.datamodules import build_datamodule
+    from distill.errors import ConfigError
+
+    full = build_datamodule(make_cfg().data)
+    full.setup()
+    part = build_datamodule(make_cfg("data.train_fraction=0.25").data)
+    part.setup()
+    again = build_datamodule(make_cfg("data.train_fraction=0.25").data)
+    again.setup()
+    rows = [part.train_set[i][1].item() for i in range(len(part.train_set))]
+    assert len(part.train_set) == round(0.25 * len(full.train_set))
+    assert [again.train_set[i][1].item() for i in range(len(again.train_set))] == rows  # seeded
+    per_class = collections.Counter(rows)
+    assert max(per_class.values()) - min(per_class.values()) <= 2  # every class keeps its share
+    assert len(part.test_set) == len(full.test_set) and len(part.val_set) == len(full.val_set)
+    # the teacher's key is that of the full split: one teacher serves every fraction; the student's data differs
+    assert part.fingerprint(subset=False) == full.fingerprint() != part.fingerprint()
+    with pytest.raises(ConfigError, match="data.train_fraction=0.001 keeps too few"):
+        build_datamodule(make_cfg("data.train_fraction=0.001").data).setup()

@@ -76,7 +76,8 @@ class DataConfig:
     pin_memory: bool | None = None  # null: on when CUDA is available
     persistent_workers: bool = True  # only used when num_workers > 0
     val_fraction: float = 0.1  # taken from the training split, stratified
-    # A seeded stratified subset of the training split (data-limited runs; the teacher trains on it too).
+    # The student trains on a seeded stratified subset of the training split (data-limited runs); the
+    # teacher on all of it, and its logit table covers the subset.
     train_fraction: float = 1.0
     test_fraction: float = 0.2  # digits / synthetic only (others ship a test split)
     split_seed: int = 0

@@ -105,11 +105,12 @@ class BaseDataModule(L.LightningDataModule):
     def shape(self) -> dict[str, int]:
         return {"num_classes": self.num_classes, "channels": self.channels, "image_size": self.image_size}
 
-    def fingerprint(self) -> dict[str, Any]:
-        """Everything about the data that determines what a model trained on it learns."""
+    def fingerprint(self, subset: bool = True) -> dict[str, Any]:
+        """Everything about the data that determines what a model trained on it learns; ``subset=False``:
+        of the full training split, whatever ``data.train_fraction`` (what the teacher trains on)."""
         keys = ("name", "val_fraction", "test_fraction", "split_seed", "augment", "num_samples", "mean", "std")
         fp = {k: self.cfg.get(k) for k in keys}
-        if self.cfg.get("train_fraction", 1.0) < 1.0:  # only then: the keys of teachers cached before it existed stay
+        if subset and self.cfg.get("train_fraction", 1.0) < 1.0:  # only then: the keys cached before it existed stay
             fp["train_fraction"] = self.cfg.train_fraction
         # What the files are, not where they are: a copy staged to $TMPDIR in each SLURM job is the
         # same data (and the same teacher). Only a hash is stored: paths can be private.
@@ -225,7 +226,11 @@ def limit_training(train: np.ndarray, labels: np.ndarray, fraction: float, seed:
     keeps its share; validation and test splits are unchanged). 1.0: all of them."""
     if fraction >= 1.0:
         return train
-    keep, _ = train_test_split(train, train_size=fraction, stratify=labels[train], random_state=seed)
+    try:
+        keep, _ = train_test_split(train, train_size=fraction, stratify=labels[train], random_state=seed)
+    except ValueError as err:  # too few samples for every class to keep one
+        raise ConfigError(f"data.train_fraction={fraction} keeps too few of the {len(train)} training samples "
+                          f"for a stratified subset of every class: {err}") from err
     return np.sort(keep)
 
 

@@ -57,9 +57,10 @@ def progress_callbacks(cfg: DictConfig) -> list[Callback]:
 
 
 def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
-    """Train ``model`` with plain cross-entropy on the run's data; return its test accuracy."""
+    """Train ``model`` with plain cross-entropy on the run's data (all of its training split: a
+    ``data.train_fraction`` limits the student's data, not the teacher's); return its test accuracy."""
     tcfg = cfg.teacher
-    overrides: dict[str, Any] = {"batch_size": tcfg.batch_size}
+    overrides: dict[str, Any] = {"batch_size": tcfg.batch_size, "train_fraction": 1.0}
     if tcfg.augment is not None:
         overrides["augment"] = tcfg.augment
     datamodule = build_datamodule(OmegaConf.merge(cfg.data, overrides))
