@@ -77,6 +77,8 @@ CASES = [
     ("student=cnn loss=at loss.at.layers=[features.2:layer9]", "loss.at.layers: the teacher has no module 'layer9'"),
     ("loss=sp loss.sp.weight=-3", "loss.sp.weight=-3.0 is out of range: must be >= 0"),
     ("loss=sp teacher.precompute_outputs=true", "loss.sp needs the live teacher"),
+    ("student=cnn loss=rkd lowrank.rank_ratio=0.5", "lowrank with loss.rkd: the factorization replaces the hooked layers"),
+    ("loss=rkd quant.bits=8", "loss.rkd with quant.bits is not supported"),
 ]
 
 

@@ -137,3 +137,19 @@ def test_runs_without_a_recorded_seed_are_not_taken_for_seeds(tmp_path):
         (tmp_path / str(num)).mkdir()
         (tmp_path / str(num) / "summary.json").write_text(json.dumps(_summary(0.95 + num / 100, 30_000, 1.0)))
     assert [g.n for g in group_by_seed(compare([tmp_path]))] == [1, 1]
+
+
+def test_seed_groups_keep_apart_runs_whose_settings_differ_and_count_a_seed_once(tmp_path):
+    from distill.report.seeds import group_by_seed
+
+    table = [("kd", seed, 0.95 + seed / 100, 30_000) for seed in range(3)]
+    _seeded_runs(tmp_path / "a", table)
+    # the same overrides, but a temperature set elsewhere (an experiment file): another setting
+    summary = json.loads((tmp_path / "a" / "2" / "summary.json").read_text())
+    summary["hparams"]["temperature"] = 1.0
+    (tmp_path / "a" / "2" / "summary.json").write_text(json.dumps(summary))
+    groups = sorted(group_by_seed(compare([tmp_path / "a"])), key=lambda g: g.n)
+    assert [g.n for g in groups] == [1, 2]
+    # one run reached twice (two runs= roots): its seed counts once
+    rows = compare([tmp_path / "a"]) + compare([tmp_path / "a" / "0"])
+    assert sorted(g.n for g in group_by_seed(rows)) == [1, 2]

@@ -206,3 +206,23 @@ def test_half_precision_logits_are_promoted(cls):
 def test_bad_loss_arguments_name_the_setting(make, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
+
+
+@pytest.mark.parametrize("make", [lambda: DKDLoss(alpha=0.0, beta=0.0, ce_weight=0.5), lambda: DISTLoss(beta=0.0, gamma=0.0, ce_weight=0.5),
+                                  lambda: NKDLoss(alpha=0.0, ce_weight=0.5)])
+def test_a_loss_with_every_teacher_weight_zero_trains_on_labels_without_a_teacher(make):
+    s, _, y = _batch(12)
+    loss = make()
+    out = loss(s, None, y)
+    assert not loss.uses_teacher
+    assert out["loss"].item() == pytest.approx(0.5 * torch.nn.functional.cross_entropy(s, y).item(), rel=1e-6)
+    assert all(out[t].item() == 0.0 for t in loss.terms if t != "ce")
+
+
+def test_old_checkpoints_hint_regressors_load_under_the_feature_terms():
+    from distill.distillation.module import DistillationModule
+
+    module = DistillationModule(torch.nn.Linear(4, 3), None, KDLoss(1.0, 0.0), None, 3)
+    checkpoint = {"state_dict": {"hints.regressors.0.weight": torch.ones(2, 2), "student.weight": torch.zeros(3, 4)}}
+    module.on_load_checkpoint(checkpoint)
+    assert set(checkpoint["state_dict"]) == {"features.terms.hint.regressors.0.weight", "student.weight"}

@@ -74,6 +74,7 @@ def run_row(run: Path) -> dict[str, Any]:
         technique=summary.get("technique") or technique(summary),
         method=method(summary.get("hparams", {})),
         seed=summary.get("hparams", {}).get("seed"),
+        settings=settings_id(summary),
         bits=deployed.bits,
         teacher=t.get("arch"),
         teacher_acc=t.get("test_acc"),
@@ -100,6 +101,14 @@ def run_row(run: Path) -> dict[str, Any]:
 
 
 FEATURE_WEIGHTS = ("at_weight", "rkd_weight", "pkt_weight", "sp_weight")
+
+
+def settings_id(summary: dict[str, Any]) -> str:
+    """What a run was, but for its seed: its recorded settings (``hparams``), data and teacher
+    architecture, as one string (runs with equal ids differ at most in seed)."""
+    hparams = {k: v for k, v in (summary.get("hparams") or {}).items() if k != "seed"}
+    teacher = (summary.get("teacher") or {}).get("arch")
+    return json.dumps({"hparams": hparams, "data": summary.get("data"), "teacher": teacher}, sort_keys=True, default=str)
 
 
 def method(hparams: dict[str, Any]) -> str:

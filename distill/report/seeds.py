@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import statistics
 from dataclasses import dataclass, field
 from typing import Any
 
 from distill.report.pareto import pareto_front
 
-SEED_KEYS = ("+seed",)
+SEED_KEYS = ("+seed", "++seed", "+++seed")  # seed=, +seed=, ++seed= overrides, as run rows name them
+log = logging.getLogger("distill")
 
 
 @dataclass
@@ -54,9 +56,25 @@ def _median(values: list[float | None]) -> float | None:
     return statistics.median(known) if known else None
 
 
+def _one_per_seed(members: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The first run of each seed: a second run of the same seed (a re-run, or one run reached
+    through two ``runs=`` paths) is not an independent sample; it is dropped with a warning."""
+    seen: dict[Any, str] = {}
+    kept = []
+    for row in members:
+        seed = row.get("seed")
+        if seed is not None and seed in seen:
+            log.warning("compare: %s repeats seed %s of %s; counted once", row["run"], seed, seen[seed])
+            continue
+        seen.setdefault(seed, row["run"])
+        kept.append(row)
+    return kept
+
+
 def group_by_seed(rows: list[dict[str, Any]]) -> list[SeedGroup]:
     """The finished runs of ``rows`` (from :func:`~distill.report.comparison.compare`) grouped by
-    everything but the seed: their swept settings, student, technique and method."""
+    everything but the seed: their swept settings, student, technique, method and recorded settings
+    (``hparams``, data, teacher; so runs whose overrides agree but whose configs differ stay apart)."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         if row.get("status") != "ok" or row.get("acc") is None:
@@ -65,9 +83,11 @@ def group_by_seed(rows: list[dict[str, Any]]) -> list[SeedGroup]:
         # A run whose seed is not recorded (an older summary) may differ from its look-alikes in
         # anything: it stays a group of its own.
         alone = () if row.get("seed") is not None else (row["run"],)
-        groups.setdefault((settings, row["student"], row["technique"], row.get("method"), alone), []).append(row)
+        key = (settings, row["student"], row["technique"], row.get("method"), row.get("settings"), alone)
+        groups.setdefault(key, []).append(row)
     out = []
-    for (settings, student, technique, method, _), members in groups.items():
+    for (settings, student, technique, method, _, _), members in groups.items():
+        members = _one_per_seed(members)
         accs = [float(r["acc"]) for r in members]
         out.append(SeedGroup(
             settings=dict(settings), student=student, technique=technique, method=method or "kd",
