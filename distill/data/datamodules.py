@@ -111,7 +111,7 @@ class BaseDataModule(L.LightningDataModule):
         keys = ("name", "val_fraction", "test_fraction", "split_seed", "augment", "num_samples", "mean", "std")
         fp = {k: self.cfg.get(k) for k in keys}
         if subset and self.cfg.get("train_fraction", 1.0) < 1.0:  # only then: the keys cached before it existed stay
-            fp["train_fraction"] = self.cfg.train_fraction
+            fp["train_fraction"] = self.cfg.get("train_fraction", 1.0)
         # What the files are, not where they are: a copy staged to $TMPDIR in each SLURM job is the
         # same data (and the same teacher). Only a hash is stored: paths can be private.
         fp["content"] = self.content_id() if self.uses_root and self.cfg.get("root") else None
@@ -259,7 +259,7 @@ class DigitsDataModule(BaseDataModule):
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # N,1,8,8 in [0,1]
         y = torch.tensor(digits.target, dtype=torch.long)
         train, val, test = _stratified_split(
-            digits.target, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed, self.cfg.train_fraction
+            digits.target, self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed, self.cfg.get("train_fraction", 1.0)
         )
         mean = self.cfg.mean[0] if self.cfg.mean else x[train].mean().item()
         std = self.cfg.std[0] if self.cfg.std else x[train].std().item()
@@ -296,7 +296,7 @@ class SyntheticDataModule(BaseDataModule):
         y = y[torch.randperm(n, generator=g)]
         x = means[y] + torch.randn(n, *shape, generator=g)
         train, val, test = _stratified_split(y.numpy(), self.cfg.val_fraction, self.cfg.test_fraction, self.cfg.split_seed,
-                                             self.cfg.train_fraction)
+                                             self.cfg.get("train_fraction", 1.0))
         self.train_set, self.val_set, self.test_set = (TensorSplit(x, y, i.tolist()) for i in (train, val, test))
 
 
@@ -360,7 +360,7 @@ class _CIFARDataModule(BaseDataModule):
         train_idx, val_idx = train_test_split(
             np.arange(len(labels)), test_size=self.cfg.val_fraction, stratify=labels, random_state=self.cfg.split_seed
         )
-        train_idx = limit_training(train_idx, labels, self.cfg.train_fraction, self.cfg.split_seed)
+        train_idx = limit_training(train_idx, labels, self.cfg.get("train_fraction", 1.0), self.cfg.split_seed)
         t_train = image_transforms(self.cfg, 32, 3, mean, std, train=True)
         t_eval = image_transforms(self.cfg, 32, 3, mean, std, train=False)
         self.train_set = TransformedSubset(train_full, train_idx.tolist(), t_train)
@@ -424,7 +424,7 @@ class ImageFolderDataModule(BaseDataModule):
         for split in (self.val_set, self.test_set):
             if split.classes != self.classes:
                 raise ConfigError(f"data.root: imagefolder: class folders of {split.root} differ from {self.root / 'train'}")
-        if self.cfg.train_fraction < 1.0:
+        if self.cfg.get("train_fraction", 1.0) < 1.0:
             targets = np.asarray(self.train_set.targets)
-            keep = limit_training(np.arange(len(targets)), targets, self.cfg.train_fraction, self.cfg.split_seed)
+            keep = limit_training(np.arange(len(targets)), targets, self.cfg.get("train_fraction", 1.0), self.cfg.split_seed)
             self.train_set = Subset(self.train_set, keep.tolist())
