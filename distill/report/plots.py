@@ -99,9 +99,12 @@ def plot_groups(groups: list[Any], cost: str, path: str | Path) -> Path | None:
         if part:
             ax.errorbar([getattr(g, key) * scale for g in part], [100 * g.acc_mean for g in part],
                         yerr=[100 * g.acc_std for g in part], fmt="o", color=colour, capsize=3, label=label, zorder=3)
+    # the swept settings that tell groups apart (e.g. data.train_fraction), beside what each group is
+    differ = sorted(k for k in {k for g in shown for k in g.settings} if len({g.settings.get(k) for g in shown}) > 1)
     for g in shown:
-        ax.annotate(f"{g.student} {g.method} {g.technique} (n={g.n})", (getattr(g, key) * scale, 100 * g.acc_mean),
-                    textcoords="offset points", xytext=(4, 3), fontsize=7)
+        extra = " ".join(f"{k.lstrip('+').split('.')[-1]}={g.settings[k]}" for k in differ if k in g.settings and k != "+loss")
+        ax.annotate(f"{g.student} {g.method} {g.technique} {extra} (n={g.n})".replace("  ", " "),
+                    (getattr(g, key) * scale, 100 * g.acc_mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("size of the deployed student (KB, log scale)" if cost == "size" else "latency per batch (ms, log scale)")
     ax.set_ylabel("test accuracy (%)")
