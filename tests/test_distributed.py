@@ -178,3 +178,13 @@ def test_teacher_trains_and_tabulates_on_every_rank(tmp_path):
     from distill.measure.accuracy import accuracy_on_test_split
 
     assert summary["teacher"]["test_acc"] == pytest.approx(accuracy_on_test_split(teacher, datamodule), abs=1e-6)
+
+
+def test_feature_and_relation_terms_train_under_ddp(tmp_path):
+    """FitNets' regressors (parameters outside the student) and a relation term over each rank's batch,
+    with DKD from the live teacher: two gloo processes train, and log the terms' epoch means."""
+    ddp = _train(tmp_path, "features", "strategy=ddp", "trainer.devices=2", "student=cnn", "loss=dkd", "loss.hint.weight=1",
+                 "loss.rkd.weight=1", "trainer.max_epochs=1")
+    assert ddp["hparams"]["loss"] == "dkd" and ddp["hparams"]["rkd_weight"] == 1.0 and ddp["teacher_outputs"] == "live"
+    header = (tmp_path / "features" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+    assert {"train/tckd", "train/nckd", "train/hint", "train/rkd_distance", "train/rkd_angle"} <= set(header)
