@@ -205,7 +205,7 @@ class DistillationModule(L.LightningModule):
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint["state_dict"]
+        state = checkpoint.get("state_dict", {})  # a DeepSpeed checkpoint keeps its weights in the shards
         for key in [k for k in state if k.startswith(OLD_HINTS_PREFIX)]:  # FitNets regressors, before features/
             state[HINTS_PREFIX + key[len(OLD_HINTS_PREFIX):]] = state.pop(key)
         if self.teacher is not None:
