@@ -28,11 +28,11 @@ from distill.config.validate import (
     check_optimizer_offload,
     run_checks,
 )
-from distill.distillation.settings import HINT_CHECKS, LOSS_CHECKS
+from distill.distillation.settings import FEATURE_CHECKS, LOSS_CHECKS
 from distill.errors import ConfigError
 from distill.teacher.settings import TEACHER_CHECKS, check_teacher_trainer
 
-RANGE_CHECKS = SETTINGS_CHECKS + HINT_CHECKS + TEACHER_CHECKS + TECHNIQUE_RANGE_CHECKS
+RANGE_CHECKS = SETTINGS_CHECKS + FEATURE_CHECKS + TEACHER_CHECKS + TECHNIQUE_RANGE_CHECKS
 DIRECTORIES = ("paths.cache_dir", "teacher.cache_dir")  # hydra.run.dir / sweep.dir: distill.cli.RunDirectoryCheck
 
 

@@ -29,7 +29,6 @@ FEATURE_CHECKS: list[Check] = [(f"loss.{name}.weight", non_negative, ">= 0") for
     ("loss.rkd.angle_weight", non_negative, ">= 0"),
     ("loss.at.p", is_positive, "a finite number > 0"),
 ]
-HINT_CHECKS = FEATURE_CHECKS  # the name earlier code imports
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")
 _COMMON: list[Check] = [("loss.temperature", is_positive, "a finite number > 0")]

@@ -70,6 +70,11 @@ def plot_tradeoff(rows: list[dict[str, Any]], cost: str, path: str | Path) -> Pa
         devices = "/".join(sorted({(r.get("latency_device") or "cpu").upper() for r in ok}))  # CPU/CUDA: both in one plot
         ax.set_xlabel(f"{devices} latency per batch of {batch} (ms, {threads} thread(s), log scale)")
         ax.set_title("Accuracy vs latency")
+    return _finish(plt, fig, ax, path)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: str | Path) -> Path:
+    """The accuracy axis, grid and legend both plots share; the PNG written atomically, the figure closed."""
     ax.set_ylabel("test accuracy (%)")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
@@ -107,12 +112,5 @@ def plot_groups(groups: list[Any], cost: str, path: str | Path) -> Path | None:
                     (getattr(g, key) * scale, 100 * g.acc_mean), textcoords="offset points", xytext=(4, 3), fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("size of the deployed student (KB, log scale)" if cost == "size" else "latency per batch (ms, log scale)")
-    ax.set_ylabel("test accuracy (%)")
     ax.set_title(f"Accuracy vs {cost}, over seeds")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    try:
-        return atomic_write(path, lambda f: fig.savefig(f, format="png"))
-    finally:
-        plt.close(fig)
+    return _finish(plt, fig, ax, path)

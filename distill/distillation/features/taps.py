@@ -109,9 +109,6 @@ class Taps:
         except KeyError:
             raise RuntimeError(f"feature {key!r} was not produced by the last forward pass") from None
 
-    def clear(self) -> None:
-        self._kept.clear()
-
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()

@@ -68,6 +68,16 @@ class DistillationLoss(nn.Module, ABC):
             s, t = standardize(s), standardize(t)
         return s, t
 
+    @staticmethod
+    def check_ranges(temperature: float, **weights: float) -> None:
+        """``temperature`` > 0 and every weight >= 0, or a ValueError naming the ``loss.*`` key (the
+        same ranges ``distill.distillation.settings.LOSS_CHECKS`` checks in a config)."""
+        if not temperature > 0:
+            raise ValueError(f"loss.temperature={temperature!r} is out of range: must be > 0")
+        for key, value in weights.items():
+            if not value >= 0:
+                raise ValueError(f"loss.{key}={value!r} is out of range: must be >= 0")
+
     def labels_only(self, ce: torch.Tensor) -> LossTerms:
         """The terms of a batch when every teacher weight is 0: ``ce_weight`` times the cross-entropy,
         every teacher term 0 (logged as such)."""

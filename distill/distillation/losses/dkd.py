@@ -45,10 +45,7 @@ class DKDLoss(DistillationLoss):
     def __init__(self, temperature: float = 4.0, alpha: float = 1.0, beta: float = 8.0, ce_weight: float = 1.0,
                  warmup_epochs: int = 20, logit_standardize: bool = False) -> None:
         super().__init__(logit_standardize)
-        for key, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta), ("ce_weight", ce_weight),
-                           ("warmup_epochs", warmup_epochs)):
-            if not value >= (1e-12 if key == "temperature" else 0):
-                raise ValueError(f"loss.{key}={value!r} is out of range: must be {'> 0' if key == 'temperature' else '>= 0'}")
+        self.check_ranges(temperature, alpha=alpha, beta=beta, ce_weight=ce_weight, warmup_epochs=warmup_epochs)
         self.temperature, self.alpha, self.beta = float(temperature), float(alpha), float(beta)
         self.ce_weight, self.warmup_epochs = float(ce_weight), int(warmup_epochs)
         self.uses_teacher = self.alpha > 0 or self.beta > 0

@@ -43,11 +43,7 @@ class NKDLoss(DistillationLoss):
     def __init__(self, temperature: float = 1.0, alpha: float = 1.0, gamma: float = 1.5, ce_weight: float = 1.0,
                  logit_standardize: bool = False) -> None:
         super().__init__(logit_standardize)
-        if not temperature > 0:
-            raise ValueError(f"loss.temperature={temperature!r} is out of range: must be > 0")
-        for key, value in (("alpha", alpha), ("gamma", gamma), ("ce_weight", ce_weight)):
-            if not value >= 0:
-                raise ValueError(f"loss.{key}={value!r} is out of range: must be >= 0")
+        self.check_ranges(temperature, alpha=alpha, gamma=gamma, ce_weight=ce_weight)
         self.temperature, self.alpha, self.gamma, self.ce_weight = float(temperature), float(alpha), float(gamma), float(ce_weight)
         self.uses_teacher = self.alpha > 0
 
