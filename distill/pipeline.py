@@ -36,7 +36,13 @@ from distill.data.datamodules import BaseDataModule, build_datamodule
 from distill.distillation.features.combined import build_features
 from distill.distillation.losses.registry import build_loss
 from distill.distillation.module import DistillationModule
-from distill.distillation.settings import active_features, loss_label, loss_weights, uses_teacher
+from distill.distillation.settings import (
+    active_features,
+    logits_use_teacher,
+    loss_label,
+    loss_weights,
+    uses_teacher,
+)
 from distill.errors import ConfigError, Preempted
 from distill.measure import latency
 from distill.measure.size import count_parameters, serialized_size_bytes
@@ -55,7 +61,15 @@ from distill.runtime.loggers import build_loggers
 from distill.runtime.preemption import Preemption
 from distill.runtime.rng_state import RNGState
 from distill.runtime.strategies import build_strategy
-from distill.teacher.outputs import teacher_outputs_for
+from distill.teacher.ensemble import ensemble_weights, member_configs
+from distill.teacher.features import teacher_features_for
+from distill.teacher.outputs import (
+    StackedRows,
+    TableRows,
+    table_rows,
+    teacher_identity,
+    teacher_outputs_for,
+)
 from distill.teacher.provision import TeacherInfo, provision_teacher, teacher_fingerprint
 from distill.teacher.student_init import init_from_teacher
 from distill.teacher.training import (
@@ -81,6 +95,15 @@ class Teacher:
     outputs: Any = None  # its precomputed logits (a tensor, or a memory-mapped table), read by the training loader
     outputs_source: str | None = None
     seconds: float = 0.0
+    rows: TableRows | None = None  # what the cached tables' rows are (None: the teacher runs live)
+    # Multi-teacher (teacher.ensemble): the further teachers, as provisioned, and their records.
+    members: list[nn.Module] = field(default_factory=list)
+    member_infos: list[TeacherInfo] = field(default_factory=list)
+
+    @property
+    def cached(self) -> bool:
+        """Whether the teacher's outputs (logits, features) are read from tables instead of computed live."""
+        return self.rows is not None
 
 
 @dataclass
@@ -152,7 +175,8 @@ def load_data(cfg: DictConfig) -> BaseDataModule:
 
 
 def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Path, start: float) -> Teacher:
-    """The teacher (loaded, cached or trained) and, where the inputs allow, its precomputed outputs."""
+    """The teacher (loaded, cached or trained), the ensemble's further teachers, and, where the inputs
+    allow, their precomputed logits."""
     # kd with alpha = 0 is the no-distillation baseline: no teacher at all, unless the student starts from it.
     if not uses_teacher(cfg.loss) and cfg.student.init != "teacher":
         return Teacher(seconds=time.perf_counter() - start)
@@ -161,11 +185,26 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
     fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint(subset=False), world)
     model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir), world)
     teacher = Teacher(provisioned=model, info=info, live=model if uses_teacher(cfg.loss) else None)
-    precompute, hints = cfg.teacher.precompute_outputs, bool(active_features(cfg.loss))  # features need a live teacher
-    if teacher.live is not None and (cfg.teacher.cache_views or precompute or (precompute is None and not cfg.data.augment and not hints)):
-        teacher.outputs, teacher.outputs_source = teacher_outputs_for(cfg, model, info, datamodule)
+    for index, member in enumerate(member_configs(cfg)):  # each provisioned and cached as the first is
+        member_fingerprint = teacher_fingerprint(member, datamodule.fingerprint(subset=False), world)
+        own_dir = output_dir / f"ensemble{index + 1}"
+        m_model, m_info = provision_teacher(member, datamodule.shape, member_fingerprint,
+                                            lambda m, c=member, d=own_dir: train_teacher(c, m, d), world)
+        teacher.members.append(m_model)
+        teacher.member_infos.append(m_info)
+    precompute, features = cfg.teacher.precompute_outputs, bool(active_features(cfg.loss))
+    if teacher.live is not None and (cfg.teacher.cache_views or precompute or (precompute is None and not cfg.data.augment)):
+        # The teacher sees the same input for a sample in every epoch: its logits (and, once the
+        # student is built, its features: fit_student) are tables, and the training step runs no teacher.
+        teacher.rows = table_rows(cfg, datamodule)
+        if logits_use_teacher(cfg.loss):
+            tables = [teacher_outputs_for(cfg, model, info, datamodule, teacher.rows)]
+            tables += [teacher_outputs_for(c, m, i, datamodule, teacher.rows)
+                       for c, m, i in zip(member_configs(cfg), teacher.members, teacher.member_infos, strict=True)]
+            teacher.outputs = tables[0][0] if len(tables) == 1 else StackedRows([table for table, _ in tables])
+            teacher.outputs_source = tables[0][1]
         teacher.live = None  # the module then holds no teacher: in no DDP bucket, no DeepSpeed partition
-    elif teacher.live is not None and cfg.teacher.compile and not hints:
+    elif teacher.live is not None and cfg.teacher.compile and not features:
         teacher.live = torch.compile(model)  # the live teacher runs every step: compiling pays off
     teacher.seconds = time.perf_counter() - start
     return teacher
@@ -178,15 +217,33 @@ def fit_student(cfg: DictConfig, datamodule: BaseDataModule, teacher: Teacher, o
     student = build_student(cfg.student, **shape)
     init_report = init_from_teacher(student, teacher.provisioned, cfg.student.name, cfg.teacher.name) \
         if cfg.student.init == "teacher" else {}
+    features = None
+    if active_features(cfg.loss):
+        datamodule.setup("fit")
+        features = build_features(cfg, student, teacher.provisioned, shape, labels=datamodule.train_labels())
+        datamodule.with_index = features.needs_index  # CRD: the batches carry their samples' indices
+    columns = {} if teacher.outputs is None else {"logits": teacher.outputs}
+    if features is not None and teacher.cached:
+        assert teacher.rows is not None and teacher.info is not None
+        device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        feature_columns, source = teacher_features_for(cfg.teacher.cache_dir, features, teacher.provisioned,
+                                                       teacher_identity(teacher.info), teacher.rows, cfg.teacher.outputs_dtype, device)
+        columns.update(feature_columns)
+        teacher.outputs_source = f"precomputed ({source})" if teacher.outputs_source is None else teacher.outputs_source
+    # The batches carry the teacher's rows: its logits alone as a tensor, or every column by name.
+    datamodule.teacher_table = columns.get("logits") if set(columns) <= {"logits"} else columns
     resolved = redacted_container(cfg)  # the config as W&B, checkpoints and artifacts see it: no secret
     info = teacher.info
+    loss = build_loss(cfg.loss)
+    loss.teacher_weights = ensemble_weights(cfg)
     module = DistillationModule(
-        student, teacher.live, build_loss(cfg.loss), cfg.optim, shape["num_classes"],
+        student, teacher.live, loss, cfg.optim, shape["num_classes"],
         # The teacher's file by name only: its directory may come from the environment (DISTILL_CACHE_DIR).
         hparams={"config": resolved, "shape": shape,
                  "teacher": {**info.as_dict(), "path": Path(info.path).name if info.path else None} if info else None},
         teacher_channels_last=cfg.teacher.channels_last and teacher.live is not None,
-        skip_nonfinite=cfg.loss.on_nonfinite == "skip", features=build_features(cfg, student, teacher.live, shape),
+        skip_nonfinite=cfg.loss.on_nonfinite == "skip", features=features,
+        ensemble=teacher.members if teacher.live is not None else None,
     )
     ctx = BuildContext(shape, output_dir, resolved["student"], resolved["data"], _latency_batch(cfg, shape), cfg.quant.latency_threads,
                        _latency_device(cfg))
@@ -337,6 +394,9 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         if measure and _latency_device(cfg) is not None:
             teacher_summary.update(_teacher_latency(teacher.provisioned, teacher.info, _sample_shape(shape),
                                                     _latency_batch(cfg, shape), _threads(cfg), _latency_device(cfg)))
+        if teacher.member_infos:  # multi-teacher: the further teachers, and the mixture's weights
+            teacher_summary["ensemble"] = [{**i.as_dict(), "path": Path(i.path).name if i.path else None} for i in teacher.member_infos]
+            teacher_summary["ensemble_weights"] = ensemble_weights(cfg)
     return {
         "teacher": teacher_summary,
         "student": student_summary,
@@ -365,6 +425,8 @@ def _hparams(cfg: DictConfig) -> dict[str, Any]:
         "temperature": cfg.loss.temperature, "alpha": cfg.loss.alpha, "optimizer": cfg.optim.name, "lr": cfg.optim.lr,
         "max_epochs": cfg.trainer.max_epochs, "batch_size": cfg.data.batch_size, "seed": cfg.seed,
         "hint_weight": cfg.loss.hint.weight or None, "student_init": cfg.student.init, **technique_hparams(cfg),
+        **({"ensemble": [str(m.teacher.name) for m in member_configs(cfg)], "ensemble_weights": ensemble_weights(cfg)}
+           if cfg.teacher.ensemble else {}),
     }
 
 

@@ -76,7 +76,10 @@ CASES = [
     ("loss=at", "loss.at needs feature maps, and the student has none larger than 1x1"),
     ("student=cnn loss=at loss.at.layers=[features.2:layer9]", "loss.at.layers: the teacher has no module 'layer9'"),
     ("loss=sp loss.sp.weight=-3", "loss.sp.weight=-3.0 is out of range: must be >= 0"),
-    ("loss=sp teacher.precompute_outputs=true", "loss.sp needs the live teacher"),
+    ("loss=crd loss.crd.nce_t=0", "loss.crd.nce_t=0.0 is out of range: must be a finite number > 0"),
+    ("loss=crd loss.crd.momentum=1", "loss.crd.momentum=1.0 is out of range: must be in [0, 1)"),
+    ("loss=crd loss.crd.nce_k=0", "loss.crd.nce_k=0 is out of range: must be >= 1"),
+    ("loss=crd loss.crd.layers=[net.1:layer1,net.3:layer2]", "loss.crd.layers: CRD contrasts one student layer with one teacher layer"),
     ("student=cnn loss=rkd lowrank.rank_ratio=0.5", "lowrank with loss.rkd: the factorization replaces the hooked layers"),
     ("loss=rkd quant.bits=8", "loss.rkd with quant.bits is not supported"),
 ]

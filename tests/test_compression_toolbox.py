@@ -111,7 +111,7 @@ def test_init_from_an_unrelated_teacher_is_a_named_error(make_cfg):
     (["export.dtype=fp16", "quant.bits=8"], "export.dtype=fp16 with quant.bits=8"),
     (["loss.hint.weight=-1"], "loss.hint.weight=-1.0 is out of range: must be >= 0"),
     (["loss.hint.weight=1", "loss.hint.layers=[features.2]"], "loss.hint.layers: 'features.2' is not"),
-    (["loss.hint.weight=1", "loss.hint.layers=[net.1:layer2]", "teacher.precompute_outputs=true"], "loss.hint needs the live teacher"),
+    (["loss.hint.weight=1", "loss.hint.layers=[net.1:layer2]", "quant.bits=8"], "loss.hint with quant.bits is not supported"),
     (["sharing.bits=4", "quant.bits=8"], "sharing.bits=4 with quant.bits"),
     (["sharing.bits=9"], "sharing.bits"),
     (["sharing.bits=4", "sharing.start_epoch=30"], "sharing.start_epoch=30 must be <"),

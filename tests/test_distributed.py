@@ -180,11 +180,18 @@ def test_teacher_trains_and_tabulates_on_every_rank(tmp_path):
     assert summary["teacher"]["test_acc"] == pytest.approx(accuracy_on_test_split(teacher, datamodule), abs=1e-6)
 
 
-def test_feature_and_relation_terms_train_under_ddp(tmp_path):
-    """FitNets' regressors (parameters outside the student) and a relation term over each rank's batch,
-    with DKD from the live teacher: two gloo processes train, and log the terms' epoch means."""
+@pytest.mark.parametrize("teacher", ["cached", "live"])
+def test_feature_and_relation_terms_train_under_ddp(tmp_path, teacher):
+    """FitNets' regressors and CRD's heads (parameters outside the student), a relation term over each
+    rank's batch and CRD's memories (updated with the global batch on every rank), with DKD: two gloo
+    processes train from the cached teacher features (both ranks read the one cache entry), or from the
+    live teacher, and log the terms' epoch means."""
+    live = ["teacher.precompute_outputs=false"] if teacher == "live" else []
     ddp = _train(tmp_path, "features", "strategy=ddp", "trainer.devices=2", "student=cnn", "loss=dkd", "loss.hint.weight=1",
-                 "loss.rkd.weight=1", "trainer.max_epochs=1")
-    assert ddp["hparams"]["loss"] == "dkd" and ddp["hparams"]["rkd_weight"] == 1.0 and ddp["teacher_outputs"] == "live"
+                 "loss.rkd.weight=1", "loss.crd.weight=0.8", "loss.crd.nce_k=64", "trainer.max_epochs=1", *live)
+    assert ddp["hparams"]["loss"] == "dkd" and ddp["hparams"]["rkd_weight"] == 1.0 and ddp["hparams"]["crd_weight"] == 0.8
+    assert ddp["teacher_outputs"] == ("live" if live else "precomputed (computed)")
     header = (tmp_path / "features" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
-    assert {"train/tckd", "train/nckd", "train/hint", "train/rkd_distance", "train/rkd_angle"} <= set(header)
+    assert {"train/tckd", "train/nckd", "train/hint", "train/rkd_distance", "train/rkd_angle", "train/crd"} <= set(header)
+    tables = list((tmp_path / "cache" / "teachers" / "features").glob("*.npy"))
+    assert len(tables) == (0 if live else 3)  # the hint's two stage pairs; one embedding, shared by RKD and CRD

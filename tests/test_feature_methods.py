@@ -15,6 +15,12 @@ from distill.distillation.features.taps import embedding_module, stage_pairs
 from distill.models.registry import build_student, build_teacher
 
 
+def applied(term, student, teacher):
+    """``term`` on raw features, as FeatureLoss runs it: built on them, the teacher's in the form the term consumes."""
+    term.build(student, teacher)
+    return term(student, [term.teacher_form(i, t) for i, t in enumerate(teacher)])
+
+
 def _pair(seed=0, n=5, ds=4, dt=7):
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, ds, generator=g), torch.randn(n, dt, generator=g)
@@ -27,7 +33,7 @@ def _huber(a, b):
 
 def test_rkd_matches_distance_and_angle_definitions():
     s, t = _pair()
-    out = RKDTerm()([s], [t])
+    out = applied(RKDTerm(), [s], [t])
     S, T = s.double().numpy(), t.double().numpy()
     n = len(S)
 
@@ -51,13 +57,13 @@ def test_rkd_matches_distance_and_angle_definitions():
 
 def test_rkd_is_invariant_to_scale_and_zero_for_the_same_geometry():
     s, _ = _pair(1)
-    out = RKDTerm()([s], [3.0 * s + 1.0])  # distances normalised by their mean; angles unchanged
+    out = applied(RKDTerm(), [s], [3.0 * s + 1.0])  # distances normalised by their mean; angles unchanged
     assert out["rkd_distance"].item() < 1e-6 and out["rkd_angle"].item() < 1e-6
 
 
 def test_pkt_matches_the_conditional_probability_kl():
     s, t = _pair(2)
-    out = PKTTerm()([s], [t])
+    out = applied(PKTTerm(), [s], [t])
     eps = 1e-7
 
     def conditional(E):
@@ -68,12 +74,12 @@ def test_pkt_matches_the_conditional_probability_kl():
     ps, pt = conditional(s.double().numpy()), conditional(t.double().numpy())
     expected = np.mean(pt * np.log((pt + eps) / (ps + eps)))
     assert out["pkt"].item() == pytest.approx(expected, rel=1e-4)
-    assert PKTTerm()([s], [2.0 * s])["pkt"].abs().item() < 1e-6  # cosine geometry: scale-free
+    assert applied(PKTTerm(), [s], [2.0 * s])["pkt"].abs().item() < 1e-6  # cosine geometry: scale-free
 
 
 def test_sp_matches_the_normalised_gram_difference():
     s, t = _pair(3)
-    out = SPTerm()([s], [t])
+    out = applied(SPTerm(), [s], [t])
     S, T = s.double().numpy(), t.double().numpy()
     gs, gt = S @ S.T, T @ T.T
     gs, gt = gs / np.linalg.norm(gs, axis=1, keepdims=True), gt / np.linalg.norm(gt, axis=1, keepdims=True)
@@ -93,7 +99,7 @@ def test_relation_terms_have_nothing_to_relate_in_a_batch_of_one(term):
 def test_attention_transfer_matches_the_definition_and_pools_the_larger_map():
     g = torch.Generator().manual_seed(5)
     fs, ft = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 6, 4, 4, generator=g)
-    out = AttentionTerm()([fs], [ft])
+    out = applied(AttentionTerm(), [fs], [ft])
 
     def amap(f):
         a = (f ** 2).mean(1).reshape(len(f), -1)
@@ -103,8 +109,8 @@ def test_attention_transfer_matches_the_definition_and_pools_the_larger_map():
     assert out["at"].item() == pytest.approx(expected, rel=1e-4)
     big = torch.randn(2, 6, 8, 8, generator=g)  # the teacher's map twice as large: pooled to 4x4
     pooled = torch.nn.functional.avg_pool2d(big, 2)
-    assert AttentionTerm()([fs], [big])["at"].item() == pytest.approx(AttentionTerm()([fs], [pooled])["at"].item(), rel=1e-6)
-    assert AttentionTerm()([fs], [2.0 * fs])["at"].item() < 1e-10  # each map is normalised
+    assert applied(AttentionTerm(), [fs], [big])["at"].item() == pytest.approx(applied(AttentionTerm(), [fs], [pooled])["at"].item(), rel=1e-6)
+    assert applied(AttentionTerm(), [fs], [2.0 * fs])["at"].item() < 1e-10  # each map is normalised
 
 
 def test_default_attention_layers_are_stage_outputs_paired_by_resolution(make_cfg):
@@ -125,7 +131,7 @@ def test_embedding_default_reads_the_classifiers_inputs(make_cfg):
         student(x)
         with torch.no_grad():
             teacher(x)
-    s_emb, t_emb = features._features("rkd")
+    s_emb, t_emb = features._features("rkd", None)
     assert s_emb[0].shape == (4, 128) and t_emb[0].shape == (4, 512) and not t_emb[0].requires_grad
     # taken before the dropout in front of the classifier (the teacher's side runs in eval mode)
     assert embedding_module(student) is student.net[6] and isinstance(student.net[6], nn.Dropout)
@@ -135,14 +141,14 @@ def test_embedding_default_reads_the_classifiers_inputs(make_cfg):
     with features.taps.record():
         student(x)
         teacher(x)
-    emb, _ = features._features("rkd")
+    emb, _ = features._features("rkd", None)
     assert torch.equal(emb[0], student.net[:6](x))
     # a copy of the student (measured, exported) carries the hooks and records nothing
     import copy
 
     copy.deepcopy(student)(x)
     with pytest.raises(RuntimeError, match="was not produced by the last forward pass"):
-        features._features("rkd")
+        features._features("rkd", None)
 
 
 def test_feature_loss_weights_each_term_and_logs_it_unweighted():

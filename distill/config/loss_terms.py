@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 # The feature and relation terms (distill/distillation/features/): each a ``loss.<name>`` node with
 # a ``weight`` (0: off) and ``layers``, added to whichever logit loss ``loss.name`` picks.
-FEATURE_TERMS = ("hint", "at", "rkd", "pkt", "sp")
+FEATURE_TERMS = ("hint", "at", "rkd", "pkt", "sp", "crd")
 # The keys whose weight makes a logit loss use the teacher's logits at all.
 _TEACHER_WEIGHTS: dict[str, tuple[str, ...]] = {"kd": ("alpha",), "dkd": ("alpha", "beta"), "dist": ("beta", "gamma"),
                                                 "nkd": ("alpha",)}

@@ -54,6 +54,12 @@ class TeacherConfig:
     # (e.g. +teacher.trainer.devices=1 keeps the teacher on one device in a multi-GPU run).
     trainer: dict[str, Any] = field(default_factory=dict)
     cache_dir: str = MISSING
+    # Multi-teacher: further teachers beside this one, each a teacher name (``[resnet18]``) or a node
+    # of teacher settings over this one's (``[{name: resnet18, checkpoint: t.pt}]``); each is
+    # provisioned and cached as this one is. The loss then learns from the weighted mixture of the
+    # teachers' softened distributions.
+    ensemble: list[Any] = field(default_factory=list)
+    ensemble_weights: list[float] | None = None  # one per teacher, this one first (null: equal)
 
 
 @dataclass
@@ -114,6 +120,14 @@ class AttentionConfig(FeatureTermConfig):
 
 
 @dataclass
+class CRDConfig(FeatureTermConfig):
+    feat_dim: int = 128  # the embedding heads' width (Tian et al.'s defaults)
+    nce_k: int = 16384  # negatives per sample, drawn from the other classes
+    nce_t: float = 0.07  # the temperature of the critic
+    momentum: float = 0.5  # of the memory banks' update
+
+
+@dataclass
 class RKDConfig(FeatureTermConfig):
     distance_weight: float = 25.0  # Park et al.'s lambda_D
     angle_weight: float = 50.0  # lambda_A
@@ -139,6 +153,7 @@ class LossConfig:
     rkd: RKDConfig = field(default_factory=lambda: RKDConfig(weight=0.0))
     pkt: FeatureTermConfig = field(default_factory=FeatureTermConfig)
     sp: FeatureTermConfig = field(default_factory=FeatureTermConfig)
+    crd: CRDConfig = field(default_factory=CRDConfig)
     on_nonfinite: str = "stop"  # a NaN/inf loss: stop (exit 3, no step taken) | skip (drop the batch, count it)
 
 

@@ -96,7 +96,10 @@ class BaseDataModule(L.LightningDataModule):
         self.test_set: Dataset | None = None
         # The teacher's precomputed logits for the training split (a dense tensor or a memory-mapped
         # TeacherOutputs, distill/teacher/outputs.py): training batches then carry each sample's row.
+        # Or a dict of columns (the logits of each teacher, the teacher's cached features), and
+        # ``with_index``: the batches also carry the samples' indices (CRD's memory bank).
         self.teacher_table: Any = None
+        self.with_index = False
         # (epoch, batches already trained in it) of a mid-epoch checkpoint being resumed; set by
         # distill.rng_state.RNGState from the checkpoint, read when the training loader is built.
         self.resume_position: tuple[int, int] | None = None
@@ -123,6 +126,14 @@ class BaseDataModule(L.LightningDataModule):
         """A hash of the dataset's files, independent of where ``data.root`` puts them: every file's
         path relative to the root and its size (subclasses narrow it to their own files)."""
         return _files_digest(Path(self.cfg.root).expanduser(), with_sizes=True)
+
+    def train_labels(self) -> torch.Tensor:
+        """The training split's labels in sample order (for CRD's negatives, drawn from the other
+        classes): from the label arrays where the split has them, without reading any image."""
+        split = self.train_set
+        if split is None:
+            raise RuntimeError("train_labels before setup")
+        return torch.as_tensor(_labels_of(split), dtype=torch.long)
 
     def prepare_and_check(self) -> None:
         """Download the data (if ``data.download``) and read it now, so that a missing or empty
@@ -181,8 +192,8 @@ class BaseDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_set
-        if self.teacher_table is not None and dataset is not None:
-            dataset = WithTeacherRows(dataset, self.teacher_table)  # (x, y, teacher logits)
+        if (self.teacher_table is not None or self.with_index) and dataset is not None:
+            dataset = WithTeacherRows(dataset, self.teacher_table, self.with_index)  # (x, y, teacher outputs)
         return self._loader(dataset, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
@@ -192,6 +203,17 @@ class BaseDataModule(L.LightningDataModule):
         """The test split; under data parallelism each rank gets its own shard (``shard=False``:
         all of it, e.g. to evaluate a converted model on one process)."""
         return self._loader(self.test_set, shuffle=False, shard=shard)
+
+
+def _labels_of(split: Dataset) -> np.ndarray:
+    if hasattr(split, "gather"):  # in-memory tensors
+        return np.asarray(split.gather(list(range(len(split))))[1])  # type: ignore[arg-type, attr-defined]
+    if hasattr(split, "targets"):  # torchvision's folders and CIFAR
+        return np.asarray(split.targets)
+    base = getattr(split, "dataset", None) or getattr(split, "base", None)  # Subset, TransformedSubset, ReplayedViews
+    if base is not None and hasattr(split, "indices"):
+        return _labels_of(base)[np.asarray(split.indices, dtype=np.int64)]
+    return np.asarray([int(split[i][1]) for i in range(len(split))])  # type: ignore[arg-type]
 
 
 def _files_digest(root: Path, with_sizes: bool, under: tuple[str, ...] = ()) -> str:

@@ -78,40 +78,56 @@ class TransformedSubset(Dataset):
 
 
 class WithTeacherRows(Dataset):
-    """``(x, y, t)``: each training sample with the teacher's cached logits for it, so they arrive with
+    """``(x, y, t)``: each training sample with the teacher's cached outputs for it, so they arrive with
     the batch (pinned and moved to the device with it) and the training step reads no table.
 
     ``table`` is a dense ``(N, C)`` tensor or a memory-mapped :class:`distill.teacher.outputs.TeacherOutputs`
-    (anything with ``rows(index) -> (len(index), C)`` float logits). The row of item ``i`` is ``i``,
-    or, for a dataset whose items carry their row as a third element (``(x, y, row)``, as
-    :class:`distill.teacher.views.ReplayedViews` does for the view it drew), that row. A batch's rows
-    are read at once: in ``gather`` (over a dataset that has it) and in ``__getitems__`` (PyTorch's
-    batched fetch, per-sample items otherwise)."""
+    (anything with ``rows(index) -> (len(index), C)`` float logits): ``t`` is then the logits. Or it is
+    a dict of such columns by name (the logits of one or more teachers, the teacher's cached features:
+    :mod:`distill.teacher.features`), or None; ``t`` is then a dict of the batch's rows of each column,
+    plus ``"index"``, the samples' indices in the dataset, when ``with_index`` (CRD's memory needs them).
+    The row of item ``i`` is ``i``, or, for a dataset whose items carry their row as a third element
+    (``(x, y, row)``, as :class:`distill.teacher.views.ReplayedViews` does for the view it drew), that
+    row. A batch's rows are read at once: in ``gather`` (over a dataset that has it) and in
+    ``__getitems__`` (PyTorch's batched fetch, per-sample items otherwise)."""
 
-    def __init__(self, dataset: Dataset, table: Any) -> None:
-        self.dataset, self.table = dataset, table
+    def __init__(self, dataset: Dataset, table: Any, with_index: bool = False) -> None:
+        self.dataset, self.table, self.with_index = dataset, table, with_index
+        self.columns = isinstance(table, dict) or table is None or with_index
         if hasattr(dataset, "gather"):
             self.gather = self._gather
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def _rows(self, rows: Sequence[int] | torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _lookup(table: Any, index: torch.Tensor) -> torch.Tensor:
+        return table[index] if isinstance(table, torch.Tensor) else table.rows(index)
+
+    def _rows(self, rows: Sequence[int] | torch.Tensor, samples: Sequence[int]) -> Any:
         index = torch.as_tensor(rows, dtype=torch.long)
-        return self.table[index] if isinstance(self.table, torch.Tensor) else self.table.rows(index)
+        if not self.columns:
+            return self._lookup(self.table, index)
+        out = {name: self._lookup(column, index) for name, column in (self.table or {}).items()}
+        if self.with_index:
+            out["index"] = torch.as_tensor(samples, dtype=torch.long)
+        return out
 
     def __getitem__(self, i: int) -> tuple:
-        item = self.dataset[i]
-        return item[0], item[1], self._rows([item[2] if len(item) > 2 else i])[0]
+        return self.__getitems__([i])[0]
 
     def __getitems__(self, indices: list[int]) -> list[tuple]:
         items = [self.dataset[i] for i in indices]
-        rows = [item[2] if len(item) > 2 else i for item, i in zip(items, indices, strict=True)]
-        return [(item[0], item[1], logits) for item, logits in zip(items, self._rows(rows), strict=True)]
+        rows = self._rows([item[2] if len(item) > 2 else i for item, i in zip(items, indices, strict=True)], indices)
+        if isinstance(rows, dict):  # one dict per item, as the default collate stacks them back
+            per_item = [{name: value[j] for name, value in rows.items()} for j in range(len(items))]
+        else:
+            per_item = list(rows)
+        return [(item[0], item[1], extra) for item, extra in zip(items, per_item, strict=True)]
 
     def _gather(self, indices: Sequence[int]) -> tuple:
         x, y, *rows = self.dataset.gather(indices)  # type: ignore[attr-defined]
-        return x, y, self._rows(rows[0] if rows else indices)
+        return x, y, self._rows(rows[0] if rows else indices, indices)
 
 
 class PaddedSplit(Dataset):

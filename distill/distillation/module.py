@@ -23,7 +23,7 @@ from distill.errors import NonFiniteLossError
 from distill.runtime.rank_sync import PADDING_LABEL
 from distill.runtime.strategies import offloads_optimizer
 
-TEACHER_PREFIX = "teacher."
+TEACHER_PREFIX, ENSEMBLE_PREFIX = "teacher.", "ensemble."
 OLD_HINTS_PREFIX, HINTS_PREFIX = "hints.regressors.", "features.terms.hint.regressors."
 
 
@@ -39,6 +39,7 @@ class DistillationModule(L.LightningModule):
         teacher_channels_last: bool = False,
         skip_nonfinite: bool = False,
         features: FeatureLoss | None = None,  # feature and relation terms, hooked into student and teacher
+        ensemble: list[nn.Module] | None = None,  # multi-teacher: the further live teachers (their logits are mixed)
     ) -> None:
         super().__init__()
         self.features = features
@@ -54,6 +55,12 @@ class DistillationModule(L.LightningModule):
         self.teacher_channels_last = teacher_channels_last
         if teacher is not None and teacher_channels_last:
             teacher.to(memory_format=torch.channels_last)
+        self.ensemble = nn.ModuleList(ensemble) if ensemble else None
+        if self.ensemble is not None:
+            self.ensemble.requires_grad_(False)
+            self.ensemble.eval()
+            if teacher_channels_last:
+                self.ensemble.to(memory_format=torch.channels_last)
         self.distill_loss = loss
         self.optim_cfg = optim
         # The epoch's loss terms and accuracy, summed on the device and synced once per epoch.
@@ -81,6 +88,8 @@ class DistillationModule(L.LightningModule):
         super().train(mode)
         if self.teacher is not None:
             self.teacher.eval()
+        if self.ensemble is not None:
+            self.ensemble.eval()
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,19 +108,24 @@ class DistillationModule(L.LightningModule):
         half = torch.bfloat16 if x.is_cuda and torch.cuda.is_bf16_supported() else torch.float16
         with torch.no_grad(), torch.autocast("cuda", dtype=half, enabled=x.is_cuda):
             logits = self.teacher(x)
+            if self.ensemble is not None and self.distill_loss.uses_teacher:  # B x K x C: the loss mixes them
+                logits = torch.stack([logits, *(member(x) for member in self.ensemble)], dim=1)
         return logits if self.distill_loss.uses_teacher else None
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
-        # (x, y), or (x, y, the teacher's precomputed logits for x) when the data loader reads them
-        # from the cached table (distill/data/datasets.py: WithTeacherRows).
-        x, y, *cached = batch
+        # (x, y); or (x, y, the teacher's precomputed logits for x) when the data loader reads them from
+        # the cached table; or (x, y, {column: rows}) with the teacher's cached features, several
+        # teachers' logits or the samples' indices (distill/data/datasets.py: WithTeacherRows).
+        x, y, *extra = batch
+        rows = (extra[0] if isinstance(extra[0], dict) else {"logits": extra[0]}) if extra else {}
         # The feature hooks keep their layers' outputs during these two forward passes only.
         with self.features.taps.record() if self.features is not None else nullcontext():
             logits = self.student(x)
-            teacher = (cached[0] if self.distill_loss.uses_teacher else None) if cached else self.teacher_logits(x)
-        terms = self.distill_loss(logits, teacher, y)
+            teacher = self.teacher_logits(x) if self.teacher is not None else rows.get("logits")
+        terms = self.distill_loss(logits, teacher if self.distill_loss.uses_teacher else None, y)
         if self.features is not None:
-            parts, weighted = self.features()
+            # The teacher's side from its hooks (live), or from the cached columns of the batch.
+            parts, weighted = self.features(None if self.teacher is not None else rows, index=rows.get("index"))
             terms.update(parts)
             terms["loss"] = terms["loss"] + weighted
         if self._nonfinite_anywhere(terms["loss"]):
@@ -201,7 +215,7 @@ class DistillationModule(L.LightningModule):
     # hundreds of MB). On load, the live teacher's weights are put back so strict loading works.
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(TEACHER_PREFIX)]:
+        for key in [k for k in state if k.startswith((TEACHER_PREFIX, ENSEMBLE_PREFIX))]:
             del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -212,3 +226,5 @@ class DistillationModule(L.LightningModule):
             state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict().items():
                 state.setdefault(TEACHER_PREFIX + key, value)
+            for key, value in (self.ensemble.state_dict() if self.ensemble is not None else {}).items():
+                state.setdefault(ENSEMBLE_PREFIX + key, value)

@@ -28,6 +28,10 @@ FEATURE_CHECKS: list[Check] = [(f"loss.{name}.weight", non_negative, ">= 0") for
     ("loss.rkd.distance_weight", non_negative, ">= 0"),
     ("loss.rkd.angle_weight", non_negative, ">= 0"),
     ("loss.at.p", is_positive, "a finite number > 0"),
+    ("loss.crd.feat_dim", lambda x: x is not None and x >= 1, ">= 1"),
+    ("loss.crd.nce_k", lambda x: x is not None and x >= 1, ">= 1"),
+    ("loss.crd.nce_t", is_positive, "a finite number > 0"),
+    ("loss.crd.momentum", lambda x: x is not None and 0 <= x < 1, "in [0, 1)"),
 ]
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tv")

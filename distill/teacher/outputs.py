@@ -35,6 +35,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -281,42 +282,75 @@ class TeacherOutputCache:
             return found, "computed"
 
 
-def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, datamodule: BaseDataModule) -> tuple[Any, str]:
-    """The teacher's logits for the training split, from the on-disk cache or computed into it, and
-    where they came from. The data module's training batches then carry each sample's logits
-    (``datamodule.teacher_table``); with ``teacher.cache_views`` its training set becomes the replayed
-    views (:mod:`distill.teacher.views`), whose items name their row of the table."""
-    tcfg = cfg.teacher
+@dataclass
+class TableRows:
+    """What the rows of a run's teacher tables are: the training samples, or with
+    ``teacher.cache_views`` every replayed view of each (the data module then yields those views);
+    and the fingerprint of that data, for the tables' cache keys."""
+
+    data: Dataset
+    fingerprint: dict[str, Any]
+    views: bool
+
+
+def table_rows(cfg: DictConfig, datamodule: BaseDataModule) -> TableRows:
+    """The rows every teacher table of the run is computed over (once per run: the replayed views
+    replace the data module's training set)."""
     datamodule.setup("fit")
+    fingerprint = datamodule.fingerprint()
+    if not cfg.teacher.cache_views:
+        return TableRows(datamodule.train_set, fingerprint, False)
+    # K seeded views per sample; the student replays exactly those.
+    train = datamodule.train_set
+    if not isinstance(train, TransformedSubset):
+        raise ConfigError(f"teacher.cache_views: data={cfg.data.name} has no per-sample training transform to replay")
+    replay = ReplayedViews(train.dataset, train.indices, train.transform, cfg.teacher.cache_views, int(cfg.seed))
+    datamodule.train_set = replay  # yields (x, y, row of its view)
+    return TableRows(replay.all_views(), {**fingerprint, "views": cfg.teacher.cache_views, "view_seed": int(cfg.seed)}, True)
+
+
+def teacher_identity(info: TeacherInfo) -> str:
+    """The teacher in a table's cache key: its architecture and its cache key (or its file's checksum)."""
+    return f"{info.arch}:{info.key if info.key else file_checksum(info.path)}"
+
+
+def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, datamodule: BaseDataModule,
+                        rows: TableRows) -> tuple[Any, str]:
+    """The teacher's logits for the table's ``rows`` (:func:`table_rows`), from the on-disk cache or
+    computed into it, and where they came from. The data module's training batches then carry each
+    sample's logits (``datamodule.teacher_table``, set by the caller); with ``teacher.cache_views``
+    the items of its training set (the replayed views, :mod:`distill.teacher.views`) name their row."""
+    tcfg = cfg.teacher
     if tcfg.outputs_topk is not None and tcfg.outputs_topk > datamodule.num_classes:
         raise ConfigError(f"teacher.outputs_topk={tcfg.outputs_topk} exceeds the {datamodule.num_classes} classes of data={cfg.data.name}")
-    identity = info.key if info.key else file_checksum(info.path)
-    fingerprint = datamodule.fingerprint()
-    table_data: Any = datamodule.train_set
-    if tcfg.cache_views:
-        # K seeded views per sample; the student replays exactly those.
-        train = datamodule.train_set
-        if not isinstance(train, TransformedSubset):
-            raise ConfigError(f"teacher.cache_views: data={cfg.data.name} has no per-sample training transform to replay")
-        replay = ReplayedViews(train.dataset, train.indices, train.transform, tcfg.cache_views, int(cfg.seed))
-        datamodule.train_set = replay  # yields (x, y, row of its view)
-        table_data = replay.all_views()
-        fingerprint = {**fingerprint, "views": tcfg.cache_views, "view_seed": int(cfg.seed)}
-    key = outputs_key(f"{info.arch}:{identity}", fingerprint, tcfg.outputs_dtype, tcfg.outputs_topk)
+    identity = teacher_identity(info)
+    key = outputs_key(identity, rows.fingerprint, tcfg.outputs_dtype, tcfg.outputs_topk)
     device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
     cache = TeacherOutputCache(tcfg.cache_dir)
     kwargs, world = teacher_trainer_kwargs(cfg)  # several processes: each computes its shard of the table
     outputs, source = cache.get_or_build(
-        key, teacher, table_data, datamodule.num_classes, dtype=tcfg.outputs_dtype,
-        topk=tcfg.outputs_topk, device=device, meta={"teacher": info.arch, "teacher_identity": identity},
+        key, teacher, rows.data, datamodule.num_classes, dtype=tcfg.outputs_dtype,
+        topk=tcfg.outputs_topk, device=device, meta={"teacher": info.arch, "teacher_identity": identity.partition(":")[2]},
         trainer_kwargs=kwargs if world > 1 else None,
     )
-    log.info("teacher: logits for %d training %s %s (%s)", len(outputs), "views" if tcfg.cache_views else "samples",
+    log.info("teacher: %s's logits for %d training %s %s (%s)", info.arch, len(outputs), "views" if rows.views else "samples",
              "read from the cache" if source == "cache" else "computed and cached", cache.paths(key)["values"])
     # A table that fits comfortably in memory is read into it (decoded once); a large one
     # (ImageNet-scale) stays memory-mapped. Either way the data loader reads each batch's rows (in its
     # worker processes, when there are any) and they travel with the batch to the device.
     small = len(outputs) * datamodule.num_classes * 4 <= 256 * 2**20
-    table = outputs.dense() if small else outputs
-    datamodule.teacher_table = table
-    return table, f"precomputed ({source})"
+    return outputs.dense() if small else outputs, f"precomputed ({source})"
+
+
+class StackedRows:
+    """Several teachers' tables as one column: ``rows(index)`` is ``(len(index), K, C)``, teacher k's
+    logits at ``[:, k]`` (the loss mixes them: :meth:`distill.distillation.losses.base.DistillationLoss.prepared`)."""
+
+    def __init__(self, tables: list[Any]) -> None:
+        self.tables = tables
+
+    def __len__(self) -> int:
+        return len(self.tables[0])
+
+    def rows(self, index: torch.Tensor) -> torch.Tensor:
+        return torch.stack([t[index] if isinstance(t, torch.Tensor) else t.rows(index) for t in self.tables], dim=1)

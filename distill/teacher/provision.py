@@ -34,6 +34,7 @@ from distill.models.registry import TEACHERS, build_teacher
 from distill.runtime import launch_plan
 from distill.runtime.atomic import atomic_torch_save
 from distill.runtime.checkpoint_io import load_checkpoint
+from distill.teacher.ensemble import check_ensemble
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ _NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype",
 def check_teacher(cfg: DictConfig) -> None:
     """The teacher's name, and its file when one is given."""
     check_in_registry(cfg, "teacher.name", TEACHERS, "teacher")
+    check_ensemble(cfg)
     if cfg.teacher.checkpoint and uses_teacher(cfg.loss) and not Path(cfg.teacher.checkpoint).is_file():
         raise ConfigError(f"teacher.checkpoint: no such file: {cfg.teacher.checkpoint}")
 

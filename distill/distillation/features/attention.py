@@ -37,19 +37,33 @@ class AttentionTerm(FeatureTerm):
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
         self.p = float(p)
+        # Per layer pair, the size the larger of the two maps is pooled to (None: that side is not pooled).
+        self.student_pool: list[tuple[int, int] | None] = []
+        self.teacher_pool: list[tuple[int, int] | None] = []
 
-    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        losses = []
+    def build(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> None:
+        self.student_pool, self.teacher_pool = [], []
         for f_s, f_t in zip(student, teacher, strict=True):
             if f_s.dim() != 4 or f_t.dim() != 4:
                 raise ValueError(f"loss.at: attention transfer needs feature maps (B x C x H x W); got student "
                                  f"{tuple(f_s.shape)} and teacher {tuple(f_t.shape)}: name convolutional layers in loss.at.layers")
-            s_hw, t_hw = f_s.shape[-2:], f_t.shape[-2:]
-            if s_hw != t_hw:  # pool the larger map to the smaller, as mdistiller (by area, for non-square maps too)
-                if s_hw.numel() > t_hw.numel():
-                    f_s = F.adaptive_avg_pool2d(f_s, t_hw)
-                else:
-                    f_t = F.adaptive_avg_pool2d(f_t, s_hw)
-            a_s, a_t = attention_map(f_s.float(), self.p), attention_map(f_t.float(), self.p)
+            s_hw, t_hw = tuple(f_s.shape[-2:]), tuple(f_t.shape[-2:])
+            # The larger map is pooled to the smaller, as mdistiller (by area, for non-square maps too).
+            larger_student = s_hw != t_hw and s_hw[0] * s_hw[1] > t_hw[0] * t_hw[1]
+            self.student_pool.append(t_hw if larger_student else None)
+            self.teacher_pool.append(s_hw if s_hw != t_hw and not larger_student else None)
+
+    def teacher_form(self, pair: int, feature: torch.Tensor) -> torch.Tensor:
+        """The teacher's attention map (pooled to the student's resolution first where it is larger)."""
+        size = self.teacher_pool[pair]
+        return attention_map((F.adaptive_avg_pool2d(feature, size) if size else feature).float(), self.p)
+
+    def form(self, pair: int) -> str:
+        return f"attention:p={self.p}:pool={self.teacher_pool[pair]}"
+
+    def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        losses = []
+        for f_s, a_t, size in zip(student, teacher, self.student_pool, strict=True):
+            a_s = attention_map((F.adaptive_avg_pool2d(f_s, size) if size else f_s).float(), self.p)
             losses.append((a_s - a_t).pow(2).mean())
         return {"at": torch.stack(losses).sum()}

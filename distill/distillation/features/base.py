@@ -22,13 +22,24 @@ class FeatureTerm(nn.Module, ABC):
     parts: ClassVar[tuple[str, ...]]
     default_layers: ClassVar[str] = "embedding"
     min_batch: ClassVar[int] = 1
+    needs_index: ClassVar[bool] = False  # forward also gets ``index``, the batch's sample indices (CRD's memory)
 
     def build(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> None:
         """Size learned parts from one probe batch's features (default: nothing to build)."""
 
+    def teacher_form(self, pair: int, feature: torch.Tensor) -> torch.Tensor:
+        """The teacher's feature of layer pair ``pair`` in the form :meth:`forward` consumes, per sample:
+        what the teacher-feature cache stores (:mod:`distill.teacher.features`), so that a cached run and a
+        live one compute the same term. Default: the feature as it is, in fp32."""
+        return feature.float()
+
+    def form(self, pair: int) -> str:
+        """What :meth:`teacher_form` does to pair ``pair``, for the cache key (two forms, two entries)."""
+        return "as-is"
+
     @abstractmethod
     def forward(self, student: list[torch.Tensor], teacher: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The term's parts for one batch."""
+        """The term's parts for one batch (``teacher``: each pair's :meth:`teacher_form`)."""
 
     def total(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         """The term before its ``weight`` (default: the sum of the parts)."""

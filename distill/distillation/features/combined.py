@@ -8,13 +8,15 @@ from torch import nn
 
 from distill.distillation.features.attention import AttentionTerm
 from distill.distillation.features.base import FeatureTerm
+from distill.distillation.features.crd import CRDTerm
 from distill.distillation.features.fitnets import HintTerm
 from distill.distillation.features.relations import PKTTerm, RKDTerm, SPTerm
 from distill.distillation.features.taps import EMBEDDING, Taps, parse_pairs, stage_pairs
 from distill.distillation.settings import active_features
 from distill.errors import ConfigError
 
-TERMS: dict[str, type[FeatureTerm]] = {"hint": HintTerm, "at": AttentionTerm, "rkd": RKDTerm, "pkt": PKTTerm, "sp": SPTerm}
+TERMS: dict[str, type[FeatureTerm]] = {"hint": HintTerm, "at": AttentionTerm, "rkd": RKDTerm, "pkt": PKTTerm, "sp": SPTerm,
+                                       "crd": CRDTerm}
 
 
 def make_term(name: str, node: DictConfig) -> FeatureTerm:
@@ -22,21 +24,20 @@ def make_term(name: str, node: DictConfig) -> FeatureTerm:
         return AttentionTerm(p=node.get("p", 2.0))
     if name == "rkd":
         return RKDTerm(node.get("distance_weight", 25.0), node.get("angle_weight", 50.0))
+    if name == "crd":
+        return CRDTerm(node.get("feat_dim", 128), node.get("nce_k", 16384), node.get("nce_t", 0.07), node.get("momentum", 0.5))
     return TERMS[name]()
 
 
 def check_features(cfg: DictConfig) -> None:
-    """``loss.<term>.*`` of the active terms: well-formed layers, and what features need (a live
-    teacher, no QAT, batches of more than one sample for relation terms), before any data is loaded."""
+    """``loss.<term>.*`` of the active terms: well-formed layers, and what features need (no QAT,
+    batches of more than one sample for relation terms), before any data is loaded."""
     for name in active_features(cfg.loss):
         node, key = cfg.loss[name], f"loss.{name}"
         try:
             parse_pairs(f"{key}.layers", list(node.layers))
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        if cfg.teacher.precompute_outputs or cfg.teacher.cache_views:
-            raise ConfigError(f"{key} needs the live teacher (its features at every step): "
-                              "unset teacher.precompute_outputs / teacher.cache_views")
         if cfg.quant.bits is not None:
             raise ConfigError(f"{key} with quant.bits is not supported (QAT rewrites the student's modules, and the hooks with them)")
         if cfg.data.batch_size < TERMS[name].min_batch:
@@ -77,45 +78,80 @@ class FeatureLoss(nn.Module):
             student(example)
             teacher(example)
         student.train(was_training)
-        for name, term in self.terms.items():
-            term.build(*self._features(name))
+        for name, term in self.terms.items():  # the raw features: build sees the teacher's shapes as they are
+            count = len(self.pairs[name])
+            term.build([self.taps.take(f"{name}.student{i}") for i in range(count)],
+                       [self.taps.take(f"{name}.teacher{i}").detach() for i in range(count)])
 
-    def _features(self, name: str) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        count = len(self.pairs[name])
+    def teacher_keys(self) -> list[tuple[str, str, int, str]]:
+        """Every hooked teacher layer as (key, term, pair, the form its term consumes): the columns of the
+        teacher-feature cache (:mod:`distill.teacher.features`)."""
+        return [(f"{name}.teacher{i}", name, i, term.form(i)) for name, term in self.terms.items() for i in range(len(self.pairs[name]))]
+
+    def teacher_pass(self, teacher: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The teacher's features for ``x`` in the forms the terms consume, by key (its logits are dropped)."""
+        with torch.no_grad(), self.taps.record():
+            teacher(x)
+            return {key: self.terms[name].teacher_form(i, self.taps.take(key)) for key, name, i, _ in self.teacher_keys()}
+
+    def _features(self, name: str, cached: dict[str, torch.Tensor] | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        count, term = len(self.pairs[name]), self.terms[name]
         student = [self.taps.take(f"{name}.student{i}") for i in range(count)]
-        teacher = [self.taps.take(f"{name}.teacher{i}").detach() for i in range(count)]
+        if cached is not None:  # read from the cache, with the batch
+            teacher = [cached[f"{name}.teacher{i}"] for i in range(count)]
+        else:
+            teacher = [term.teacher_form(i, self.taps.take(f"{name}.teacher{i}").detach()) for i in range(count)]
         return student, teacher
 
-    def forward(self) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """(every term's parts, unweighted; the sum of weight x term) of the last forward passes."""
+    def forward(self, cached: dict[str, torch.Tensor] | None = None,
+                index: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(every term's parts, unweighted; the sum of weight x term) of the last forward passes. The
+        teacher's side comes from its hooks, or from ``cached`` (its features read with the batch);
+        ``index`` is the batch's sample indices, for terms that need them (CRD)."""
         logged: dict[str, torch.Tensor] = {}
         total = None
         for name, term in self.terms.items():
-            parts = term(*self._features(name))
+            if term.needs_index:
+                if index is None:
+                    raise RuntimeError(f"loss.{name} needs the batch's sample indices, and the batch has none")
+                parts = term(*self._features(name, cached), index=index)
+            else:
+                parts = term(*self._features(name, cached))
             logged.update(parts)
             weighted = self.weights[name] * term.total(parts)
             total = weighted if total is None else total + weighted
         assert total is not None
         return logged, total
 
+    @property
+    def needs_index(self) -> bool:
+        return any(term.needs_index for term in self.terms.values())
+
     def describe(self) -> dict[str, dict]:
         """Each term's weight and resolved layer pairs, for the summary."""
         return {name: {"weight": self.weights[name], "layers": [f"{s}:{t}" for s, t in self.pairs[name]]} for name in self.terms}
 
 
-def build_features(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, shape: dict[str, int]) -> FeatureLoss | None:
-    """The feature terms of ``cfg.loss``, attached to both models (None when none is on)."""
+def build_features(cfg: DictConfig, student: nn.Module, teacher: nn.Module | None, shape: dict[str, int],
+                   labels: torch.Tensor | None = None) -> FeatureLoss | None:
+    """The feature terms of ``cfg.loss``, attached to both models (None when none is on). ``labels``:
+    the training split's, in sample order, for terms with a memory of the samples (CRD; None for a
+    check that builds the terms without data)."""
     names = active_features(cfg.loss)
     if not names:
         return None
     if teacher is None:
-        raise ConfigError(f"loss.{names[0]} needs the live teacher, but its outputs were precomputed")
+        raise ConfigError(f"loss.{names[0]} needs the teacher's features, and this run has no teacher")
     try:
         terms = {name: (cfg.loss[name].weight, make_term(name, cfg.loss[name]),
                         parse_pairs(f"loss.{name}.layers", list(cfg.loss[name].layers))) for name in names}
         features = FeatureLoss(terms)
         features.attach(student, getattr(teacher, "_orig_mod", teacher),
                         torch.zeros(2, shape["channels"], shape["image_size"], shape["image_size"]))
+        if labels is not None:
+            for term in features.terms.values():
+                if isinstance(term, CRDTerm):
+                    term.set_data(labels)
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return features

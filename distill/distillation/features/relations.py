@@ -10,6 +10,16 @@ import torch.nn.functional as F
 from distill.distillation.features.base import FeatureTerm
 
 
+class EmbeddingTerm(FeatureTerm):
+    """A term on flattened per-sample features: the teacher's form (and its cache entry) is the flat vector."""
+
+    def teacher_form(self, pair: int, feature: torch.Tensor) -> torch.Tensor:
+        return feature.flatten(1).float()
+
+    def form(self, pair: int) -> str:
+        return "flat"
+
+
 def pairwise_distances(e: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
     """Euclidean distances between the rows of ``e`` (B x B, zero diagonal), as RKD's ``pdist``."""
     sq = e.pow(2).sum(dim=1)
@@ -23,7 +33,7 @@ def _angles(e: torch.Tensor) -> torch.Tensor:
     return torch.bmm(unit, unit.transpose(1, 2)).reshape(-1)  # [i, j, k] = cos of the angle at e_i
 
 
-class RKDTerm(FeatureTerm):
+class RKDTerm(EmbeddingTerm):
     r"""Relational KD of Park et al., "Relational Knowledge Distillation" (CVPR 2019),
     https://arxiv.org/abs/1904.05068 (``loss=rkd``).
 
@@ -70,7 +80,7 @@ class RKDTerm(FeatureTerm):
         return self.distance_weight * parts["rkd_distance"] + self.angle_weight * parts["rkd_angle"]
 
 
-class PKTTerm(FeatureTerm):
+class PKTTerm(EmbeddingTerm):
     r"""Probabilistic knowledge transfer of Passalis & Tefas, "Learning Deep Representations with
     Probabilistic Knowledge Transfer" (ECCV 2018), https://arxiv.org/abs/1803.10837 (``loss=pkt``).
 
@@ -104,7 +114,7 @@ class PKTTerm(FeatureTerm):
         return {"pkt": torch.stack(losses).sum()}
 
 
-class SPTerm(FeatureTerm):
+class SPTerm(EmbeddingTerm):
     r"""Similarity-preserving KD of Tung & Mori, "Similarity-Preserving Knowledge Distillation"
     (ICCV 2019), https://arxiv.org/abs/1907.09682 (``loss=sp``).
 

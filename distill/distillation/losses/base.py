@@ -49,6 +49,7 @@ class DistillationLoss(nn.Module, ABC):
         super().__init__()
         self.logit_standardize = bool(logit_standardize)
         self.epoch = 0
+        self.teacher_weights: list[float] | None = None  # multi-teacher: the mixture's weights (teacher.ensemble)
 
     @classmethod
     @abstractmethod
@@ -61,12 +62,31 @@ class DistillationLoss(nn.Module, ABC):
 
     def prepared(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Both logits in at least fp32 (log-softmax of small differences loses bits in half
-        precision, and the cached table may be fp16), z-scored with ``loss.logit_standardize``."""
+        precision, and the cached table may be fp16), z-scored with ``loss.logit_standardize``;
+        several teachers' logits (B x K x C) mixed into one teacher's (:meth:`mixture`)."""
         dtype = torch.promote_types(student_logits.dtype, torch.float32)
         s, t = student_logits.to(dtype), teacher_logits.to(dtype)
-        if self.logit_standardize:
+        if self.logit_standardize:  # each teacher's own logits, before they are mixed
             s, t = standardize(s), standardize(t)
+        if t.dim() == 3:
+            t = self.mixture(t)
         return s, t
+
+    def mixture(self, teachers: torch.Tensor) -> torch.Tensor:
+        r"""The logits of the teachers' mixture (``teachers``: B x K x C, teacher k at ``[:, k]``):
+
+        .. math:: \bar z = T \log \sum_k w_k\, \mathrm{softmax}(z_k / T)
+
+        whose softmax at the loss's temperature T is the weighted mixture of the teachers' softened
+        distributions exactly, so every loss softens the mixture as it would one teacher's logits
+        (NKD's target term, at T = 1, reads the mixture's target probability sharpened to T = 1).
+        Weights: ``teacher.ensemble_weights`` normalised (:func:`distill.teacher.ensemble.ensemble_weights`), else equal."""
+        count, temperature = teachers.shape[1], float(getattr(self, "temperature", 1.0))
+        weights = self.teacher_weights if self.teacher_weights is not None else [1.0 / count] * count
+        if len(weights) != count:
+            raise ValueError(f"{count} teachers' logits but {len(weights)} ensemble weights")
+        log_w = teachers.new_tensor(weights).log().view(1, count, 1)  # a zero weight: -inf, that teacher drops out
+        return temperature * torch.logsumexp(torch.log_softmax(teachers / temperature, dim=-1) + log_w, dim=1)
 
     @staticmethod
     def check_ranges(temperature: float, **weights: float) -> None:
