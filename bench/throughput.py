@@ -14,6 +14,10 @@ which do not change the arithmetic):
                    with each batch (distill/data/datasets.py: WithTeacherRows),
   - cached_<m>:    the same with each other logit loss (dkd, dist, nkd, kd with JSD, kd with
                    logit standardization),
+  - features_<f>:  kd from the cached logits plus a feature term whose teacher side is read from the
+                   cached teacher features with each batch (distill/teacher/features.py): rkd, pkt,
+                   sp, crd on every student, at and hint (FitNets) on convolutional ones,
+  - live_<f>:      the same feature term with the teacher run on every batch (what the feature cache saves),
   - live:          distillation running the teacher on every batch,
   - teacher:       teacher inference alone (inference mode);
 
@@ -56,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from distill.config.schema import register_configs  # noqa: E402
 from distill.data.datamodules import BaseDataModule, build_datamodule  # noqa: E402
+from distill.distillation.features.combined import build_features  # noqa: E402
 from distill.distillation.losses.registry import build_loss  # noqa: E402
 from distill.distillation.optim import build_optimizer, build_scheduler  # noqa: E402
 from distill.models.registry import build_student, build_teacher  # noqa: E402
@@ -118,6 +123,19 @@ LOGIT_METHODS: dict[str, dict] = {
 }
 
 
+# The feature terms timed with cached teacher features (``features_<term>``), on top of kd: loss config
+# overrides by term. ``conv``: needs feature maps (a convolutional student).
+FEATURE_METHODS: dict[str, dict] = {
+    "rkd": {"rkd": {"weight": 1.0}}, "pkt": {"pkt": {"weight": 30000.0}}, "sp": {"sp": {"weight": 3000.0}},
+    "crd": {"crd": {"weight": 0.8, "nce_k": 512}},  # below the digits split's ~970 negatives per class
+    "at": {"at": {"weight": 1000.0}, "conv": True}, "hint": {"hint": {"weight": 1.0}, "conv": True},
+}
+
+
+def feature_methods(student_name: str) -> list[str]:
+    return [m for m, o in FEATURE_METHODS.items() if not o.get("conv") or student_name != "mlp"]
+
+
 def step_rates(cfg: DictConfig, dm: BaseDataModule, teacher: torch.nn.Module, table: torch.Tensor, seconds: float, repeats: int,
                device: str) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Samples/s of single training steps: student alone, from the cached logits (kd, and each of
@@ -138,10 +156,6 @@ def step_rates(cfg: DictConfig, dm: BaseDataModule, teacher: torch.nn.Module, ta
 
         return step
 
-    def live_logits(x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return teacher(x.contiguous(memory_format=torch.channels_last))
-
     @torch.inference_mode()
     def teacher_step(batch: tuple) -> None:
         teacher(batch[0].to(device, non_blocking=True).contiguous(memory_format=torch.channels_last))
@@ -153,12 +167,14 @@ def step_rates(cfg: DictConfig, dm: BaseDataModule, teacher: torch.nn.Module, ta
     methods = {
         "student_only": (train_step(lambda logits, b: ce(logits, None, b[1])["loss"]), plain_batches),
         "cached": (train_step(lambda logits, b: kd(logits, b[2], b[1])["loss"]), cached_batches),
-        "live": (train_step(lambda logits, b: kd(logits, live_logits(b[0]), b[1])["loss"]), plain_batches),
+        "live": (train_step(lambda logits, b: kd(logits, live_logits_of(teacher, b[0]), b[1])["loss"]), plain_batches),
         "teacher": (teacher_step, plain_batches),
     }
     for label, overrides in LOGIT_METHODS.items():
         loss = build_loss(OmegaConf.merge(cfg.loss, overrides))
         methods[f"cached_{label}"] = (train_step(lambda logits, b, loss=loss: loss(logits, b[2], b[1])["loss"]), cached_batches)
+    for term in feature_methods(cfg.student.name):
+        methods.update(feature_steps(cfg, dm, student, teacher, table, term, optimizer, kd, device))
     rates: dict[str, list[float]] = {k: [] for k in methods}
     memory: dict[str, float] = {}
     for _ in range(repeats):
@@ -168,6 +184,48 @@ def step_rates(cfg: DictConfig, dm: BaseDataModule, teacher: torch.nn.Module, ta
             rates[key].append(_rate(step, batches, seconds, batch_size))
             memory[key] = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _peak_rss_mb()
     return rates, memory
+
+
+def feature_steps(cfg: DictConfig, dm: BaseDataModule, student: torch.nn.Module, teacher: torch.nn.Module, table: torch.Tensor,
+                  term: str, optimizer: torch.optim.Optimizer, kd: torch.nn.Module, device: str) -> dict[str, tuple]:
+    """``features_<term>`` (teacher features from the cache, with the batch) and ``live_<term>`` (the
+    teacher run every step, its hooks keeping its layers' outputs) training steps: kd plus the term."""
+    overrides = {k: v for k, v in FEATURE_METHODS[term].items() if k != "conv"}
+    fcfg = OmegaConf.merge(cfg, {"loss": overrides})
+    features = build_features(fcfg, student, teacher, dm.shape, labels=dm.train_labels().to(device))
+    assert features is not None
+    features.to(device)
+    if list(features.parameters()):  # FitNets' regressors, CRD's heads: trained with the student, as in a run
+        optimizer.add_param_group({"params": list(features.parameters())})
+    with torch.no_grad():  # the cached columns, as distill.teacher.features computes them (in memory here)
+        rows = dm.train_set
+        parts = [features.teacher_pass(teacher, rows.gather(list(range(i, min(i + 256, len(rows)))))[0].to(device))
+                 for i in range(0, len(rows), 256)]
+    columns = {key: torch.cat([p[key] for p in parts]).cpu() for key in parts[0]}
+    dm.teacher_table, dm.with_index = {"logits": table, **columns}, features.needs_index
+    cached_batches = _cycle(dm.train_dataloader())  # (x, y, {logits, features, index})
+    dm.teacher_table, dm.with_index = None, features.needs_index
+    live_batches = _cycle(dm.train_dataloader())  # (x, y[, {index}])
+    dm.with_index = False
+
+    def step(batch: tuple, live: bool) -> None:
+        x, y = batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+        extra = {k: v.to(device, non_blocking=True) for k, v in batch[2].items()} if len(batch) > 2 else {}
+        with features.taps.record():
+            logits = student(x)
+            t_logits = live_logits_of(teacher, x) if live else extra["logits"]
+        _, weighted = features(None if live else extra, index=extra.get("index"))
+        loss = kd(logits, t_logits, y)["loss"] + weighted
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return {f"features_{term}": (lambda b: step(b, False), cached_batches), f"live_{term}": (lambda b: step(b, True), live_batches)}
+
+
+def live_logits_of(teacher: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return teacher(x.contiguous(memory_format=torch.channels_last))
 
 
 def trainer_fit(cfg: DictConfig, dm: BaseDataModule, table: torch.Tensor, output_dir: Path) -> float:
@@ -254,6 +312,8 @@ def run_setup(name: str, setup: dict, seconds: float, repeats: int, batch_size: 
         "ideal_live": ideal_live,
         "cached_over_student_only": rate["cached"] / rate["student_only"],
         "methods_over_student_only": {label: rate[f"cached_{label}"] / rate["student_only"] for label in LOGIT_METHODS},
+        "features_over_student_only": {t: rate[f"features_{t}"] / rate["student_only"] for t in feature_methods(setup["student"])},
+        "features_cached_over_live": {t: rate[f"features_{t}"] / rate[f"live_{t}"] for t in feature_methods(setup["student"])},
         "live_over_ideal_live": rate["live"] / ideal_live,
         "student_only_over_live": rate["student_only"] / rate["live"],
         "trainer_fit_over_plain_loop": rate["trainer_fit"] / rate["plain_loop"],
@@ -290,6 +350,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"  cached / student_only    = {r['cached_over_student_only']:.3f}   (goal >= 0.95)")
         for label, ratio in r["methods_over_student_only"].items():
             print(f"  cached_{label} / student_only = {ratio:.3f}   (goal >= 0.9; {s['cached_' + label]:.1f} samples/s)")
+        for term, ratio in r["features_over_student_only"].items():
+            print(f"  features_{term} / student_only = {ratio:.3f}   (goal >= 0.9; {s['features_' + term]:.1f} samples/s; "
+                  f"{r['features_cached_over_live'][term]:.1f}x the live teacher's {s['live_' + term]:.1f}/s)")
         print(f"  live / ideal_live        = {r['live_over_ideal_live']:.3f}   (goal >= 0.9; ideal_live = {r['ideal_live']:.1f}/s)")
         print(f"  trainer_fit / plain_loop = {r['trainer_fit_over_plain_loop']:.3f}   (goal >= {0.8 if r['data'] == 'digits' else 0.9})")
         print(f"  student_only / live      = {r['student_only_over_live']:.1f}x  (what the cache saves)")

@@ -258,6 +258,11 @@ class CRDTerm(EmbeddingTerm):
         labels = labels.to(device)
         self.labels = labels
         self._order, self._start, self._count = _class_order(labels)
+        smallest_pool = labels.numel() - int(self._count.max())
+        if self.nce_k > smallest_pool:
+            log.warning("loss.crd.nce_k=%d exceeds the %d samples outside the largest class: negatives repeat (drawn "
+                        "with replacement), which costs time and adds nothing; consider loss.crd.nce_k<=%d",
+                        self.nce_k, smallest_pool, smallest_pool)
         n = labels.numel()
         if self.memory_s.shape[0] == n:
             return
