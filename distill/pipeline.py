@@ -406,6 +406,8 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         "data": {"name": cfg.data.name, **shape, **({"test_split": datamodule.test_split} if datamodule.test_split != "test" else {})},
         "hparams": _hparams(cfg),
         "teacher_outputs": None if teacher.info is None or not uses_teacher(cfg.loss) else (teacher.outputs_source or "live"),
+        # each feature term's weight and resolved layer pairs (the defaults made explicit)
+        "features": fit.module.features.describe() if fit.module.features is not None else None,
         "wall_time_s": time.perf_counter() - start,
         "teacher_time_s": teacher.seconds,
         "run_dir": str(output_dir),

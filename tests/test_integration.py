@@ -248,6 +248,8 @@ def test_every_method_trains_and_logs_its_terms(make_cfg, tmp_path):
         header = (Path(summary["run_dir"]) / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
         assert {f"train/{t}" for t in {"loss", "acc", *terms}} <= set(header), (overrides, header)
         assert summary["student"]["test_acc"] > 0.1
+        if terms & {"rkd_distance", "at", "pkt", "crd"}:  # the resolved layers of each term, in the summary
+            assert all(term["layers"] and term["weight"] > 0 for term in summary["features"].values()), summary["features"]
         if "ensemble" in hparams:
             [member] = summary["teacher"]["ensemble"]
             assert member["arch"] == "resnet18" and member["key"] != summary["teacher"]["key"]

@@ -118,3 +118,19 @@ def test_float16_storage_and_the_memory_mapped_path(make_cfg, tmp_path, monkeypa
     got = columns["hint.teacher0"].rows(index)
     expected = features.teacher_pass(teacher, x[index])["hint.teacher0"]
     assert got.dtype == torch.float32 and np.allclose(got.numpy(), expected.numpy(), rtol=1e-2, atol=1e-2)
+
+
+def test_tables_that_would_not_fit_on_the_disk_are_refused_before_the_teacher_runs(make_cfg, tmp_path, monkeypatch):
+    import collections
+
+    import distill.teacher.features as cached_features
+    from distill.errors import ConfigError
+
+    student, teacher = _models(make_cfg)
+    features = _features(student, teacher)
+    rows = TableRows(TensorDataset(torch.randn(40, 1, 8, 8), LABELS), {"data": "test"}, False)
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(cached_features.shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 50_000, 50_000))
+    with pytest.raises(ConfigError, match=r"teacher.cache_dir: the teacher's cached features need .* per sample\) and .* free"):
+        teacher_features_for(str(tmp_path), features, teacher, "resnet18:abc", rows, "float32", "cpu")
+    assert not list((tmp_path / "features").glob("*.npy"))

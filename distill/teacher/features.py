@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from distill.distillation.features.combined import FeatureLoss
+from distill.errors import ConfigError
 from distill.runtime.atomic import atomic_write_text
 from distill.teacher.outputs import DTYPES, TableRows
 from distill.teacher.provision import make_cache_dir
@@ -136,6 +138,7 @@ def teacher_features_for(cache_dir: str, features: FeatureLoss, teacher: nn.Modu
         missing = {name: key for name, key in keys.items() if cache.read(key, n) is None}
         unique = {key: name for name, key in reversed(missing.items())}
         if unique:
+            check_disk_space(cache.dir, features, teacher, rows, set(unique.values()), dtype, device)
             cache.build({name: key for key, name in unique.items()}, features, teacher, rows, dtype, device)
         found = {name: cache.read(key, n) for name, key in keys.items()}
     columns: dict[str, Any] = {}
@@ -148,6 +151,20 @@ def teacher_features_for(cache_dir: str, features: FeatureLoss, teacher: nn.Modu
         log.info("teacher features: %s, %s per %s, %s (%s)", name, _bytes(per_sample), "view" if rows.views else "sample",
                  "computed and cached" if name in missing else "read from the cache", cache.paths(keys[name])[0])
     return columns, "computed" if missing else "cache"
+
+
+def check_disk_space(where: Path, features: FeatureLoss, teacher: nn.Module, rows: TableRows, names: set[str], dtype: str,
+                     device: str) -> None:
+    """The tables to write fit on the cache's disk (from one probe sample's sizes), or a ConfigError
+    before the teacher's pass: a FitNets feature map of a 224-px image is megabytes per sample."""
+    x = rows.data[0][0].unsqueeze(0).to(device)  # type: ignore[index]
+    per_sample = sum(v[0].numel() for k, v in features.teacher_pass(teacher.to(device).eval(), x).items() if k in names)
+    need = per_sample * np.dtype(DTYPES[dtype]).itemsize * len(rows.data)  # type: ignore[arg-type]
+    free = shutil.disk_usage(where).free
+    if need > 0.9 * free:
+        raise ConfigError(f"teacher.cache_dir: the teacher's cached features need {need / 2**30:.1f} GiB ({_bytes(need // len(rows.data))} "  # type: ignore[arg-type]
+                          f"per sample) and {where} has {free / 2**30:.1f} GiB free; set teacher.precompute_outputs=false "
+                          "(the teacher runs live), teacher.outputs_dtype=float16, or name smaller layers")
 
 
 def _columns(features: FeatureLoss) -> list[tuple[str, str, int, str, str]]:
