@@ -45,6 +45,7 @@ from distill.distillation.settings import (
 )
 from distill.errors import ConfigError, Preempted
 from distill.measure import latency
+from distill.measure.accuracy import accuracy_on_test_split
 from distill.measure.size import count_parameters, serialized_size_bytes
 from distill.models.registry import build_student
 from distill.report.summary import final_metrics, write_summary
@@ -183,13 +184,19 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
     _, world = teacher_trainer_kwargs(cfg)  # the processes that train the teacher (the run's, by default)
     # The teacher trains on the full training split (data.train_fraction limits the student's data only).
     fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint(subset=False), world)
-    model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m: train_teacher(cfg, m, output_dir), world)
+    def measure(model: nn.Module) -> float:  # a teacher used as it is: its test accuracy, measured once (cached)
+        return accuracy_on_test_split(model, datamodule, device=_device(cfg))
+
+    classes = datamodule.class_names
+    model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m, epochs=None: train_teacher(cfg, m, output_dir, epochs),
+                                    world, measure, classes)
     teacher = Teacher(provisioned=model, info=info, live=model if uses_teacher(cfg.loss) else None)
     for index, member in enumerate(member_configs(cfg)):  # each provisioned and cached as the first is
         member_fingerprint = teacher_fingerprint(member, datamodule.fingerprint(subset=False), world)
         own_dir = output_dir / f"ensemble{index + 1}"
         m_model, m_info = provision_teacher(member, datamodule.shape, member_fingerprint,
-                                            lambda m, c=member, d=own_dir: train_teacher(c, m, d), world)
+                                            lambda m, epochs=None, c=member, d=own_dir: train_teacher(c, m, d, epochs), world,
+                                            measure, classes)
         teacher.members.append(m_model)
         teacher.member_infos.append(m_info)
     precompute, features = cfg.teacher.precompute_outputs, bool(active_features(cfg.loss))
@@ -225,7 +232,7 @@ def fit_student(cfg: DictConfig, datamodule: BaseDataModule, teacher: Teacher, o
     columns = {} if teacher.outputs is None else {"logits": teacher.outputs}
     if features is not None and teacher.cached:
         assert teacher.rows is not None and teacher.info is not None
-        device = "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+        device = _device(cfg)
         feature_columns, source = teacher_features_for(cfg.teacher.cache_dir, features, teacher.provisioned,
                                                        teacher_identity(teacher.info), teacher.rows, cfg.teacher.outputs_dtype, device)
         columns.update(feature_columns)
@@ -339,6 +346,10 @@ def measure_student(cfg: DictConfig, fit: Fit, tested: Tested, shape: dict[str, 
             measured = latency.measure_many({"student": trained}, _sample_shape(shape), _latency_batch(cfg, shape),
                                             _threads(cfg), rounds=1, device=device)["student"]
     return StudentFigures(cfg.student.name, fit.params, fit.size_bytes, tested.test_acc, tested.checkpoint, measured)
+
+
+def _device(cfg: DictConfig) -> str:
+    return "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
 
 
 def _sample_shape(shape: dict[str, int]) -> tuple[int, int, int]:

@@ -60,6 +60,20 @@ class TeacherConfig:
     # teachers' softened distributions.
     ensemble: list[Any] = field(default_factory=list)
     ensemble_weights: list[float] | None = None  # one per teacher, this one first (null: equal)
+    # Models people bring (teacher=torchvision|timm|hf|custom; distill/models/sources.py):
+    arch: str | None = None  # torchvision: a name of torchvision.models.list_models(); timm: a timm model name (with its tag)
+    weights: str | None = None  # torchvision: null (random) | DEFAULT | an enum name (IMAGENET1K_V2)
+    weights_file: str | None = None  # timm: pretrained weights from this local file instead of the hub
+    repo: str | None = None  # hf: a hub id or a directory saved with save_pretrained
+    _target_: str | None = None  # custom: your nn.Module class, as a dotted path
+    kwargs: dict[str, Any] = field(default_factory=dict)  # custom: its keyword arguments
+    resize: int | None = None  # the teacher sees the data resized to this many px (the student sees it as it is)
+    checkpoint_key: str | None = None  # teacher.checkpoint: the state dict under this key (state_dict, model, ...)
+    checkpoint_prefix: str | None = None  # teacher.checkpoint: strip this prefix from its keys (module.)
+    # A loaded teacher (pretrained, hf, a checkpoint) that predicts the data's classes is used as it is (0);
+    # N: fine-tune it N epochs first, its classifier only (head) or every layer (all).
+    finetune_epochs: int = 0
+    finetune: str = "head"
 
 
 @dataclass
@@ -69,6 +83,15 @@ class StudentConfig:
     channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # cnn
     dropout: float = 0.1  # mlp, cnn
     init: str | None = None  # null: random | teacher: copy the teacher's tensors that match by name and shape
+    # Models people bring (student=torchvision|timm|hf|custom): as for the teacher (TeacherConfig).
+    arch: str | None = None
+    weights: str | None = None
+    pretrained: bool = False
+    weights_file: str | None = None
+    repo: str | None = None
+    _target_: str | None = None
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    resize: int | None = None
 
 
 @dataclass

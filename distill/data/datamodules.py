@@ -100,6 +100,7 @@ class BaseDataModule(L.LightningDataModule):
         # ``with_index``: the batches also carry the samples' indices (CRD's memory bank).
         self.teacher_table: Any = None
         self.with_index = False
+        self.class_names: list[str] | None = None  # where the data names its classes (a loaded teacher's must match)
         # (epoch, batches already trained in it) of a mid-epoch checkpoint being resumed; set by
         # distill.rng_state.RNGState from the checkpoint, read when the training loader is built.
         self.resume_position: tuple[int, int] | None = None
@@ -416,6 +417,7 @@ class ImageFolderDataModule(BaseDataModule):
         if cfg.num_classes is not None and cfg.num_classes != len(classes):
             raise ConfigError(f"data.num_classes={cfg.num_classes} but {train_dir} has {len(classes)} class folders")
         self.root, self.classes = root, classes
+        self.class_names = list(classes)
         self.num_classes = len(classes)
         self.channels = int(cfg.channels or 3)
         self.image_size = int(cfg.image_size or 64)

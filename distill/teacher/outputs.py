@@ -52,7 +52,7 @@ from distill.data.datasets import TransformedSubset
 from distill.errors import ConfigError
 from distill.runtime import launch_plan
 from distill.runtime.atomic import atomic_write, atomic_write_text
-from distill.teacher.provision import TeacherInfo, make_cache_dir
+from distill.teacher.provision import TeacherInfo, file_checksum, make_cache_dir
 from distill.teacher.training import teacher_trainer_kwargs
 from distill.teacher.views import ReplayedViews
 
@@ -125,14 +125,6 @@ def outputs_key(teacher_identity: str, data_fingerprint: dict[str, Any], dtype: 
     stored = None if topk is None else {"k": topk, "rest": "logsumexp"}  # the top-k format of the docstring
     blob = json.dumps({"format": FORMAT, "teacher": teacher_identity, "data": data_fingerprint, "dtype": dtype, "topk": stored}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def file_checksum(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def encode_topk(logits: torch.Tensor, k: int) -> tuple[np.ndarray, np.ndarray]:

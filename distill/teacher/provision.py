@@ -30,9 +30,10 @@ from distill.config.validate import (
 from distill.distillation.settings import uses_teacher
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.size import count_parameters
-from distill.models.registry import TEACHERS, build_teacher
+from distill.models.registry import TEACHERS, build_teacher_from
+from distill.models.sources import SOURCES, Built, Resized, classifier_of
 from distill.runtime import launch_plan
-from distill.runtime.atomic import atomic_torch_save
+from distill.runtime.atomic import atomic_torch_save, atomic_write_text
 from distill.runtime.checkpoint_io import load_checkpoint
 from distill.teacher.ensemble import check_ensemble
 
@@ -44,7 +45,10 @@ CACHE_FORMAT = 1
 # changes the trained teacher, its precision, batches, clipping and process count, is in
 # teacher_fingerprint; leaving the rest out keeps the keys of teachers cached before it existed).
 _NOT_IN_KEY = ("checkpoint", "cache_dir", "precompute_outputs", "outputs_dtype", "outputs_topk", "channels_last", "compile", "cache_views",
-               "trainer")
+               "trainer", "ensemble", "ensemble_weights")  # the ensemble: the other teachers, each with its own key
+# Settings added later, in the key only when set (so the keys of teachers cached before them hold).
+_KEY_WHEN_SET = ("arch", "weights", "weights_file", "repo", "_target_", "kwargs", "resize", "checkpoint_key", "checkpoint_prefix",
+                 "finetune_epochs", "finetune")
 
 
 def check_teacher(cfg: DictConfig) -> None:
@@ -110,10 +114,25 @@ def teacher_fingerprint(cfg: DictConfig, data_fingerprint: dict[str, Any], world
             "torch": str(torch.__version__)}  # a str: TorchVersion would not load with weights_only
 
 
+def file_checksum(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
 def teacher_key(teacher_cfg: DictConfig, data_fingerprint: dict[str, Any], seed: int) -> str:
     settings = OmegaConf.to_container(teacher_cfg, resolve=True)
     for k in _NOT_IN_KEY:
         settings.pop(k, None)
+    if not settings.get("finetune_epochs"):
+        settings.pop("finetune", None)
+    for k in _KEY_WHEN_SET:
+        if settings.get(k) in (None, {}, [], 0):
+            settings.pop(k, None)
+    if teacher_cfg.get("checkpoint"):  # a fine-tuned checkpoint: where it came from
+        settings["checkpoint_sha256"] = file_checksum(teacher_cfg.checkpoint)
     blob = json.dumps({"format": CACHE_FORMAT, "teacher": settings, "data": data_fingerprint, "seed": seed}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -152,15 +171,70 @@ class TeacherCache:
         return atomic_torch_save(entry, self.path(arch, key))
 
 
-def _state_dict_from(obj: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Accept a cache entry, a Lightning checkpoint of the teacher, or a bare state dict."""
-    if "state_dict" in obj:
+def _state_dict_from(obj: dict[str, Any], key: str | None = None, prefix: str | None = None, path: Path | None = None) -> dict[str, Any]:
+    """The state dict in a checkpoint file: a cache entry, a Lightning checkpoint of the teacher, a bare
+    state dict; or the one under ``key`` (``teacher.checkpoint_key``), its keys stripped of ``prefix``
+    (``teacher.checkpoint_prefix``: ``module.`` from DataParallel/DDP)."""
+    if key:
+        if key not in obj or not isinstance(obj[key], dict):
+            raise CheckpointError(f"teacher.checkpoint_key={key}: {path} has no state dict under it; its top-level keys: "
+                                  f"{', '.join(map(str, list(obj)[:12]))}")
+        state = obj[key]
+    elif "state_dict" in obj:
         state = obj["state_dict"]
-        prefix = "student."  # a Lightning checkpoint of the teacher's own training
-        if any(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        return state
+        student = "student."  # a Lightning checkpoint of the teacher's own training
+        if any(k.startswith(student) for k in state):
+            state = {k[len(student):]: v for k, v in state.items() if k.startswith(student)}
+    else:
+        state = obj
+    if prefix:
+        if not any(str(k).startswith(prefix) for k in state):
+            raise CheckpointError(f"teacher.checkpoint_prefix={prefix}: no key of {path} starts with it (first: {next(iter(state), None)})")
+        state = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    return state
+
+
+def load_teacher_checkpoint(model: nn.Module, tcfg: DictConfig) -> dict[str, Any]:
+    """``teacher.checkpoint`` loaded into ``model`` (strictly); keys that do not match are named: the
+    first missing and unexpected ones. Returns the file's content (for its ``meta``)."""
+    path = Path(tcfg.checkpoint)
+    obj = load_checkpoint(path, what="teacher.checkpoint")
+    state = _state_dict_from(obj, tcfg.get("checkpoint_key"), tcfg.get("checkpoint_prefix"), path)
+    target = model.model if isinstance(model, Resized) else model
+    expected = set(target.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        hint = "; set teacher.checkpoint_prefix (e.g. module.) or teacher.checkpoint_key" if unexpected else ""
+        raise CheckpointError(f"teacher.checkpoint {path} does not fit teacher={tcfg.name} on this data: "
+                              f"{len(missing)} missing key(s) (first: {', '.join(missing[:3]) or '-'}), {len(unexpected)} unexpected "
+                              f"(first: {', '.join(unexpected[:3]) or '-'}){hint}")
+    try:
+        target.load_state_dict(state)
+    except RuntimeError as err:
+        raise CheckpointError(f"teacher.checkpoint {path} does not fit teacher={tcfg.name} on this data: "
+                              f"{str(err).splitlines()[-1].strip()}") from err
     return obj
+
+
+class AccuracyCache:
+    """The test accuracy of a teacher used as it is (not trained here: pretrained, or a checkpoint),
+    measured once per (teacher, data) and kept in ``<cache_dir>/accuracy/<key>.json``."""
+
+    def __init__(self, cache_dir: str | Path) -> None:
+        self.dir = Path(cache_dir).expanduser() / "accuracy"
+
+    def get_or_measure(self, key: str, measure: Callable[[], float]) -> tuple[float, bool]:
+        """(the accuracy, whether it was read from the cache)."""
+        make_cache_dir(self.dir)
+        path = self.dir / f"{key}.json"
+        with FileLock(str(path) + ".lock"):
+            try:
+                return float(json.loads(path.read_text())["test_acc"]), True
+            except (OSError, ValueError, KeyError):
+                pass
+            acc = float(measure())
+            atomic_write_text(path, json.dumps({"test_acc": acc}))
+            return acc, False
 
 
 def provision_teacher(
@@ -169,6 +243,8 @@ def provision_teacher(
     data_fingerprint: dict[str, Any],
     train_fn: Callable[[nn.Module], float],
     world: int = 1,
+    measure_fn: Callable[[nn.Module], float] | None = None,
+    data_classes: list[str] | None = None,
 ) -> tuple[nn.Module, TeacherInfo]:
     """Return a frozen, eval-mode teacher and where it came from.
 
@@ -176,21 +252,22 @@ def provision_teacher(
     when neither ``teacher.checkpoint`` nor a valid cache entry exists. With ``world`` > 1 processes
     training it together, rank 0 holds the cache's lock and decides for all
     (:mod:`distill.runtime.launch_plan`); only rank 0 writes the entry.
+
+    A loaded teacher (``teacher.checkpoint``, or a source's pretrained weights: ``teacher=torchvision
+    teacher.weights=DEFAULT``, ``timm`` with ``pretrained``, ``hf``) whose classifier predicts the
+    data's classes is used as it is (``teacher.finetune_epochs=0``, the default): not trained, its test
+    accuracy measured with ``measure_fn`` once and cached. With ``teacher.finetune_epochs=N`` it is
+    fine-tuned (``teacher.finetune=head|all``) through the cache, under a key that includes its source.
     """
     tcfg = cfg.teacher
-    model = build_teacher(tcfg, **shape)
-    if tcfg.checkpoint:
-        path = Path(tcfg.checkpoint)
-        obj = load_checkpoint(path, what="teacher.checkpoint")
-        try:
-            model.load_state_dict(_state_dict_from(obj))
-        except RuntimeError as err:
-            raise CheckpointError(f"teacher.checkpoint {path} does not fit teacher={tcfg.name} on this data: {err}") from err
-        acc = obj.get("meta", {}).get("test_acc") if isinstance(obj.get("meta"), dict) else None
-        info = TeacherInfo(tcfg.name, count_parameters(model), acc, "checkpoint", str(path), None)
-        log.info("teacher: loaded %s from %s", tcfg.name, path)
-        return _freeze(model), info
-
+    built = build_teacher_from(tcfg, **shape)
+    model = built.model
+    loaded_file = load_teacher_checkpoint(model, tcfg) if tcfg.checkpoint else None
+    loaded = loaded_file is not None or (tcfg.name in SOURCES and built.pretrained)
+    if loaded and not tcfg.get("finetune_epochs"):
+        return _as_is(cfg, model, built, loaded_file, data_fingerprint, measure_fn, data_classes)
+    if loaded:
+        train_fn = _finetuning(train_fn, tcfg)
     cache = TeacherCache(tcfg.cache_dir)
     key = teacher_key(tcfg, data_fingerprint, int(cfg.seed))
     path = cache.path(tcfg.name, key)
@@ -206,7 +283,8 @@ def provision_teacher(
             launch_plan.decide(f"teacher_{key}", lambda: "cache" if entry is not None else "train")
         if entry is not None:
             return _from_entry(model, entry, tcfg.name, path, key)
-        log.info("teacher: no cached %s for key %s; training it for %d epochs on %d process(es)", tcfg.name, key, tcfg.epochs, world)
+        log.info("teacher: no cached %s for key %s; %s it for %d epochs on %d process(es)", tcfg.name, key,
+                 "fine-tuning" if loaded else "training", tcfg.finetune_epochs if loaded else tcfg.epochs, world)
         test_acc, seconds = _train(train_fn, model)
         meta = {"arch": tcfg.name, "test_acc": test_acc, "train_seconds": seconds, "key": key, "data": data_fingerprint,
                 "processes": world}
@@ -214,6 +292,50 @@ def provision_teacher(
         log.info("teacher: trained %s in %.1fs, test acc %.4f; cached at %s", tcfg.name, seconds, test_acc, path)
     info = TeacherInfo(tcfg.name, count_parameters(model), test_acc, "trained", str(path), key, seconds)
     return _freeze(model), info
+
+
+def _as_is(cfg: DictConfig, model: nn.Module, built: Built, loaded_file: dict[str, Any] | None, data_fingerprint: dict[str, Any],
+           measure_fn: Callable[[nn.Module], float] | None, data_classes: list[str] | None) -> tuple[nn.Module, TeacherInfo]:
+    """A loaded teacher that predicts the data's classes, used without training; its accuracy measured once."""
+    tcfg = cfg.teacher
+    what = f"teacher={tcfg.name}" + "".join(f" teacher.{k}={tcfg.get(k)}" for k in ("arch", "repo", "_target_") if tcfg.get(k))
+    if built.head_replaced and loaded_file is None:
+        raise ConfigError(f"{what}: its pretrained classifier predicts other classes than the data's (a new head was put on it): "
+                          "set teacher.finetune_epochs=N to fine-tune it (teacher.finetune=head|all)")
+    if built.classes and data_classes and [c.lower() for c in built.classes] != [c.lower() for c in data_classes]:
+        mismatch = next(i for i, (a, b) in enumerate(zip(built.classes, data_classes, strict=False)) if a.lower() != b.lower())
+        raise ConfigError(f"{what}: its classes are not the data's (class {mismatch}: {built.classes[mismatch]!r} vs "
+                          f"{data_classes[mismatch]!r}): set teacher.finetune_epochs=N to fine-tune it on this data")
+    source = "checkpoint" if loaded_file is not None else "as-is"
+    path = str(tcfg.checkpoint) if loaded_file is not None else None
+    meta = loaded_file.get("meta") if isinstance(loaded_file, dict) and isinstance(loaded_file.get("meta"), dict) else {}
+    acc = meta.get("test_acc") if meta.get("data") in (None, data_fingerprint) else None
+    if acc is None and measure_fn is not None:
+        identity = file_checksum(path) if path else teacher_key(tcfg, {}, 0)
+        key = hashlib.sha256(json.dumps({"teacher": identity, "data": data_fingerprint}, sort_keys=True).encode()).hexdigest()[:16]
+        acc, cached = AccuracyCache(tcfg.cache_dir).get_or_measure(key, lambda: measure_fn(_freeze(model)))
+        log.info("teacher: %s used as it is (not trained); test accuracy %.4f, %s", what, acc,
+                 "read from the cache" if cached else "measured and cached")
+    else:
+        log.info("teacher: %s used as it is (not trained)", what)
+    return _freeze(model), TeacherInfo(str(tcfg.name), count_parameters(model), acc, source, path, None)
+
+
+def _finetuning(train_fn: Callable[..., float], tcfg: DictConfig) -> Callable[[nn.Module], float]:
+    """``train_fn`` on a loaded teacher: every layer (``teacher.finetune=all``), or its classifier
+    only (``head``: the rest frozen)."""
+
+    def finetune(m: nn.Module) -> float:
+        if tcfg.get("finetune", "head") == "all":
+            return train_fn(m, tcfg.finetune_epochs)
+        m.requires_grad_(False)
+        classifier_of(m).requires_grad_(True)
+        try:
+            return train_fn(m, tcfg.finetune_epochs)
+        finally:
+            m.requires_grad_(True)
+
+    return finetune
 
 
 def _train(train_fn: Callable[[nn.Module], float], model: nn.Module) -> tuple[float, float]:

@@ -17,6 +17,9 @@ TEACHER_CHECKS: list[Check] = [
     ("teacher.outputs_dtype", one_of("float32", "float16"), "one of: float32, float16"),
     ("teacher.outputs_topk", lambda x: x is None or x >= 1, ">= 1 (or null: all logits)"),
     ("teacher.cache_views", lambda x: x is None or x >= 1, ">= 1 (or null: live teacher with augmentation)"),
+    ("teacher.finetune_epochs", at_least(0), ">= 0"),
+    ("teacher.finetune", one_of("head", "all"), "one of: head, all"),
+    ("teacher.resize", lambda x: x is None or x >= 1, ">= 1 px (or null: the data's size)"),
     *[(f"teacher.optim.{k}", f, m) for k, f, m in OPTIM_CHECKS],
 ]
 

@@ -56,9 +56,10 @@ def progress_callbacks(cfg: DictConfig) -> list[Callback]:
     return [ReadableProgressBar(leave=True)] if cfg.trainer.enable_progress_bar else []
 
 
-def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
+def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path, epochs: int | None = None) -> float:
     """Train ``model`` with plain cross-entropy on the run's data (all of its training split: a
-    ``data.train_fraction`` limits the student's data, not the teacher's); return its test accuracy."""
+    ``data.train_fraction`` limits the student's data, not the teacher's) for ``epochs`` (default
+    ``teacher.epochs``; a loaded teacher's fine-tuning: ``teacher.finetune_epochs``); return its test accuracy."""
     tcfg = cfg.teacher
     overrides: dict[str, Any] = {"batch_size": tcfg.batch_size, "train_fraction": 1.0}
     if tcfg.augment is not None:
@@ -68,7 +69,7 @@ def train_teacher(cfg: DictConfig, model: nn.Module, output_dir: Path) -> float:
     kwargs, _ = teacher_trainer_kwargs(cfg)
     kwargs.update(
         # The data module shards by rank itself (EpochShuffleSampler, EvenShardSampler), as for the student.
-        max_epochs=tcfg.epochs, enable_checkpointing=False, use_distributed_sampler=False,
+        max_epochs=tcfg.epochs if epochs is None else epochs, enable_checkpointing=False, use_distributed_sampler=False,
         logger=CSVLogger(save_dir=str(output_dir), name="teacher", version=""),
         default_root_dir=str(output_dir / "teacher"), callbacks=progress_callbacks(cfg),
     )
