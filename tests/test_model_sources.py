@@ -161,3 +161,47 @@ def test_a_hugging_face_model_from_a_saved_directory(tmp_path):
     assert other.head_replaced and other.model(x).shape == (3, 4)
     with pytest.raises(ConfigError, match="teacher.repo=.*nowhere: not a Hugging Face model"):
         build_teacher_from(OmegaConf.create({"name": "hf", "repo": str(tmp_path / "nowhere")}), **DIGITS)
+
+
+def _digits_dataset(directory, n=300):
+    """A Hugging Face dataset of digits images (PIL, mode L) with ClassLabel names, saved with save_to_disk."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = [Image.fromarray((img * 255 / 16).astype(np.uint8), mode="L") for img in digits.images[:n]]
+    features = datasets.Features({"img": datasets.Image(), "digit": datasets.ClassLabel(names=[str(i) for i in range(10)])})
+    full = datasets.Dataset.from_dict({"img": images, "digit": digits.target[:n].tolist()}, features=features)
+    parts = full.train_test_split(test_size=0.3, seed=0, stratify_by_column="digit")
+    datasets.DatasetDict({"train": parts["train"], "test": parts["test"]}).save_to_disk(str(directory))
+
+
+@pytest.mark.integration
+def test_train_py_with_a_hugging_face_teacher_used_as_is_and_a_hugging_face_dataset(tmp_path):
+    """A whole run: a tiny HF model saved with save_pretrained (its labels named as the dataset's) as the
+    teacher, not trained; a digits dataset saved with save_to_disk (no validation split: carved from
+    train); the teacher's accuracy measured in the first run and read from the cache in the second."""
+    from .conftest import run_script
+
+    _tiny_hf_model(tmp_path / "model")
+    _digits_dataset(tmp_path / "data")
+    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    args = ["teacher=hf", f"teacher.repo={tmp_path / 'model'}", "data=hf", f"data.root={tmp_path / 'data'}", "data.image_key=img",
+            "data.label_key=digit", "student=mlp", "trainer.max_epochs=2", "logger=csv", "measure.latency=off",
+            "trainer.enable_progress_bar=false"]
+    first = run_script("train.py", *args, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    log = first.stdout + first.stderr
+    assert "used as it is (not trained); test accuracy" in log and "measured and cached" in log
+    assert "has no validation split" in log
+    summary = json.loads((tmp_path / "one" / "summary.json").read_text())
+    assert summary["teacher"]["source"] == "as-is" and summary["teacher"]["train_seconds"] == 0.0
+    assert summary["data"]["num_classes"] == 10 and summary["data"]["channels"] == 1 and summary["data"]["image_size"] == 8
+    assert not (tmp_path / "one" / "teacher").exists()  # no teacher training ran
+    second = run_script("train.py", *args, f"hydra.run.dir={tmp_path}/two", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "read from the cache" in second.stdout + second.stderr
+    again = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert again["teacher"]["test_acc"] == summary["teacher"]["test_acc"]

@@ -97,7 +97,9 @@ class StudentConfig:
 @dataclass
 class DataConfig:
     name: str = MISSING  # digits | synthetic | cifar10 | cifar100 | imagefolder
-    root: str | None = None  # dataset directory (cifar*, imagefolder)
+    root: str | None = None  # dataset directory (cifar*, imagefolder); hf: a hub id or a directory written by save_to_disk
+    image_key: str = "image"  # hf: the column of the images
+    label_key: str = "label"  # hf: the column of the class labels
     download: bool = False  # cifar*: fetch from the internet when missing
     verify_checksums: bool = True  # cifar*: torchvision's md5 check of the archive files
     batch_size: int = 64

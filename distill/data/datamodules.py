@@ -13,6 +13,7 @@ data, so models are built from the data module and a class-count mismatch cannot
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable
@@ -452,3 +453,95 @@ class ImageFolderDataModule(BaseDataModule):
             targets = np.asarray(self.train_set.targets)
             keep = limit_training(np.arange(len(targets)), targets, self.cfg.get("train_fraction", 1.0), self.cfg.split_seed)
             self.train_set = Subset(self.train_set, keep.tolist())
+
+
+class HFSplit(Dataset):
+    """Rows ``indices`` of a Hugging Face ``datasets`` split: ``(transform(image), label)``."""
+
+    def __init__(self, split: Any, indices: list[int], image_key: str, label_key: str, transform: Callable) -> None:
+        self.split, self.indices, self.image_key, self.transform = split, list(indices), image_key, transform
+        labels = np.asarray(split[label_key])
+        self.targets = labels[np.asarray(self.indices, dtype=np.int64)].tolist()  # read once: no image decoded
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.split[self.indices[i]][self.image_key]), self.targets[i]
+
+
+_VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+
+
+@register_dataset("hf")
+class HFDataModule(BaseDataModule):
+    """A Hugging Face ``datasets`` image-classification set: ``data=hf data.root=<hub id, or a
+    directory written by save_to_disk>``, its images under ``data.image_key`` and its labels under
+    ``data.label_key``. Its ``train`` split trains; ``validation`` (or ``valid``, ``val``, ``dev``)
+    validates and ``test`` tests. A split it lacks is carved from train, stratified and seeded
+    (``data.val_fraction``, ``data.test_fraction``, ``data.split_seed``). The shape comes from the
+    data: the class count and names from its ``ClassLabel`` feature, the image size and channels from
+    the first image (``data.image_size`` / ``data.channels`` resize and convert instead)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        try:
+            import datasets  # deferred: the optional [hf] extra
+        except ImportError as err:
+            raise ConfigError(f"data=hf needs the datasets package: pip install 'distill[hf]' ({err})") from err
+        where = str(cfg.root)
+        try:
+            loaded = datasets.load_from_disk(where) if Path(where).expanduser().exists() else datasets.load_dataset(where)
+        except Exception as err:  # FileNotFoundError, DatasetNotFoundError, ValueError: name the setting
+            raise ConfigError(f"data.root={where}: not a Hugging Face dataset on disk or on the hub ({str(err).splitlines()[0]})") from err
+        if not isinstance(loaded, datasets.DatasetDict):
+            loaded = datasets.DatasetDict({"train": loaded})
+        if "train" not in loaded:
+            raise ConfigError(f"data.root={where}: the dataset has no train split (splits: {', '.join(loaded)})")
+        self.splits = loaded
+        train = loaded["train"]
+        for key in (cfg.image_key, cfg.label_key):
+            if key not in train.column_names:
+                raise ConfigError(f"data.{'image_key' if key == cfg.image_key else 'label_key'}={key}: the dataset's columns are "
+                                  f"{', '.join(train.column_names)}")
+        feature = train.features[cfg.label_key]
+        names = getattr(feature, "names", None)
+        self.class_names = [str(n) for n in names] if names else None
+        self.num_classes = len(names) if names else int(max(train[cfg.label_key])) + 1
+        first = train[0][cfg.image_key]
+        self.channels = int(cfg.channels or (1 if getattr(first, "mode", "RGB") in ("L", "1", "I", "F") else 3))
+        self.image_size = int(cfg.image_size or max(getattr(first, "size", (64, 64))))
+
+    def content_id(self) -> str:
+        # The datasets library's own fingerprint of each split (its content and processing), not its path.
+        return hashlib.sha256(json.dumps({n: s._fingerprint for n, s in self.splits.items()}, sort_keys=True).encode()).hexdigest()[:16]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        c, cfg = self.channels, self.cfg
+        mean, std = list(cfg.mean or [0.5] * c), list(cfg.std or [0.5] * c)
+        t_train = image_transforms(cfg, self.image_size, c, mean, std, train=True)
+        t_eval = image_transforms(cfg, self.image_size, c, mean, std, train=False)
+        train = self.splits["train"]
+        labels = np.asarray(train[cfg.label_key])
+        train_idx = np.arange(len(labels))
+        val_name = next((n for n in _VALIDATION_NAMES if n in self.splits), None)
+        carve = {"test": "test" not in self.splits, "val": val_name is None}
+        held: dict[str, np.ndarray] = {}
+        for part, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
+            if carve[part]:
+                train_idx, held[part] = train_test_split(train_idx, test_size=fraction, stratify=labels[train_idx],
+                                                         random_state=cfg.split_seed)
+                log.info("hf: data.root=%s has no %s split: %d training samples carved for it (seeded, stratified)",
+                         cfg.root, "validation" if part == "val" else part, len(held[part]))
+        train_idx = limit_training(np.sort(train_idx), labels, cfg.get("train_fraction", 1.0), cfg.split_seed)
+
+        def split(part: str) -> HFSplit:
+            if part in held:
+                return HFSplit(train, np.sort(held[part]).tolist(), cfg.image_key, cfg.label_key, t_eval)
+            data = self.splits["test" if part == "test" else val_name]
+            return HFSplit(data, list(range(len(data))), cfg.image_key, cfg.label_key, t_eval)
+
+        self.train_set = HFSplit(train, train_idx.tolist(), cfg.image_key, cfg.label_key, t_train)
+        self.val_set, self.test_set = split("val"), split("test")

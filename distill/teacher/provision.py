@@ -310,15 +310,30 @@ def _as_is(cfg: DictConfig, model: nn.Module, built: Built, loaded_file: dict[st
     path = str(tcfg.checkpoint) if loaded_file is not None else None
     meta = loaded_file.get("meta") if isinstance(loaded_file, dict) and isinstance(loaded_file.get("meta"), dict) else {}
     acc = meta.get("test_acc") if meta.get("data") in (None, data_fingerprint) else None
+    identity = file_checksum(path) if path else source_identity(tcfg)
     if acc is None and measure_fn is not None:
-        identity = file_checksum(path) if path else teacher_key(tcfg, {}, 0)
         key = hashlib.sha256(json.dumps({"teacher": identity, "data": data_fingerprint}, sort_keys=True).encode()).hexdigest()[:16]
         acc, cached = AccuracyCache(tcfg.cache_dir).get_or_measure(key, lambda: measure_fn(_freeze(model)))
         log.info("teacher: %s used as it is (not trained); test accuracy %.4f, %s", what, acc,
                  "read from the cache" if cached else "measured and cached")
     else:
         log.info("teacher: %s used as it is (not trained)", what)
-    return _freeze(model), TeacherInfo(str(tcfg.name), count_parameters(model), acc, source, path, None)
+    # A checkpoint is known by its file (its checksum keys the logit table); a source by where it came from.
+    return _freeze(model), TeacherInfo(str(tcfg.name), count_parameters(model), acc, source, path, None if path else identity)
+
+
+def source_identity(tcfg: DictConfig) -> str:
+    """Where a pretrained teacher came from, as a key: its settings (a hub id, a weights enum: fixed
+    upstream), and the checksums of local weight files (``teacher.weights_file``, or the weight files
+    of a ``teacher.repo`` directory), so that new weights at the same path are another teacher."""
+    files: list[Path] = []
+    if tcfg.get("weights_file"):
+        files.append(Path(tcfg.weights_file))
+    repo = Path(str(tcfg.get("repo") or "")).expanduser()
+    if tcfg.get("repo") and repo.is_dir():
+        files += sorted(f for f in repo.iterdir() if f.suffix in (".safetensors", ".bin", ".json", ".pth", ".pt"))
+    blob = {"settings": teacher_key(tcfg, {}, 0), "files": {f.name: file_checksum(f) for f in files}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _finetuning(train_fn: Callable[..., float], tcfg: DictConfig) -> Callable[[nn.Module], float]:
