@@ -128,6 +128,7 @@ class Tested:
     checkpoint: str | None  # the checkpoint that was tested
     which: str  # "best by val/acc" | "last"
     seconds: float
+    test_acc5: float | None = None  # top-5, where the data has more than 10 classes
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -329,7 +330,8 @@ def evaluate_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule) -> T
     use_last = fit.compression.changes_weights or _zero3(cfg)
     best = (fit.last.best_model_path if use_last else fit.best.best_model_path) or None
     [result] = fit.trainer.test(fit.module, datamodule=datamodule, ckpt_path=None if _zero3(cfg) else best, verbose=False)
-    return Tested(float(result["test/acc"]), best, "last" if use_last else "best by val/acc", time.perf_counter() - fit.started)
+    return Tested(float(result["test/acc"]), best, "last" if use_last else "best by val/acc", time.perf_counter() - fit.started,
+                  float(result["test/acc5"]) if "test/acc5" in result else None)
 
 
 def measure_student(cfg: DictConfig, fit: Fit, tested: Tested, shape: dict[str, int]) -> StudentFigures:
@@ -392,6 +394,7 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
     student_summary: dict[str, Any] = {
         "arch": cfg.student.name, "params": fit.params, "test_acc": tested.test_acc, "size_bytes": fit.size_bytes,
         "best_checkpoint": tested.checkpoint, "tested_checkpoint": tested.which, "train_seconds": tested.seconds,
+        **({"test_acc5": tested.test_acc5} if tested.test_acc5 is not None else {}),
         **fit.compression.summary(), **fit.init_report,
     }
     student_summary["size_bytes"] = fit.compression.fp32_size_bytes() or fit.size_bytes

@@ -42,6 +42,13 @@ def test_synthetic_rgb_data(make_cfg):
     assert summary["data"] == {"name": "synthetic", "num_classes": 4, "channels": 3, "image_size": 32}
 
 
+def test_top5_is_reported_beside_top1_with_more_than_ten_classes(make_cfg):
+    summary = run(make_cfg(*QUICK, "data=synthetic", "data.num_classes=20", "loss.alpha=0"))
+    student = summary["student"]
+    assert 0.0 <= student["test_acc"] <= student["test_acc5"] <= 1.0
+    assert "test_acc5" not in run(make_cfg(*QUICK, "loss.alpha=0"))["student"]  # 10 classes: top-1 only
+
+
 def test_alpha_zero_builds_no_teacher(make_cfg, cache_dir):
     summary = run(make_cfg(*QUICK, "loss.alpha=0"))
     assert summary["teacher"] is None

@@ -70,6 +70,8 @@ class DistillationModule(L.LightningModule):
         # PADDING_LABEL (distill/data/samplers.py: EvenShardSampler): ignored, so each sample counts once.
         self.val_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
         self.test_acc = MulticlassAccuracy(num_classes, average="micro", ignore_index=PADDING_LABEL)
+        # Top-5 beside top-1 where there are more than 10 classes (ImageNet-style data).
+        self.test_acc5 = MulticlassAccuracy(num_classes, top_k=5, average="micro", ignore_index=PADDING_LABEL) if num_classes > 10 else None
 
     # Lightning sets _current_fx_name on the module around every hook it calls (dozens of times per
     # step), and nn.Module.__setattr__ (which checks whether each value is a parameter, buffer or
@@ -196,10 +198,15 @@ class DistillationModule(L.LightningModule):
 
     def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         x, y = batch
-        self.test_acc.update(self.student(x), y)
+        logits = self.student(x)
+        self.test_acc.update(logits, y)
+        if self.test_acc5 is not None:
+            self.test_acc5.update(logits, y)
 
     def on_test_epoch_end(self) -> None:
         self.log("test/acc", self.test_acc)
+        if self.test_acc5 is not None:
+            self.log("test/acc5", self.test_acc5)
 
     def configure_optimizers(self) -> Any:
         # Only the student's parameters: the teacher never enters the optimizer.

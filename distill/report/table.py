@@ -44,7 +44,8 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None, no
             "teacher", teacher["arch"], _fmt_acc(teacher.get("test_acc")), _fmt_int(teacher.get("params")),
             _fmt_int(teacher.get("size_bytes")), _fmt_ms(teacher.get("latency_ms")), _fmt_ms(teacher.get("latency_ms_batch")),
         )
-    table.add_row("student", s["arch"], _fmt_acc(s.get("test_acc")), _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")),
+    top1 = _fmt_acc(s.get("test_acc")) + (f" (top-5 {_fmt_acc(s['test_acc5'])})" if s.get("test_acc5") is not None else "")
+    table.add_row("student", s["arch"], top1, _fmt_int(s.get("params")), _fmt_int(s.get("size_bytes")),
                   _fmt_ms(s.get("latency_ms")), _fmt_ms(s.get("latency_ms_batch")))
     if deployed.kind != "fp32":
         # An int8 model is timed on CPU even in a GPU run: its figures then say so.
