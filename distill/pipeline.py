@@ -63,7 +63,7 @@ from distill.runtime.preemption import Preemption
 from distill.runtime.rng_state import RNGState
 from distill.runtime.strategies import build_strategy
 from distill.teacher.ensemble import ensemble_weights, member_configs
-from distill.teacher.features import teacher_features_for
+from distill.teacher.features import FeatureTablesTooLarge, teacher_features_for
 from distill.teacher.outputs import (
     StackedRows,
     TableRows,
@@ -233,11 +233,18 @@ def fit_student(cfg: DictConfig, datamodule: BaseDataModule, teacher: Teacher, o
     columns = {} if teacher.outputs is None else {"logits": teacher.outputs}
     if features is not None and teacher.cached:
         assert teacher.rows is not None and teacher.info is not None
-        device = _device(cfg)
-        feature_columns, source = teacher_features_for(cfg.teacher.cache_dir, features, teacher.provisioned,
-                                                       teacher_identity(teacher.info), teacher.rows, cfg.teacher.outputs_dtype, device)
+        try:
+            feature_columns, source = teacher_features_for(cfg.teacher.cache_dir, features, teacher.provisioned,
+                                                           teacher_identity(teacher.info), teacher.rows, cfg.teacher.outputs_dtype,
+                                                           _device(cfg))
+        except FeatureTablesTooLarge as err:
+            if cfg.teacher.precompute_outputs:  # asked for: say why it cannot be
+                raise
+            log.warning("%s; the teacher runs live instead (teacher.precompute_outputs=null)", err)
+            teacher.live, feature_columns, source = teacher.provisioned, {}, "live"
         columns.update(feature_columns)
-        teacher.outputs_source = f"precomputed ({source})" if teacher.outputs_source is None else teacher.outputs_source
+        if teacher.outputs_source is None:
+            teacher.outputs_source = "live" if source == "live" else f"precomputed ({source})"
     # The batches carry the teacher's rows: its logits alone as a tensor, or every column by name.
     datamodule.teacher_table = columns.get("logits") if set(columns) <= {"logits"} else columns
     resolved = redacted_container(cfg)  # the config as W&B, checkpoints and artifacts see it: no secret

@@ -257,3 +257,20 @@ def test_distributed_ranks_keep_identical_memories_and_the_mean_z():
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     mp.spawn(_ddp_worker, args=(2, port), nprocs=2, join=True)
+
+
+def test_a_non_finite_batch_leaves_the_memories_and_z_alone():
+    """loss.on_nonfinite=skip drops such a batch after the term ran: it must not have poisoned CRD's state."""
+    term = _term()
+    s, t = _features(seed=40)
+    before_s = term.memory_s.clone()
+    bad = s.clone()
+    bad[0] = float("nan")
+    out = term([bad], [t], torch.tensor([0, 4, 8]))
+    assert not torch.isfinite(out["crd"])
+    assert not term.z_set  # Z waits for a finite batch
+    assert torch.equal(term.memory_s[0], before_s[0])  # the student's NaN row: untouched
+    assert not torch.equal(term.memory_s[4], before_s[4])  # its finite rows are updated
+    assert torch.isfinite(term.memory_s).all() and torch.isfinite(term.memory_t).all()
+    term([s], [t], torch.tensor([0, 4, 8]))
+    assert term.z_set and torch.isfinite(term.z).all()

@@ -8,6 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from distill.data.datamodules import build_datamodule
+from distill.errors import ConfigError
 
 from .conftest import write_fake_cifar10
 
@@ -183,3 +184,57 @@ def test_train_fraction_is_a_seeded_stratified_subset_for_the_student_only(make_
     assert part.fingerprint(subset=False) == full.fingerprint() != part.fingerprint()
     with pytest.raises(ConfigError, match="data.train_fraction=0.001 keeps too few"):
         build_datamodule(make_cfg("data.train_fraction=0.001").data).setup()
+
+
+def _folder(root, size=(40, 48)):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            d = root / split / cls
+            d.mkdir(parents=True)
+            for i in range(2):
+                Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(d / f"{i}.png")
+
+
+def test_imagenet_recipe_and_a_timm_models_own_data_config(tmp_path):
+    """data=imagenet: RandomResizedCrop + flip when augmenting, resize to size/0.875 and center crop
+    otherwise (the evaluation transform, the same view every epoch), ImageNet's statistics; or with
+    data.transform=model a timm model's own data config."""
+    _folder(tmp_path)
+    dm = dm_for(name="imagenet", root=str(tmp_path), image_size=32, augment=True)
+    assert dm.shape == {"num_classes": 2, "channels": 3, "image_size": 32}
+    names = [type(t).__name__ for t in dm.transforms(train=True).transforms]
+    assert "RandomResizedCrop" in names and "RandomHorizontalFlip" in names
+    evaluation = dm.transforms(train=False).transforms
+    assert [type(t).__name__ for t in evaluation][2:4] == ["Resize", "CenterCrop"] and evaluation[2].size == [37]
+    assert evaluation[-1].mean == [0.485, 0.456, 0.406]
+    fixed = dm_for(name="imagenet", root=str(tmp_path), image_size=32, augment=False)
+    assert "RandomResizedCrop" not in [type(t).__name__ for t in fixed.transforms(train=True).transforms]
+    dm.setup()
+    x, _ = next(iter(dm.test_dataloader()))
+    assert x.shape[1:] == (3, 32, 32)
+    timm_dm = dm_for(name="imagenet", root=str(tmp_path), transform="model", model_arch="resnet18.a1_in1k", augment=False)
+    text = repr(timm_dm.transforms(train=False))
+    assert "CenterCrop" in text and "0.485" in text
+    with pytest.raises(ConfigError, match="data.transform=model needs teacher=timm"):
+        dm_for(name="imagenet", root=str(tmp_path), transform="model", model_arch=None).transforms(train=False)
+
+
+def test_hf_dataset_splits_shape_and_class_names(tmp_path):
+    from .test_model_sources import _digits_dataset
+
+    _digits_dataset(tmp_path / "d", n=200)
+    dm = dm_for(name="hf", root=str(tmp_path / "d"), image_key="img", label_key="digit")
+    assert dm.shape == {"num_classes": 10, "channels": 1, "image_size": 8} and dm.class_names == [str(i) for i in range(10)]
+    dm.setup()
+    assert len(dm.test_set) == 60 and len(dm.train_set) + len(dm.val_set) == 140  # the saved test split; val carved from train
+    assert not set(dm.train_set.indices) & set(dm.val_set.indices)
+    assert len(dm.train_labels()) == len(dm.train_set)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (1, 8, 8) and x.dtype == torch.float32
+    with pytest.raises(ConfigError, match="data.label_key=label: the dataset's columns are img, digit"):
+        dm_for(name="hf", root=str(tmp_path / "d"), image_key="img")
+    with pytest.raises(ConfigError, match="data.root=.*nowhere: not a Hugging Face dataset"):
+        dm_for(name="hf", root=str(tmp_path / "nowhere"))

@@ -79,10 +79,12 @@ def test_members_take_the_first_teachers_settings_but_not_its_checkpoint(make_cf
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["teacher.ensemble=[resnet99]"], r"teacher.ensemble\[0\]='resnet99' is not a known teacher; choose from: resnet18, resnet50"),
+    (["teacher.ensemble=[resnet99]"], r"teacher.ensemble\[0\]='resnet99' is not a known teacher; choose from: custom, hf, resnet18, resnet50"),
     (["teacher.ensemble=[resnet18]", "teacher.ensemble_weights=[1,2,3]"], "3 weight\\(s\\) for 2 teachers"),
     (["teacher.ensemble=[resnet18]", "teacher.ensemble_weights=[-1,2]"], "each must be >= 0"),
     (["teacher.ensemble=[resnet18]", "teacher.ensemble_weights=[0,0]"], "their sum > 0"),
+    (["teacher.ensemble=[resnet18]", "teacher.ensemble_weights=[1,inf]"], "each must be >= 0 and finite"),
+    (["teacher=resnet50", "teacher.ensemble=[resnet50]"], "teacher.ensemble\\[0\\] is the first teacher again"),
     (["teacher.ensemble_weights=[0.5,0.5]"], "there is one teacher"),
     (["teacher.ensemble=[resnet18]", "loss.alpha=0"], "reads no teacher logits"),
     (["teacher.ensemble=[{epochs:2}]"], "a teacher name or a node with a 'name'"),

@@ -100,6 +100,8 @@ class DataConfig:
     root: str | None = None  # dataset directory (cifar*, imagefolder); hf: a hub id or a directory written by save_to_disk
     image_key: str = "image"  # hf: the column of the images
     label_key: str = "label"  # hf: the column of the class labels
+    transform: str = "standard"  # imagenet: standard (RandomResizedCrop, flip / resize, center crop) | model (a timm teacher's own)
+    model_arch: str | None = None  # data.transform=model: the timm model whose data config is used (conf/data/imagenet.yaml: the teacher's)
     download: bool = False  # cifar*: fetch from the internet when missing
     verify_checksums: bool = True  # cifar*: torchvision's md5 check of the archive files
     batch_size: int = 64

@@ -423,6 +423,11 @@ class ImageFolderDataModule(BaseDataModule):
         self.channels = int(cfg.channels or 3)
         self.image_size = int(cfg.image_size or 64)
 
+    def transforms(self, train: bool) -> Callable:
+        c = self.channels
+        mean, std = list(self.cfg.mean or [0.5] * c), list(self.cfg.std or [0.5] * c)
+        return image_transforms(self.cfg, self.image_size, c, mean, std, train=train)
+
     def content_id(self) -> str:
         # File names only: stating a million images would slow every run's start.
         return _files_digest(self.root, with_sizes=False, under=tuple(d for d in ("train", "val", "test") if (self.root / d).is_dir()))
@@ -430,11 +435,7 @@ class ImageFolderDataModule(BaseDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is not None:
             return
-        c = self.channels
-        mean = list(self.cfg.mean or [0.5] * c)
-        std = list(self.cfg.std or [0.5] * c)
-        t_train = image_transforms(self.cfg, self.image_size, c, mean, std, train=True)
-        t_eval = image_transforms(self.cfg, self.image_size, c, mean, std, train=False)
+        t_train, t_eval = self.transforms(train=True), self.transforms(train=False)
         test_dir = self.root / "test" if (self.root / "test").is_dir() else self.root / "val"
         if test_dir.name == "val":  # said in the summary and under the table, not only here
             self.test_split = "val"
@@ -490,6 +491,7 @@ class HFDataModule(BaseDataModule):
         except ImportError as err:
             raise ConfigError(f"data=hf needs the datasets package: pip install 'distill[hf]' ({err})") from err
         where = str(cfg.root)
+        self.image_key, self.label_key = str(cfg.get("image_key", "image")), str(cfg.get("label_key", "label"))
         try:
             loaded = datasets.load_from_disk(where) if Path(where).expanduser().exists() else datasets.load_dataset(where)
         except Exception as err:  # FileNotFoundError, DatasetNotFoundError, ValueError: name the setting
@@ -500,15 +502,15 @@ class HFDataModule(BaseDataModule):
             raise ConfigError(f"data.root={where}: the dataset has no train split (splits: {', '.join(loaded)})")
         self.splits = loaded
         train = loaded["train"]
-        for key in (cfg.image_key, cfg.label_key):
+        for key in (self.image_key, self.label_key):
             if key not in train.column_names:
-                raise ConfigError(f"data.{'image_key' if key == cfg.image_key else 'label_key'}={key}: the dataset's columns are "
+                raise ConfigError(f"data.{'image_key' if key == self.image_key else 'label_key'}={key}: the dataset's columns are "
                                   f"{', '.join(train.column_names)}")
-        feature = train.features[cfg.label_key]
+        feature = train.features[self.label_key]
         names = getattr(feature, "names", None)
         self.class_names = [str(n) for n in names] if names else None
-        self.num_classes = len(names) if names else int(max(train[cfg.label_key])) + 1
-        first = train[0][cfg.image_key]
+        self.num_classes = len(names) if names else int(max(train[self.label_key])) + 1
+        first = train[0][self.image_key]
         self.channels = int(cfg.channels or (1 if getattr(first, "mode", "RGB") in ("L", "1", "I", "F") else 3))
         self.image_size = int(cfg.image_size or max(getattr(first, "size", (64, 64))))
 
@@ -524,7 +526,7 @@ class HFDataModule(BaseDataModule):
         t_train = image_transforms(cfg, self.image_size, c, mean, std, train=True)
         t_eval = image_transforms(cfg, self.image_size, c, mean, std, train=False)
         train = self.splits["train"]
-        labels = np.asarray(train[cfg.label_key])
+        labels = np.asarray(train[self.label_key])
         train_idx = np.arange(len(labels))
         val_name = next((n for n in _VALIDATION_NAMES if n in self.splits), None)
         carve = {"test": "test" not in self.splits, "val": val_name is None}
@@ -539,9 +541,50 @@ class HFDataModule(BaseDataModule):
 
         def split(part: str) -> HFSplit:
             if part in held:
-                return HFSplit(train, np.sort(held[part]).tolist(), cfg.image_key, cfg.label_key, t_eval)
+                return HFSplit(train, np.sort(held[part]).tolist(), self.image_key, self.label_key, t_eval)
             data = self.splits["test" if part == "test" else val_name]
-            return HFSplit(data, list(range(len(data))), cfg.image_key, cfg.label_key, t_eval)
+            return HFSplit(data, list(range(len(data))), self.image_key, self.label_key, t_eval)
 
-        self.train_set = HFSplit(train, train_idx.tolist(), cfg.image_key, cfg.label_key, t_train)
+        self.train_set = HFSplit(train, train_idx.tolist(), self.image_key, self.label_key, t_train)
         self.val_set, self.test_set = split("val"), split("test")
+
+
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+@register_dataset("imagenet")
+class ImageNetDataModule(ImageFolderDataModule):
+    """ImageNet (or any large image set) in the ImageFolder layout, with the standard recipe:
+    ``RandomResizedCrop(size)`` and a horizontal flip for training, resize to ``size / 0.875`` and
+    ``CenterCrop(size)`` for evaluation, ImageNet's mean and std (``data.image_size``, default 224).
+    ``data.transform=model`` with ``teacher=timm`` takes the teacher's own data config instead (timm's
+    ``resolve_data_config``: its input size, interpolation, crop fraction, mean and std)."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        self.image_size = int(cfg.image_size or 224)
+        self.channels = 3
+
+    def transforms(self, train: bool) -> Callable:
+        cfg = self.cfg
+        if cfg.get("transform") == "model":
+            return _timm_transform(cfg, train)
+        size = self.image_size
+        mean, std = list(cfg.mean or IMAGENET_MEAN), list(cfg.std or IMAGENET_STD)
+        # Without data.augment the training images get the evaluation transform: the same view every
+        # epoch, as the teacher-output cache assumes.
+        head = [v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()] if train and cfg.augment else \
+            [v2.Resize(int(round(size / 0.875)), antialias=True), v2.CenterCrop(size)]
+        return v2.Compose([v2.ToImage(), v2.RGB(), *head, v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+
+
+def _timm_transform(cfg: DictConfig, train: bool) -> Callable:
+    """The transform of the timm teacher named in ``data.model_arch`` (set from ``teacher.arch``)."""
+    import timm  # deferred: only data.transform=model needs it
+    from timm.data import create_transform, resolve_data_config  # deferred: with timm
+
+    arch = cfg.get("model_arch")
+    if not arch or not timm.is_model(str(arch)):
+        raise ConfigError(f"data.transform=model needs teacher=timm with a known teacher.arch (got {arch!r})")
+    config = resolve_data_config({}, pretrained_cfg=timm.models.get_pretrained_cfg(str(arch)).to_dict())
+    return create_transform(**config, is_training=train and bool(cfg.augment))

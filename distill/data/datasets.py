@@ -92,8 +92,10 @@ class WithTeacherRows(Dataset):
     ``__getitems__`` (PyTorch's batched fetch, per-sample items otherwise)."""
 
     def __init__(self, dataset: Dataset, table: Any, with_index: bool = False) -> None:
-        self.dataset, self.table, self.with_index = dataset, table, with_index
         self.columns = isinstance(table, dict) or table is None or with_index
+        if self.columns and table is not None and not isinstance(table, dict):
+            table = {"logits": table}  # the logits as a column beside the index
+        self.dataset, self.table, self.with_index = dataset, table, with_index
         if hasattr(dataset, "gather"):
             self.gather = self._gather
 

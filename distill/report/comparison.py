@@ -100,7 +100,7 @@ def run_row(run: Path) -> dict[str, Any]:
     return row
 
 
-FEATURE_WEIGHTS = ("at_weight", "rkd_weight", "pkt_weight", "sp_weight")
+FEATURE_WEIGHTS = ("at_weight", "rkd_weight", "pkt_weight", "sp_weight", "crd_weight")
 
 
 def settings_id(summary: dict[str, Any]) -> str:
@@ -120,6 +120,8 @@ def method(hparams: dict[str, Any]) -> str:
         features.insert(0, "fitnets")
     if name == "kd" and hparams.get("alpha") == 0:
         name = "ce"
+    if hparams.get("ensemble"):  # several teachers: kd(ensemble of 2)
+        name = f"{name}(ensemble of {1 + len(hparams['ensemble'])})"
     return "+".join([name, *features])
 
 

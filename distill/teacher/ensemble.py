@@ -15,6 +15,7 @@ teacher (``teacher``) only.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -48,6 +49,12 @@ def ensemble_weights(cfg: DictConfig) -> list[float] | None:
     return [w / total for w in weights]
 
 
+def _own(teacher: DictConfig) -> dict[str, Any]:
+    node = OmegaConf.to_container(teacher, resolve=True)
+    assert isinstance(node, dict)
+    return {k: v for k, v in node.items() if k not in ("ensemble", "ensemble_weights")}
+
+
 def check_ensemble(cfg: DictConfig) -> None:
     """``teacher.ensemble``: known teachers, a loss that reads the teachers' logits, and one
     non-negative weight per teacher, not all zero."""
@@ -71,5 +78,10 @@ def check_ensemble(cfg: DictConfig) -> None:
         if len(weights) != count:
             raise ConfigError(f"teacher.ensemble_weights={weights}: {len(weights)} weight(s) for {count} teachers "
                               f"(teacher={cfg.teacher.name} first, then teacher.ensemble)")
-        if any(not (w >= 0) for w in weights) or not sum(weights) > 0:
-            raise ConfigError(f"teacher.ensemble_weights={weights} is out of range: each must be >= 0, and their sum > 0")
+        if any(not (0 <= w < math.inf) for w in weights) or not sum(weights) > 0:
+            raise ConfigError(f"teacher.ensemble_weights={weights} is out of range: each must be >= 0 and finite, and their sum > 0")
+    first = _own(cfg.teacher)
+    for index, member in enumerate(member_configs(cfg)):
+        if _own(member.teacher) == first:  # the same settings and seed: the same cached teacher, mixed with itself
+            raise ConfigError(f"teacher.ensemble[{index}] is the first teacher again (teacher={cfg.teacher.name}, the same settings): "
+                              "give it other settings (another name, epochs, checkpoint, ...)")

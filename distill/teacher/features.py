@@ -44,6 +44,10 @@ FORMAT = 1
 IN_MEMORY_BYTES = 256 * 2**20  # larger tables stay memory-mapped (read per batch by the loader)
 
 
+class FeatureTablesTooLarge(ConfigError):
+    """The teacher's feature tables would not fit on the cache's disk."""
+
+
 class MappedRows:
     """A memory-mapped feature table: ``rows(index)`` is the batch's rows as float32 tensors."""
 
@@ -133,8 +137,9 @@ def teacher_features_for(cache_dir: str, features: FeatureLoss, teacher: nn.Modu
     # Two terms reading one layer in one form (RKD and PKT on the embedding) share a table.
     keys = {name: feature_key(identity, rows.fingerprint, layer, form, dtype) for name, _, _, form, layer in _columns(features)}
     n = len(rows.data)  # type: ignore[arg-type]
-    lock = hashlib.sha256(",".join(sorted(keys.values())).encode()).hexdigest()[:16]
-    with FileLock(str(cache.dir / f"{lock}.lock")):
+    # One lock for the folder: two runs needing overlapping sets of tables (rkd, and rkd+at) must not
+    # build a shared one at once. Held only while tables are built or checked, a pass of the teacher.
+    with FileLock(str(cache.dir / "features.lock")):
         missing = {name: key for name, key in keys.items() if cache.read(key, n) is None}
         unique = {key: name for name, key in reversed(missing.items())}
         if unique:
@@ -162,7 +167,7 @@ def check_disk_space(where: Path, features: FeatureLoss, teacher: nn.Module, row
     need = per_sample * np.dtype(DTYPES[dtype]).itemsize * len(rows.data)  # type: ignore[arg-type]
     free = shutil.disk_usage(where).free
     if need > 0.9 * free:
-        raise ConfigError(f"teacher.cache_dir: the teacher's cached features need {need / 2**30:.1f} GiB ({_bytes(need // len(rows.data))} "  # type: ignore[arg-type]
+        raise FeatureTablesTooLarge(f"teacher.cache_dir: the teacher's cached features need {need / 2**30:.1f} GiB ({_bytes(need // len(rows.data))} "  # type: ignore[arg-type]
                           f"per sample) and {where} has {free / 2**30:.1f} GiB free; set teacher.precompute_outputs=false "
                           "(the teacher runs live), teacher.outputs_dtype=float16, or name smaller layers")
 

@@ -303,7 +303,9 @@ def table_rows(cfg: DictConfig, datamodule: BaseDataModule) -> TableRows:
 
 def teacher_identity(info: TeacherInfo) -> str:
     """The teacher in a table's cache key: its architecture and its cache key (or its file's checksum)."""
-    return f"{info.arch}:{info.key if info.key else file_checksum(info.path)}"
+    if info.key:
+        return f"{info.arch}:{info.key}"
+    return f"{info.arch}:{file_checksum(info.path)}" + (f":resize{info.resize}" if info.resize else "")  # a checkpoint file
 
 
 def teacher_outputs_for(cfg: DictConfig, teacher: nn.Module, info: TeacherInfo, datamodule: BaseDataModule,

@@ -87,10 +87,11 @@ class TeacherInfo:
     arch: str
     params: int
     test_acc: float | None
-    source: str  # "checkpoint" | "cache" | "trained"
+    source: str  # "checkpoint" | "as-is" (pretrained, not trained here) | "cache" | "trained"
     path: str | None
     key: str | None
     train_seconds: float = 0.0
+    resize: int | None = None  # the input size it sees, when not the data's (teacher.resize)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -319,7 +320,8 @@ def _as_is(cfg: DictConfig, model: nn.Module, built: Built, loaded_file: dict[st
     else:
         log.info("teacher: %s used as it is (not trained)", what)
     # A checkpoint is known by its file (its checksum keys the logit table); a source by where it came from.
-    return _freeze(model), TeacherInfo(str(tcfg.name), count_parameters(model), acc, source, path, None if path else identity)
+    return _freeze(model), TeacherInfo(str(tcfg.name), count_parameters(model), acc, source, path, None if path else identity,
+                                       resize=tcfg.get("resize"))
 
 
 def source_identity(tcfg: DictConfig) -> str:

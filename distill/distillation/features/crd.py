@@ -160,13 +160,16 @@ def _last_occurrence(index: torch.Tensor) -> torch.Tensor | None:
 @torch.no_grad()
 def update_memory(memory: torch.Tensor, index: torch.Tensor, embedding: torch.Tensor, momentum: float) -> None:
     """In place: ``memory[index] = norm(momentum * memory[index] + (1 - momentum) * embedding)`` (an index
-    given twice takes its last embedding); the other rows are untouched."""
+    given twice takes its last embedding); the other rows are untouched, and so is a row whose new
+    value is not finite (a batch that loss.on_nonfinite=skip drops must not poison the memory)."""
     last = _last_occurrence(index)
     if last is not None:
         index, embedding = index[last], embedding[last]
-    rows = memory.index_select(0, index).float() * momentum + embedding.detach().float() * (1 - momentum)
+    old = memory.index_select(0, index)
+    rows = old.float() * momentum + embedding.detach().float() * (1 - momentum)
     rows = rows / rows.pow(2).sum(1, keepdim=True).sqrt()
-    memory.index_copy_(0, index, rows.to(memory.dtype))
+    rows = torch.where(torch.isfinite(rows).all(1, keepdim=True), rows.to(memory.dtype), old)  # no host sync
+    memory.index_copy_(0, index, rows)
 
 
 def _world() -> int:
@@ -320,7 +323,9 @@ class CRDTerm(EmbeddingTerm):
             rows = _draw(index, self.labels, self._order, self._start, self._count, self.nce_k, None)
             scores_s = contrast_scores(self.memory_t, e_s, rows, self.nce_t)  # student anchor, teacher memory
             scores_t = contrast_scores(self.memory_s, e_t, rows, self.nce_t)  # teacher anchor, student memory
-            if not self.z_set:
+            # A non-finite batch (dropped by loss.on_nonfinite=skip after this) must not reach the
+            # memories or fix Z: its rows are left out of the update, and Z waits for a finite batch.
+            if not self.z_set and bool(torch.isfinite(scores_s).all() and torch.isfinite(scores_t).all()):
                 z = torch.stack([normalization_constant(scores_s, n), normalization_constant(scores_t, n)])
                 if _world() > 1:
                     # Each rank sees its own first batch: the mean over ranks makes Z (a buffer that then
