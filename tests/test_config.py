@@ -52,7 +52,26 @@ def _data_stand_in(choice: str, root: Path) -> tuple[list[str], dict[str, int]]:
         return [f"data.root={root}", "data.verify_checksums=false"], {"num_classes": 100, "channels": 3, "image_size": 32}
     if choice == "imagefolder":  # two classes (cat, dog), train/ and val/
         return [f"data.root={_image_tree(root)}"], {"num_classes": 2, "channels": 3, "image_size": 64}
+    if choice == "imagenet":  # the same tree, at its default 224 px
+        return [f"data.root={_image_tree(root)}"], {"num_classes": 2, "channels": 3, "image_size": 224}
+    if choice == "hf":  # digits saved with save_to_disk
+        from .test_model_sources import _digits_dataset
+
+        _digits_dataset(root, n=200)
+        return [f"data.root={root}", "data.image_key=img", "data.label_key=digit"], {"num_classes": 10, "channels": 1, "image_size": 8}
     return [], {}
+
+
+def _model_stand_in(role: str, choice: str, root: Path) -> list[str]:
+    """Overrides a model group needs that has no default (a Hugging Face directory, a user's class)."""
+    if choice == "hf":
+        from .test_model_sources import _tiny_hf_model
+
+        _tiny_hf_model(root / "hf")
+        return [f"{role}.repo={root / 'hf'}"]
+    if choice == "custom":
+        return [f"{role}._target_=tests.test_model_sources.TinyNet"]
+    return []
 
 
 @pytest.mark.parametrize(("group", "choice"), [(g, c) for g, cs in GROUPS.items() for c in cs])
@@ -63,6 +82,8 @@ def test_every_group_choice_composes_and_validates(make_cfg, tmp_path, group, ch
     if group == "data":
         extra, shape = _data_stand_in(choice, tmp_path / "data")
         overrides += extra
+    if group in ("teacher", "student"):
+        overrides += _model_stand_in(group, choice, tmp_path)
     cfg = make_cfg(*overrides)
     if group == "trainer" and choice == "gpu" and not __import__("torch").cuda.is_available():
         with pytest.raises(ConfigError, match="trainer.accelerator=gpu but this machine has no CUDA GPU"):
@@ -81,16 +102,16 @@ def test_every_group_choice_composes_and_validates(make_cfg, tmp_path, group, ch
 
 
 @pytest.mark.parametrize("student", GROUPS["student"])
-def test_every_student_instantiates_from_its_config(make_cfg, student):
-    cfg = make_cfg(f"student={student}")
+def test_every_student_instantiates_from_its_config(make_cfg, tmp_path, student):
+    cfg = make_cfg(f"student={student}", *_model_stand_in("student", student, tmp_path))
     dm = build_datamodule(cfg.data)
     model = build_student(cfg.student, **dm.shape)
     assert sum(p.numel() for p in model.parameters()) > 0
 
 
 @pytest.mark.parametrize("teacher", GROUPS["teacher"])
-def test_every_teacher_instantiates_from_its_config(make_cfg, teacher):
-    cfg = make_cfg(f"teacher={teacher}")
+def test_every_teacher_instantiates_from_its_config(make_cfg, tmp_path, teacher):
+    cfg = make_cfg(f"teacher={teacher}", *_model_stand_in("teacher", teacher, tmp_path))
     dm = build_datamodule(cfg.data)
     assert build_teacher(cfg.teacher, **dm.shape) is not None
 

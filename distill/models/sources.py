@@ -219,7 +219,8 @@ def custom_model(cfg: DictConfig, role: str, num_classes: int, channels: int, im
         raise ConfigError(f"{role}._target_={target}: cannot import it ({str(err).splitlines()[0]})") from err
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ConfigError(f"{role}._target_={target}: not an nn.Module class")
-    kwargs = OmegaConf.to_container(cfg.get("kwargs") or {}, resolve=True)
+    given = cfg.get("kwargs")
+    kwargs = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given or {})
     try:
         model = cls(**kwargs)  # type: ignore[arg-type]
     except TypeError as err:
