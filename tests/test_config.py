@@ -217,7 +217,7 @@ def test_out_of_range_value_names_the_key(make_cfg, override, key):
 
 def test_unknown_model_error_lists_choices(make_cfg):
     cfg = make_cfg("student.name=vit")
-    with pytest.raises(ConfigError, match=r"unknown student 'vit'; choose from: cnn, mlp, mobilenet_v3_small, resnet18"):
+    with pytest.raises(ConfigError, match=r"unknown student 'vit'; choose from: cnn, custom, hf, mlp, mobilenet_v3_small, resnet18, timm, torchvision"):
         validate(cfg)
 
 
