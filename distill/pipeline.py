@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 import signal
 import socket
 import time
@@ -358,7 +359,11 @@ def measure_student(cfg: DictConfig, fit: Fit, tested: Tested, shape: dict[str, 
 
 
 def _device(cfg: DictConfig) -> str:
-    return "cuda" if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda") else "cpu"
+    """Where this process runs the teacher outside training (its feature tables, its accuracy): its own
+    GPU under a multi-GPU launch (LOCAL_RANK), not every rank on cuda:0."""
+    if torch.cuda.is_available() and cfg.trainer.accelerator in ("auto", "gpu", "cuda"):
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0)) % torch.cuda.device_count()}"
+    return "cpu"
 
 
 def _sample_shape(shape: dict[str, int]) -> tuple[int, int, int]:
