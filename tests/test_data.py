@@ -238,3 +238,27 @@ def test_hf_dataset_splits_shape_and_class_names(tmp_path):
         dm_for(name="hf", root=str(tmp_path / "d"), image_key="img")
     with pytest.raises(ConfigError, match="data.root=.*nowhere: not a Hugging Face dataset"):
         dm_for(name="hf", root=str(tmp_path / "nowhere"))
+
+
+def test_hf_dataset_with_string_labels_rgba_images_and_an_unlabelled_test_split(tmp_path):
+    import datasets
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (6, 6, 4), dtype=np.uint8), mode="RGBA") for _ in range(40)]
+    labels = ["dog", "cat"] * 20
+    train = datasets.Dataset.from_dict({"image": images, "label": labels})
+    test = datasets.Dataset.from_dict({"image": images[:6], "label": ["cat"] * 6})
+    datasets.DatasetDict({"train": train, "test": test}).save_to_disk(str(tmp_path / "s"))
+    dm = dm_for(name="hf", root=str(tmp_path / "s"))
+    assert dm.class_names == ["cat", "dog"] and dm.shape == {"num_classes": 2, "channels": 3, "image_size": 6}
+    dm.setup()
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape[1:] == (3, 6, 6) and set(y.tolist()) <= {0, 1}  # RGBA read as RGB; "cat" -> 0, "dog" -> 1
+    assert dm.train_set.targets == [{"cat": 0, "dog": 1}[labels[i]] for i in dm.train_set.indices]
+    ints = datasets.Dataset.from_dict({"image": images, "label": [0, 1] * 20})
+    datasets.DatasetDict({"train": ints, "test": datasets.Dataset.from_dict({"image": images[:6], "label": [-1] * 6})}).save_to_disk(
+        str(tmp_path / "u"))
+    unlabelled = dm_for(name="hf", root=str(tmp_path / "u"))
+    unlabelled.setup()
+    assert min(unlabelled.test_set.targets) >= 0 and unlabelled.test_set.split is not None  # carved from train instead

@@ -459,16 +459,21 @@ class ImageFolderDataModule(BaseDataModule):
 class HFSplit(Dataset):
     """Rows ``indices`` of a Hugging Face ``datasets`` split: ``(transform(image), label)``."""
 
-    def __init__(self, split: Any, indices: list[int], image_key: str, label_key: str, transform: Callable) -> None:
+    def __init__(self, split: Any, indices: list[int], image_key: str, label_key: str, transform: Callable,
+                 label_ids: dict[Any, int] | None = None) -> None:
         self.split, self.indices, self.image_key, self.transform = split, list(indices), image_key, transform
-        labels = np.asarray(split[label_key])
+        labels = split[label_key]
+        labels = np.asarray([label_ids[v] for v in labels] if label_ids is not None else labels)
         self.targets = labels[np.asarray(self.indices, dtype=np.int64)].tolist()  # read once: no image decoded
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.split[self.indices[i]][self.image_key]), self.targets[i]
+        image = self.split[self.indices[i]][self.image_key]
+        if getattr(image, "mode", "RGB") not in ("L", "RGB"):  # RGBA, palette, 16-bit: as RGB (the transform makes it grey if asked)
+            image = image.convert("RGB")
+        return self.transform(image), self.targets[i]
 
 
 _VALIDATION_NAMES = ("validation", "valid", "val", "dev")
@@ -508,6 +513,11 @@ class HFDataModule(BaseDataModule):
                                   f"{', '.join(train.column_names)}")
         feature = train.features[self.label_key]
         names = getattr(feature, "names", None)
+        self.label_ids: dict[Any, int] | None = None
+        if not names and not np.issubdtype(np.asarray(train[self.label_key][:1]).dtype, np.integer):
+            # labels as values (strings): ids in sorted order, the values as the class names
+            names = sorted({v for split in loaded.values() for v in split[self.label_key]})
+            self.label_ids = {v: i for i, v in enumerate(names)}
         self.class_names = [str(n) for n in names] if names else None
         self.num_classes = len(names) if names else int(max(train[self.label_key])) + 1
         first = train[0][self.image_key]
@@ -526,10 +536,13 @@ class HFDataModule(BaseDataModule):
         t_train = image_transforms(cfg, self.image_size, c, mean, std, train=True)
         t_eval = image_transforms(cfg, self.image_size, c, mean, std, train=False)
         train = self.splits["train"]
-        labels = np.asarray(train[self.label_key])
+        labels = np.asarray([self.label_ids[v] for v in train[self.label_key]] if self.label_ids else train[self.label_key])
         train_idx = np.arange(len(labels))
         val_name = next((n for n in _VALIDATION_NAMES if n in self.splits), None)
-        carve = {"test": "test" not in self.splits, "val": val_name is None}
+        unlabelled = "test" in self.splits and self.label_ids is None and max(self.splits["test"][self.label_key], default=-1) < 0
+        if unlabelled:  # a competition-style test split (labels -1): not a test split for accuracy
+            log.warning("hf: data.root=%s: its test split has no labels (all -1): a test split is carved from train", cfg.root)
+        carve = {"test": "test" not in self.splits or unlabelled, "val": val_name is None}
         held: dict[str, np.ndarray] = {}
         for part, fraction in (("test", cfg.test_fraction), ("val", cfg.val_fraction)):
             if carve[part]:
@@ -541,11 +554,11 @@ class HFDataModule(BaseDataModule):
 
         def split(part: str) -> HFSplit:
             if part in held:
-                return HFSplit(train, np.sort(held[part]).tolist(), self.image_key, self.label_key, t_eval)
+                return HFSplit(train, np.sort(held[part]).tolist(), self.image_key, self.label_key, t_eval, self.label_ids)
             data = self.splits["test" if part == "test" else val_name]
-            return HFSplit(data, list(range(len(data))), self.image_key, self.label_key, t_eval)
+            return HFSplit(data, list(range(len(data))), self.image_key, self.label_key, t_eval, self.label_ids)
 
-        self.train_set = HFSplit(train, train_idx.tolist(), self.image_key, self.label_key, t_train)
+        self.train_set = HFSplit(train, train_idx.tolist(), self.image_key, self.label_key, t_train, self.label_ids)
         self.val_set, self.test_set = split("val"), split("test")
 
 

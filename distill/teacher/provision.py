@@ -269,6 +269,8 @@ def provision_teacher(
         return _as_is(cfg, model, built, loaded_file, data_fingerprint, measure_fn, data_classes)
     if loaded:
         train_fn = _finetuning(train_fn, tcfg)
+        if loaded_file is None:  # fine-tuned from a source: its weights' identity joins the key (new weights at one path)
+            data_fingerprint = {**data_fingerprint, "source": source_identity(tcfg)}
     cache = TeacherCache(tcfg.cache_dir)
     key = teacher_key(tcfg, data_fingerprint, int(cfg.seed))
     path = cache.path(tcfg.name, key)
@@ -303,10 +305,16 @@ def _as_is(cfg: DictConfig, model: nn.Module, built: Built, loaded_file: dict[st
     if built.head_replaced and loaded_file is None:
         raise ConfigError(f"{what}: its pretrained classifier predicts other classes than the data's (a new head was put on it): "
                           "set teacher.finetune_epochs=N to fine-tune it (teacher.finetune=head|all)")
-    if built.classes and data_classes and [c.lower() for c in built.classes] != [c.lower() for c in data_classes]:
-        mismatch = next(i for i, (a, b) in enumerate(zip(built.classes, data_classes, strict=False)) if a.lower() != b.lower())
-        raise ConfigError(f"{what}: its classes are not the data's (class {mismatch}: {built.classes[mismatch]!r} vs "
-                          f"{data_classes[mismatch]!r}): set teacher.finetune_epochs=N to fine-tune it on this data")
+    if built.classes and data_classes:
+        mine, theirs = [c.lower() for c in built.classes], [c.lower() for c in data_classes]
+        if not set(mine) & set(theirs):
+            # Two vocabularies (ImageNet's folder ids and torchvision's words, an HF model's LABEL_0...): not comparable.
+            log.warning("%s: its class names (%s, ...) and the data's (%s, ...) share none, so their order cannot be checked; "
+                        "the class count matches", what, built.classes[0], data_classes[0])
+        elif mine != theirs:
+            mismatch = next((i for i, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), min(len(mine), len(theirs)) - 1)
+            raise ConfigError(f"{what}: its classes are not the data's (class {mismatch}: {built.classes[mismatch]!r} vs "
+                              f"{data_classes[mismatch]!r}): set teacher.finetune_epochs=N to fine-tune it on this data")
     source = "checkpoint" if loaded_file is not None else "as-is"
     path = str(tcfg.checkpoint) if loaded_file is not None else None
     meta = loaded_file.get("meta") if isinstance(loaded_file, dict) and isinstance(loaded_file.get("meta"), dict) else {}
