@@ -185,7 +185,9 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
         return Teacher(seconds=time.perf_counter() - start)
     _, world = teacher_trainer_kwargs(cfg)  # the processes that train the teacher (the run's, by default)
     # The teacher trains on the full training split (data.train_fraction limits the student's data only).
-    fingerprint = teacher_fingerprint(cfg, datamodule.fingerprint(subset=False), world)
+    full_data = datamodule.fingerprint(subset=False)  # hashes the dataset's file list: once for every teacher
+    fingerprint = teacher_fingerprint(cfg, full_data, world)
+
     def measure(model: nn.Module) -> float:  # a teacher used as it is: its test accuracy, measured once (cached)
         return accuracy_on_test_split(model, datamodule, device=_device(cfg))
 
@@ -193,8 +195,9 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
     model, info = provision_teacher(cfg, datamodule.shape, fingerprint, lambda m, epochs=None: train_teacher(cfg, m, output_dir, epochs),
                                     world, measure, classes)
     teacher = Teacher(provisioned=model, info=info, live=model if uses_teacher(cfg.loss) else None)
-    for index, member in enumerate(member_configs(cfg)):  # each provisioned and cached as the first is
-        member_fingerprint = teacher_fingerprint(member, datamodule.fingerprint(subset=False), world)
+    members = member_configs(cfg)
+    for index, member in enumerate(members):  # each provisioned and cached as the first is
+        member_fingerprint = teacher_fingerprint(member, full_data, world)
         own_dir = output_dir / f"ensemble{index + 1}"
         m_model, m_info = provision_teacher(member, datamodule.shape, member_fingerprint,
                                             lambda m, epochs=None, c=member, d=own_dir: train_teacher(c, m, d, epochs), world,
@@ -209,7 +212,7 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
         if logits_use_teacher(cfg.loss):
             tables = [teacher_outputs_for(cfg, model, info, datamodule, teacher.rows)]
             tables += [teacher_outputs_for(c, m, i, datamodule, teacher.rows)
-                       for c, m, i in zip(member_configs(cfg), teacher.members, teacher.member_infos, strict=True)]
+                       for c, m, i in zip(members, teacher.members, teacher.member_infos, strict=True)]
             teacher.outputs = tables[0][0] if len(tables) == 1 else StackedRows([table for table, _ in tables])
             teacher.outputs_source = tables[0][1]
         teacher.live = None  # the module then holds no teacher: in no DDP bucket, no DeepSpeed partition

@@ -140,12 +140,13 @@ def teacher_features_for(cache_dir: str, features: FeatureLoss, teacher: nn.Modu
     # One lock for the folder: two runs needing overlapping sets of tables (rkd, and rkd+at) must not
     # build a shared one at once. Held only while tables are built or checked, a pass of the teacher.
     with FileLock(str(cache.dir / "features.lock")):
-        missing = {name: key for name, key in keys.items() if cache.read(key, n) is None}
+        found = {name: cache.read(key, n) for name, key in keys.items()}
+        missing = {name: key for name, key in keys.items() if found[name] is None}
         unique = {key: name for name, key in reversed(missing.items())}
         if unique:
             check_disk_space(cache.dir, features, teacher, rows, set(unique.values()), dtype, device)
             cache.build({name: key for key, name in unique.items()}, features, teacher, rows, dtype, device)
-        found = {name: cache.read(key, n) for name, key in keys.items()}
+            found.update({name: cache.read(key, n) for name, key in missing.items()})  # only what was built is read again
     columns: dict[str, Any] = {}
     for name, values in found.items():
         if values is None:
