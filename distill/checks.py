@@ -18,6 +18,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from distill.compress.settings import TECHNIQUE_RANGE_CHECKS
+from distill.config.loss_terms import active_features
 from distill.config.validate import (
     SETTINGS_CHECKS,
     check_callbacks,
@@ -52,7 +53,7 @@ def validate(cfg: DictConfig) -> None:
     """Check every range and every name against its registry, before any data is touched."""
     # deferred: the registries import torch, torchvision and Lightning; precheck must not wait for them
     from distill.compress.registry import check_techniques  # deferred
-    from distill.data.datamodules import DATASETS, check_data  # deferred
+    from distill.data.datamodules import DATASETS, check_data, resolve_hub_name  # deferred
     from distill.distillation.features.combined import check_features  # deferred
     from distill.distillation.losses.registry import check_loss  # deferred
     from distill.measure.latency import check_device  # deferred
@@ -60,6 +61,7 @@ def validate(cfg: DictConfig) -> None:
     from distill.report.objective import check_objective  # deferred
     from distill.teacher.provision import check_teacher, check_teacher_outputs  # deferred
 
+    resolve_hub_name(cfg)  # data=hf data.name=<hub id> is data.root=<hub id>
     precheck(cfg)
     check_loss(cfg)
     check_objective(cfg)
@@ -74,9 +76,29 @@ def validate(cfg: DictConfig) -> None:
     check_features(cfg)
     check_feature_layers(cfg)
     check_teacher_outputs(cfg)
+    check_mixing(cfg)
     check_resume(cfg)
     check_devices(cfg.trainer)
     check_device(cfg.measure.latency)
+
+
+def check_mixing(cfg: DictConfig) -> None:
+    """Mixup / CutMix give each training sample two classes (soft labels): a loss that singles out a
+    sample's one class, and CRD (whose memory holds one embedding per sample and draws negatives
+    from other classes), have no meaning on mixed samples."""
+    from distill.data.mixing import mixing_of  # deferred
+    from distill.distillation.losses.registry import LOSSES  # deferred
+
+    mixing = mixing_of(cfg.data)
+    if not mixing:
+        return
+    given = " ".join(f"data.{name}={alpha:g}" for name, alpha in mixing.items())
+    if LOSSES[cfg.loss.name].needs_one_class:
+        raise ConfigError(f"loss={cfg.loss.name} with {given}: the loss splits each sample's labelled class from the "
+                          "others, and a mixed sample has two; use kd or dist, or set the mixing to 0")
+    if "crd" in active_features(cfg.loss):
+        raise ConfigError(f"loss.crd with {given}: CRD's memory holds one embedding per training sample and draws "
+                          "negatives from other classes, neither defined for a mix of two samples")
 
 
 def check_resume(cfg: DictConfig) -> None:
@@ -95,7 +117,6 @@ def check_feature_layers(cfg: DictConfig) -> None:
     """The feature terms' layers exist in the student and the teacher (an unknown one is named with
     the valid choices): both models are built on the ``meta`` device, without weights or data, and
     the terms are hooked and probed there, in well under a second."""
-    from distill.config.loss_terms import active_features  # deferred: with the torch-side checks
     if not active_features(cfg.loss):
         return
     import torch  # deferred: heavy

@@ -34,6 +34,7 @@ from distill.compress.registry import Compression, build_compression, technique_
 from distill.compress.technique import BuildContext, StudentFigures
 from distill.config.redaction import redacted_container
 from distill.data.datamodules import BaseDataModule, build_datamodule
+from distill.data.mixing import mixing_of
 from distill.distillation.features.combined import build_features
 from distill.distillation.losses.registry import build_loss
 from distill.distillation.module import DistillationModule
@@ -205,7 +206,13 @@ def provide_teacher(cfg: DictConfig, datamodule: BaseDataModule, output_dir: Pat
         teacher.members.append(m_model)
         teacher.member_infos.append(m_info)
     precompute, features = cfg.teacher.precompute_outputs, bool(active_features(cfg.loss))
-    if teacher.live is not None and (cfg.teacher.cache_views or precompute or (precompute is None and not cfg.data.augment)):
+    mixing = mixing_of(cfg.data)
+    if teacher.live is not None and mixing and not cfg.teacher.cache_views:
+        log.info("%s: every batch is a new mix of two samples, so the teacher runs live on each (its outputs are "
+                 "not cached; teacher.cache_views=K caches K mixed views per sample)",
+                 " ".join(f"data.{name}={alpha:g}" for name, alpha in mixing.items()))
+    fixed_inputs = precompute is None and not cfg.data.augment and not mixing
+    if teacher.live is not None and (cfg.teacher.cache_views or precompute or fixed_inputs):
         # The teacher sees the same input for a sample in every epoch: its logits (and, once the
         # student is built, its features: fit_student) are tables, and the training step runs no teacher.
         teacher.rows = table_rows(cfg, datamodule)
@@ -432,7 +439,8 @@ def make_summary(cfg: DictConfig, fit: Fit, tested: Tested, student: StudentFigu
         "deployed": fit.compression.deployed(student).as_dict(),
         "technique": "+".join(_labels(cfg, fit)) or "fp32",
         # test_split only where the test accuracy is not from a test split (an image folder without test/)
-        "data": {"name": cfg.data.name, **shape, **({"test_split": datamodule.test_split} if datamodule.test_split != "test" else {})},
+        "data": {"name": cfg.data.name, **shape, **({"test_split": datamodule.test_split} if datamodule.test_split != "test" else {}),
+                 **({"mix": mixing_of(cfg.data)} if mixing_of(cfg.data) else {})},
         "hparams": _hparams(cfg),
         "teacher_outputs": None if teacher.info is None or not uses_teacher(cfg.loss) else (teacher.outputs_source or "live"),
         # each feature term's weight and resolved layer pairs (the defaults made explicit)

@@ -262,3 +262,22 @@ def test_hf_dataset_with_string_labels_rgba_images_and_an_unlabelled_test_split(
     unlabelled = dm_for(name="hf", root=str(tmp_path / "u"))
     unlabelled.setup()
     assert min(unlabelled.test_set.targets) >= 0 and unlabelled.test_set.split is not None  # carved from train instead
+
+
+def test_hf_data_name_is_read_as_the_hub_id_or_directory(tmp_path):
+    """``data=hf data.name=<id or directory>`` (the issue's spelling) is ``data.root=<that>``; a typo of a
+    registered dataset name still fails naming the choices."""
+    from distill.checks import validate
+
+    from .conftest import compose_config
+
+    cfg = compose_config(["data=hf", "data.name=someone/beans"], tmp_path / "out", tmp_path / "cache")
+    validate(cfg)
+    assert cfg.data.name == "hf" and cfg.data.root == "someone/beans"
+    (tmp_path / "saved").mkdir()
+    cfg = compose_config(["data=hf", f"data.name={tmp_path / 'saved'}"], tmp_path / "out", tmp_path / "cache")
+    validate(cfg)
+    assert cfg.data.root == str(tmp_path / "saved")
+    cfg = compose_config(["data.name=digts"], tmp_path / "out", tmp_path / "cache")
+    with pytest.raises(ConfigError, match="data.name: unknown dataset 'digts'; choose from: .*digits"):
+        validate(cfg)

@@ -188,7 +188,7 @@ def test_train_py_with_a_hugging_face_teacher_used_as_is_and_a_hugging_face_data
     _tiny_hf_model(tmp_path / "model")
     _digits_dataset(tmp_path / "data")
     env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
-    args = ["teacher=hf", f"teacher.repo={tmp_path / 'model'}", "data=hf", f"data.root={tmp_path / 'data'}", "data.image_key=img",
+    args = ["teacher=hf", f"teacher.repo={tmp_path / 'model'}", "data=hf", f"data.name={tmp_path / 'data'}", "data.image_key=img",
             "data.label_key=digit", "student=mlp", "trainer.max_epochs=2", "logger=csv", "measure.latency=off",
             "trainer.enable_progress_bar=false"]
     first = run_script("train.py", *args, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, env=env)
@@ -198,6 +198,7 @@ def test_train_py_with_a_hugging_face_teacher_used_as_is_and_a_hugging_face_data
     assert "has no validation split" in log
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["teacher"]["source"] == "as-is" and summary["teacher"]["train_seconds"] == 0.0
+    assert summary["data"]["name"] == "hf"  # data.name=<directory> read as data.root
     assert summary["data"]["num_classes"] == 10 and summary["data"]["channels"] == 1 and summary["data"]["image_size"] == 8
     assert not (tmp_path / "one" / "teacher").exists()  # no teacher training ran
     second = run_script("train.py", *args, f"hydra.run.dir={tmp_path}/two", cwd=tmp_path, env=env)

@@ -115,6 +115,11 @@ class DataConfig:
     test_fraction: float = 0.2  # digits / synthetic only (others ship a test split)
     split_seed: int = 0
     augment: bool = False  # random crop + flip (cifar*, imagefolder); 1-px shifts (digits)
+    # Batch mixing of the training data, teacher's and student's (torchvision v2 MixUp / CutMix; both set:
+    # one of the two per batch): the Beta(alpha, alpha) parameter, 0 = off. Labels become soft; the
+    # teacher then runs live unless teacher.cache_views caches K mixed views per sample.
+    mixup: float = 0.0
+    cutmix: float = 0.0
     # Shape. Fixed by the dataset for digits/cifar; free for synthetic and imagefolder.
     num_classes: int | None = None
     channels: int | None = None

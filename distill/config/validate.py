@@ -114,6 +114,8 @@ SETTINGS_CHECKS: list[Check] = [
     ("data.num_classes", lambda x: x is None or x >= 2, ">= 2 (or null for the dataset's own)"),
     ("data.channels", lambda x: x is None or x >= 1, ">= 1 (or null)"),
     ("data.image_size", lambda x: x is None or x >= 1, ">= 1 (or null)"),
+    ("data.mixup", lambda x: x is not None and 0 <= x < float("inf"), ">= 0 (the Beta(alpha, alpha) parameter; 0: off)"),
+    ("data.cutmix", lambda x: x is not None and 0 <= x < float("inf"), ">= 0 (the Beta(alpha, alpha) parameter; 0: off)"),
     ("logger.wandb.mode", lambda x: x in ("auto", "online", "offline", "disabled"), "one of: auto, online, offline, disabled"),
     ("strategy.name", one_of("auto", "ddp", "deepspeed"), "one of: auto, ddp, deepspeed"),
     ("strategy.stage", one_of(1, 2, 3), "one of: 1, 2, 3"),

@@ -24,10 +24,17 @@ import lightning as L
 import numpy as np
 import torch
 from filelock import FileLock
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
-from torch.utils.data import DataLoader, Dataset, RandomSampler, SequentialSampler, Subset
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    RandomSampler,
+    SequentialSampler,
+    Subset,
+    default_collate,
+)
 from torchvision import datasets
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2
@@ -40,6 +47,7 @@ from distill.data.datasets import (
     WithTeacherRows,
     as_batch,
 )
+from distill.data.mixing import MixedCollate, batch_mix
 from distill.data.samplers import EpochBatchSampler, EpochShuffleSampler, EvenShardSampler
 from distill.data.transforms import image_transforms
 from distill.errors import ConfigError
@@ -56,6 +64,20 @@ def register_dataset(name: str) -> Callable:
         return cls
 
     return wrap
+
+
+def resolve_hub_name(cfg: DictConfig) -> None:
+    """``data=hf data.name=<hub id or save_to_disk directory>`` is read as ``data.root=<that>``:
+    a hub-style spelling, next to ``data.root``. Only when the name is not a dataset of
+    :data:`DATASETS`, reads as a hub id (``owner/name``) or an existing directory, and ``data.root`` is unset."""
+    data = cfg.data
+    if data.name in DATASETS or (not OmegaConf.is_missing(data, "root") and data.root):
+        return
+    source = str(data.name)
+    if "/" not in source and not Path(source).expanduser().is_dir():
+        return  # a typo of a dataset name: the registry check names the choices
+    with open_dict(data):
+        data.root, data.name = source, "hf"
 
 
 def check_data(cfg: DictConfig) -> None:
@@ -101,6 +123,8 @@ class BaseDataModule(L.LightningDataModule):
         # ``with_index``: the batches also carry the samples' indices (CRD's memory bank).
         self.teacher_table: Any = None
         self.with_index = False
+        # False once the training set is replayed views that are mixed already (teacher.cache_views).
+        self.batch_mixing = True
         self.class_names: list[str] | None = None  # where the data names its classes (a loaded teacher's must match)
         # (epoch, batches already trained in it) of a mid-epoch checkpoint being resumed; set by
         # distill.rng_state.RNGState from the checkpoint, read when the training loader is built.
@@ -147,7 +171,8 @@ class BaseDataModule(L.LightningDataModule):
                 self.prepare_data()
         self.setup("fit")
 
-    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None, shard: bool = False) -> DataLoader:
+    def _loader(self, dataset: Dataset | None, shuffle: bool, batch_size: int | None = None, shard: bool = False,
+                mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> DataLoader:
         if dataset is None:
             raise RuntimeError("data module used before setup()")
         sampler = None
@@ -177,7 +202,8 @@ class BaseDataModule(L.LightningDataModule):
             # A dataset that gathers a whole batch at once (an in-memory split; distill/data/datasets.py):
             # the loader fetches each batch of the batch sampler with one call, collated already.
             order = sampler if sampler is not None else (RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset))
-            return DataLoader(Batched(dataset), batch_sampler=EpochBatchSampler(order, batch_size, drop_last=False), collate_fn=as_batch,
+            collate: Callable[[Any], Any] = as_batch if mix is None else MixedCollate(as_batch, mix)
+            return DataLoader(Batched(dataset), batch_sampler=EpochBatchSampler(order, batch_size, drop_last=False), collate_fn=collate,
                               num_workers=workers, pin_memory=pin, persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
                               generator=generator)
         return DataLoader(
@@ -190,13 +216,16 @@ class BaseDataModule(L.LightningDataModule):
             persistent_workers=bool(self.cfg.persistent_workers) and workers > 0,
             generator=generator,
             drop_last=False,
+            collate_fn=None if mix is None else MixedCollate(default_collate, mix),
         )
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_set
         if (self.teacher_table is not None or self.with_index) and dataset is not None:
             dataset = WithTeacherRows(dataset, self.teacher_table, self.with_index)  # (x, y, teacher outputs)
-        return self._loader(dataset, shuffle=True)
+        # Mixup / CutMix of whole batches; replayed views (teacher.cache_views) carry their own mixing.
+        mix = batch_mix(self.cfg, self.num_classes) if self.batch_mixing else None
+        return self._loader(dataset, shuffle=True, mix=mix)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_set, shuffle=False, shard=True)

@@ -32,7 +32,9 @@ class EpochSums:
     def update(self, terms: Mapping[str, torch.Tensor], logits: torch.Tensor, target: torch.Tensor) -> None:
         if self.sums.device != logits.device:  # follows the batch (once: the first step on the device)
             self.sums = self.sums.to(logits.device)
-        n = target.numel()
+        n = logits.shape[0]
+        if target.ndim == 2:  # soft labels (Mixup / CutMix): the accuracy counts the dominant class
+            target = target.argmax(dim=-1)
         values = torch.stack([terms[k].detach().to(self.sums.dtype) for k in self.names]) * n
         correct = (logits.detach().argmax(dim=-1) == target).sum().to(self.sums.dtype)
         self.sums[:-2] += values

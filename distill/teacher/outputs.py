@@ -45,10 +45,12 @@ import torch
 from filelock import FileLock
 from omegaconf import DictConfig
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torchvision.transforms import v2
 
 from distill.data.datamodules import BaseDataModule
-from distill.data.datasets import TransformedSubset
+from distill.data.datasets import TensorSplit, TransformedSubset
+from distill.data.mixing import batch_mix, mixing_of
 from distill.errors import ConfigError
 from distill.runtime import launch_plan
 from distill.runtime.atomic import atomic_write, atomic_write_text
@@ -294,11 +296,18 @@ def table_rows(cfg: DictConfig, datamodule: BaseDataModule) -> TableRows:
         return TableRows(datamodule.train_set, fingerprint, False)
     # K seeded views per sample; the student replays exactly those.
     train = datamodule.train_set
-    if not isinstance(train, TransformedSubset):
+    mix = batch_mix(cfg.data, datamodule.num_classes)  # Mixup / CutMix: part of each view, so cached with it
+    if isinstance(train, TransformedSubset):
+        base, transform = train.dataset, train.transform
+    elif isinstance(train, TensorSplit) and mix is not None:  # in memory, not augmented: the views differ by their mixes
+        base, transform = TensorDataset(train.x, train.y), v2.Identity()
+    else:
         raise ConfigError(f"teacher.cache_views: data={cfg.data.name} has no per-sample training transform to replay")
-    replay = ReplayedViews(train.dataset, train.indices, train.transform, cfg.teacher.cache_views, int(cfg.seed))
+    replay = ReplayedViews(base, train.indices, transform, cfg.teacher.cache_views, int(cfg.seed), mix)
     datamodule.train_set = replay  # yields (x, y, row of its view)
-    return TableRows(replay.all_views(), {**fingerprint, "views": cfg.teacher.cache_views, "view_seed": int(cfg.seed)}, True)
+    datamodule.batch_mixing = False
+    mixing = {"mix": mixing_of(cfg.data)} if mix is not None else {}
+    return TableRows(replay.all_views(), {**fingerprint, "views": cfg.teacher.cache_views, "view_seed": int(cfg.seed), **mixing}, True)
 
 
 def teacher_identity(info: TeacherInfo) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 from distill.config.validate import (
     check_in_registry,
 )
+from distill.data.mixing import mixing_of
 from distill.distillation.settings import uses_teacher
 from distill.errors import CheckpointError, ConfigError
 from distill.measure.size import count_parameters
@@ -62,10 +63,16 @@ def check_teacher(cfg: DictConfig) -> None:
 def check_teacher_outputs(cfg: DictConfig) -> None:
     """How the teacher's outputs may be cached for this data (augmented or not)."""
     if cfg.teacher.cache_views is not None:
-        if not cfg.data.augment:
-            raise ConfigError("teacher.cache_views needs data.augment=true (without augmentation every run already reuses one view)")
+        if not cfg.data.augment and not mixing_of(cfg.data):
+            raise ConfigError("teacher.cache_views needs data.augment=true or data.mixup / data.cutmix > 0 "
+                              "(without either every run already reuses one view)")
         if cfg.teacher.precompute_outputs is False:
             raise ConfigError("teacher.cache_views conflicts with teacher.precompute_outputs=false")
+    elif cfg.teacher.precompute_outputs and mixing_of(cfg.data):
+        raise ConfigError(
+            f"teacher.precompute_outputs=true with data.{'/'.join(mixing_of(cfg.data))}: every batch is a new mix of "
+            "two samples, so the teacher runs live (or set teacher.cache_views=K to cache K mixed views per sample)"
+        )
     elif cfg.teacher.precompute_outputs and cfg.data.augment:
         raise ConfigError(
             "teacher.precompute_outputs=true needs data.augment=false: with random augmentation the "
@@ -111,7 +118,8 @@ def teacher_fingerprint(cfg: DictConfig, data_fingerprint: dict[str, Any], world
     trainer = {k: own.get(k, cfg.trainer.get(k)) for k in TEACHER_TRAINER_KEYS}
     if world > 1:  # absent for one process: the keys of teachers trained before this setting existed hold
         trainer["world_size"] = world
-    return {**data_fingerprint, "augment": bool(augment), "trainer": trainer,
+    mixing = {"mix": mixing_of(cfg.data)} if mixing_of(cfg.data) else {}  # absent when off: older keys hold
+    return {**data_fingerprint, "augment": bool(augment), **mixing, "trainer": trainer,
             "torch": str(torch.__version__)}  # a str: TorchVersion would not load with weights_only
 
 

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from distill.data.mixing import mix_pair
+
 
 class ReplayedViews(Dataset):
     """``K`` seeded views per sample of ``base[indices]`` under ``transform``.
@@ -31,20 +33,28 @@ class ReplayedViews(Dataset):
     ``all_views()`` enumerates every (sample, view) in table order, for computing that table.
     """
 
-    def __init__(self, base: Dataset, indices: list[int], transform: Callable, views: int, seed: int) -> None:
+    def __init__(self, base: Dataset, indices: list[int], transform: Callable, views: int, seed: int,
+                 mix: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None) -> None:
         if views < 1:
             raise ValueError(f"teacher.cache_views={views} must be >= 1")
         self.base, self.indices, self.transform = base, list(indices), transform
-        self.views, self.seed = views, seed
+        self.views, self.seed, self.mix = views, seed, mix
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def view(self, i: int, v: int) -> tuple[torch.Tensor, Any]:
+        """View ``v`` of sample ``i``; with ``mix`` (Mixup / CutMix, distill/data/mixing.py) mixed with a
+        partner sample (its own view, partner and λ all drawn under the view's seed) and a soft label."""
         image, label = self.base[self.indices[i]]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + i) * 1_009 + v)
-            return self.transform(image), label
+            x = self.transform(image)
+            if self.mix is None:
+                return x, label
+            j = int(torch.randint(len(self.indices), ()))
+            partner, partner_label = self.base[self.indices[j]]
+            return mix_pair(self.mix, x, label, self.transform(partner), partner_label)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, Any, int]:
         v = int(torch.randint(self.views, ()))  # the loader's seeded RNG picks the view

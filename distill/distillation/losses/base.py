@@ -43,6 +43,9 @@ class DistillationLoss(nn.Module, ABC):
     name: ClassVar[str]
     terms: ClassVar[tuple[str, ...]]
     checks: ClassVar[list[Check]] = []
+    # The loss singles out each sample's one class (DKD's target / non-target split, NKD's target
+    # term): soft labels (Mixup / CutMix, data.mixup / data.cutmix) have no such class.
+    needs_one_class: ClassVar[bool] = False
     uses_teacher: bool  # whether forward reads teacher_logits (False: no teacher is needed for the logits)
 
     def __init__(self, logit_standardize: bool = False) -> None:

@@ -36,6 +36,7 @@ class DKDLoss(DistillationLoss):
     """
 
     name, terms = "dkd", ("tckd", "nckd", "ce")
+    needs_one_class = True
     checks = LOSS_CHECKS["dkd"]
 
     @classmethod

@@ -34,6 +34,7 @@ class NKDLoss(DistillationLoss):
     """
 
     name, terms = "nkd", ("target", "non_target", "ce")
+    needs_one_class = True
     checks = LOSS_CHECKS["nkd"]
 
     @classmethod
