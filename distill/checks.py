@@ -52,6 +52,7 @@ def precheck(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     """Check every range and every name against its registry, before any data is touched."""
     # deferred: the registries import torch, torchvision and Lightning; precheck must not wait for them
+    from distill.compress.deploy import check_export  # deferred
     from distill.compress.registry import check_techniques  # deferred
     from distill.data.datamodules import DATASETS, check_data, resolve_hub_name  # deferred
     from distill.distillation.features.combined import check_features  # deferred
@@ -77,6 +78,7 @@ def validate(cfg: DictConfig) -> None:
     check_feature_layers(cfg)
     check_teacher_outputs(cfg)
     check_mixing(cfg)
+    check_export(cfg)
     check_resume(cfg)
     check_devices(cfg.trainer)
     check_device(cfg.measure.latency)

@@ -29,6 +29,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from distill.checks import validate
+from distill.compress.deploy import ExportedArtifact, export_artifacts
 from distill.compress.prune.masks import bake
 from distill.compress.registry import Compression, build_compression, technique_hparams
 from distill.compress.technique import BuildContext, StudentFigures
@@ -157,8 +158,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     tested = evaluate_student(cfg, fit, datamodule)
     lap("test")
     student = measure_student(cfg, fit, tested, datamodule.shape)
-    summary = make_summary(cfg, fit, tested, student, teacher, datamodule, output_dir, start)
     lap("measure")
+    artifacts = export_student(cfg, fit, datamodule, output_dir)
+    lap("export")
+    summary = make_summary(cfg, fit, tested, student, teacher, datamodule, output_dir, start)
+    summary["artifacts"] = [a.as_dict() for a in artifacts]
     summary["stage_seconds"] = stages
     log.info("time: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stages.items()))
     report(cfg, fit.trainer, fit.compression, summary)
@@ -366,6 +370,29 @@ def measure_student(cfg: DictConfig, fit: Fit, tested: Tested, shape: dict[str, 
             measured = latency.measure_many({"student": trained}, _sample_shape(shape), _latency_batch(cfg, shape),
                                             _threads(cfg), rounds=1, device=device)["student"]
     return StudentFigures(cfg.student.name, fit.params, fit.size_bytes, tested.test_acc, tested.checkpoint, measured)
+
+
+def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output_dir: Path) -> list[ExportedArtifact]:
+    """``export.formats``: the deployed fp32 student (channels removed when structured pruning removed
+    them) as ONNX and ``torch.export`` files, each loaded back and measured on the test split, on rank 0."""
+    formats = list(cfg.export.formats or [])
+    if not formats:
+        return []
+    if cfg.quant.bits is not None:
+        # The integer model's QDQ export (scales and zero points from QAT) is not built yet: an fp32
+        # file of a QAT student would be neither the model trained nor the one deployed.
+        log.warning("export.formats=%s: not written for a quant.bits run (int8 ONNX with QuantizeLinear / "
+                    "DequantizeLinear nodes is not built yet); the TorchScript int8 artifact is", formats)
+        return [ExportedArtifact(f, None, "-", error="not built for quant.bits runs yet") for f in formats]
+    # The trained student; under ZeRO-3 the copy is a collective every rank takes part in.
+    trained = _trained_student_copy(cfg, fit.module, datamodule.shape) if _zero3(cfg) or fit.trainer.is_global_zero else None
+    if not fit.trainer.is_global_zero:
+        return []
+    model = fit.compression.deployable_fp32() or trained
+    datamodule.setup("test")
+    return export_artifacts(model, formats, output_dir, datamodule.test_dataloader(shard=False), _sample_shape(datamodule.shape),
+                            _latency_batch(cfg, datamodule.shape), _threads(cfg), float(cfg.export.max_acc_drop),
+                            fp16=cfg.export.dtype == "fp16", device=_latency_device(cfg), strict=bool(cfg.export.strict))
 
 
 def _device(cfg: DictConfig) -> str:

@@ -224,6 +224,14 @@ def test_structured_pruning_run_removes_channels(tmp_path):
     shrunk = torch.jit.load(student["shrunk_artifact"])
     assert shrunk(torch.zeros(2, 1, 8, 8)).shape == (2, 10)
     assert "channels removed" in result.stdout
+    # The ONNX and torch.export files are of the channel-removed model (the default export.formats).
+    import onnx  # deferred: only this test reads an ONNX graph
+
+    first_conv = next(i for i in onnx.load(str(tmp_path / "run" / "student.onnx")).graph.initializer if len(i.dims) == 4)
+    assert first_conv.dims[0] == shrunk.state_dict()[next(k for k, v in shrunk.state_dict().items() if v.dim() == 4)].shape[0]
+    artifacts = {a["format"]: a for a in summary["artifacts"]}
+    assert artifacts["onnx"]["acc"] == pytest.approx(summary["deployed"]["acc"], abs=1.5 / 360)
+    assert artifacts["torch_export"]["error"] is None and artifacts["onnx"]["latency_ms"] is None  # measure.latency=off
 
 
 # (overrides, the terms logged as train/<term> epoch means, the hparams that name the method)

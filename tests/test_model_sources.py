@@ -11,6 +11,7 @@ from torch import nn
 
 from distill.errors import CheckpointError, ConfigError, UnknownModelError
 from distill.models.registry import build_student, build_teacher_from
+from distill.models.sources import build_from_source
 from distill.teacher.provision import provision_teacher
 
 DIGITS = {"num_classes": 10, "channels": 1, "image_size": 8}
@@ -206,3 +207,11 @@ def test_train_py_with_a_hugging_face_teacher_used_as_is_and_a_hugging_face_data
     assert "read from the cache" in second.stdout + second.stderr
     again = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert again["teacher"]["test_acc"] == summary["teacher"]["test_acc"]
+
+
+def test_own_class_gets_the_datas_class_count_and_channels_when_it_takes_them():
+    """examples/nets.py's DigitsNet(num_classes, in_channels, width): both from the data, width from kwargs."""
+    cfg = OmegaConf.create({"name": "custom", "_target_": "examples.nets.DigitsNet", "kwargs": {"width": 8}})
+    built = build_from_source(cfg, "teacher", num_classes=5, channels=3, image_size=8)
+    assert built.model.fc.out_features == 5 and built.model.features[0].in_channels == 3
+    assert built.model.features[0].out_channels == 8

@@ -19,7 +19,13 @@ from distill.compress.lowrank import LowRankTechnique
 from distill.compress.prune.callback import PruneTechnique
 from distill.compress.quant.callback import QuantTechnique
 from distill.compress.sharing import SharingTechnique
-from distill.compress.technique import BuildContext, StudentFigures, Technique, TechniqueReport
+from distill.compress.technique import (
+    BuildContext,
+    ProvidesDeployable,
+    StudentFigures,
+    Technique,
+    TechniqueReport,
+)
 from distill.errors import ConfigError
 from distill.measure.record import DeployedModel, Latency
 
@@ -105,6 +111,15 @@ class Compression:
     def fp32_size_bytes(self) -> int | None:
         """The fp32 artifact the compressed model is measured against, if a technique says which."""
         return next((size for _, r in self.reports() if (size := r.fp32_size_bytes()) is not None), None)
+
+    def deployable_fp32(self) -> nn.Module | None:
+        """The fp32 module a technique made to deploy instead of the trained student (structured
+        pruning's channel-removed model), for the ONNX and torch.export files; None: the student."""
+        for _, callback in self.applied:
+            module = callback.deployable_fp32() if isinstance(callback, ProvidesDeployable) else None
+            if module is not None:
+                return module
+        return None
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
         """The run's deployed model: the strongest technique's, else the student as trained."""

@@ -23,7 +23,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from lightning.pytorch.callbacks import Callback
@@ -108,6 +108,14 @@ class StudentFigures:
         return DeployedModel(kind=kind, acc=self.test_acc, params=params, size_bytes=size_bytes, bits=bits,
                              latency_ms=lat.ms if lat else None, latency_ms_batch=lat.ms_batch if lat else None, path=path,
                              latency_device=lat.device if lat else None)
+
+
+@runtime_checkable
+class ProvidesDeployable(Protocol):
+    """A technique's callback that makes an fp32 module to deploy in place of the trained student
+    (structured pruning's channel-removed model): the ONNX and torch.export files are of it."""
+
+    def deployable_fp32(self) -> nn.Module | None: ...
 
 
 class Technique(ABC):

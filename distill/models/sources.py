@@ -13,6 +13,7 @@ the data for a model that needs large inputs instead). Unknown names suggest the
 from __future__ import annotations
 
 import difflib
+import inspect
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -206,8 +207,9 @@ def hf_model(cfg: DictConfig, role: str, num_classes: int, channels: int, image_
 
 
 def custom_model(cfg: DictConfig, role: str, num_classes: int, channels: int, image_size: int) -> Built:
-    """``<role>._target_``: an importable ``nn.Module`` class, built with ``<role>.kwargs`` (and
-    ``num_classes`` when its signature takes it). Its class count is probed with one zero batch."""
+    """``<role>._target_``: an importable ``nn.Module`` class, built with ``<role>.kwargs`` (and the
+    data's ``num_classes`` and ``in_channels`` / ``in_chans`` when its signature takes them and the
+    kwargs do not set them). Its class count is probed with one zero batch."""
     from hydra.utils import get_class  # deferred: only own-class runs need it
 
     target = cfg.get("_target_")
@@ -221,6 +223,13 @@ def custom_model(cfg: DictConfig, role: str, num_classes: int, channels: int, im
         raise ConfigError(f"{role}._target_={target}: not an nn.Module class")
     given = cfg.get("kwargs")
     kwargs = OmegaConf.to_container(given, resolve=True) if isinstance(given, DictConfig) else dict(given or {})
+    try:
+        takes = inspect.signature(cls).parameters
+    except (TypeError, ValueError):  # a C-implemented or otherwise unintrospectable constructor
+        takes = {}
+    for name, value in (("num_classes", num_classes), ("in_channels", channels), ("in_chans", channels)):
+        if name in takes and name not in kwargs:  # type: ignore[operator]
+            kwargs[name] = value  # type: ignore[index]
     try:
         model = cls(**kwargs)  # type: ignore[arg-type]
     except TypeError as err:

@@ -52,8 +52,21 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None, no
         where = "" if deployed.latency_device in (None, device) else f" ({deployed.latency_device})"
         table.add_row(f"student {deployed.kind}", s["arch"], _fmt_acc(deployed.acc), _fmt_int(deployed.params),
                       _fmt_int(deployed.size_bytes), _fmt_ms(deployed.latency_ms, where), _fmt_ms(deployed.latency_ms_batch, where))
+    for artifact in summary.get("artifacts") or []:  # the deployable files, measured in their runtimes (on CPU)
+        if artifact.get("format") == "pytorch":
+            continue
+        if artifact.get("error"):
+            table.add_row(f"file {artifact['format']}", "failed", artifact["error"][:60], "", "", "", "")
+            continue
+        flag = " (!)" if artifact.get("flagged") else ""
+        table.add_row(f"file {artifact['format']}", artifact["runtime"], _fmt_acc(artifact.get("acc")) + flag, "",
+                      _fmt_int(artifact.get("size_bytes")), _fmt_ms(artifact.get("latency_ms"), " (cpu)"),
+                      _fmt_ms(artifact.get("latency_ms_batch"), " (cpu)"))
     out = console or make_console()
     out.print(table)
+    if any(a.get("flagged") for a in summary.get("artifacts") or []):
+        out.print("(!): the file's accuracy in its runtime differs from the PyTorch model's by more than "
+                  "export.max_acc_drop", markup=False)
     if deployed.kind != "fp32" and deployed.path:
         out.print(f"deployed model: {deployed.path}", markup=False)
     for line in notes or []:

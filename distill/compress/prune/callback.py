@@ -231,6 +231,7 @@ class Pruning(Callback):
         self.report: PruneReport | None = None
         self.current_sparsity = 0.0
         self.removal_tolerance = removal_tolerance
+        self.shrunk: nn.Module | None = None  # the channel-removed model, once made (deployable_fp32)
         if method == "structured" and sample_shape is None:
             raise ValueError("structured pruning needs the input's sample_shape to find the channel groups")
         self._last_step_event: int | None = None
@@ -436,6 +437,7 @@ class Pruning(Callback):
             64, *self.sample_shape, generator=torch.Generator().manual_seed(0))
         diff = _max_abs_diff(dense, shrunk, probe)
         exact = diff <= self.removal_tolerance
+        self.shrunk = shrunk if exact else None  # an inexact removal is not deployed (the masked model is)
         if not exact:
             log.warning("prune: the channel-removed model differs from the masked one by %.3g (> prune.removal_tolerance=%g); "
                         "its own test accuracy is reported", diff, self.removal_tolerance)
@@ -465,6 +467,10 @@ class Pruning(Callback):
             path = save_torchscript(Path(self.output_dir) / SHRUNK_ARTIFACT, shrunk, example, {"channels_removed": removed})
             removal.shrunk_artifact = str(path)
         return removal
+
+    def deployable_fp32(self) -> nn.Module | None:
+        """The channel-removed model (structured pruning), which the run deploys; None before removal."""
+        return copy.deepcopy(self.shrunk).cpu().eval() if self.shrunk is not None else None
 
     def state_dict(self) -> dict[str, Any]:
         # The masks themselves are model buffers (``*_mask``) inside the checkpoint's state dict.

@@ -1,0 +1,209 @@
+"""Artifacts that run outside PyTorch's eager mode, each measured from its file (``export.formats``).
+
+- ``onnx``: ``student.onnx`` through ``torch.onnx.export(dynamo=True)`` (the maintained exporter,
+  on ``torch.export``), a dynamic batch axis, checked with ``onnx.checker``; with ``export.dtype=fp16``
+  also ``student_fp16.onnx``. Run in ONNX Runtime (the CPU execution provider, its intra-op threads
+  fixed to the run's latency threads; the CUDA provider first when the run is on a GPU and
+  onnxruntime-gpu is installed).
+- ``torch_export``: ``student.pt2`` (``torch.export.save``): ``torch.export.load(path).module()``
+  runs it with no import of this package.
+
+Each file is written atomically, then loaded back and measured as a user would run it: test
+accuracy over the whole test split, size in bytes, latency at batch 1 and at the latency batch
+(interleaved with the PyTorch model, so a burst of load on a shared machine lands on none alone).
+A format that fails (an operator with no ONNX mapping, a model ``torch.export`` cannot trace) does
+not lose the run: its record names the exporter's first error line, and the other formats are
+still written (``export.strict=true`` makes it fatal). An artifact whose accuracy differs from the
+PyTorch model's by more than ``export.max_acc_drop`` points is flagged.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.errors import ConfigError
+from distill.measure import latency
+from distill.measure.accuracy import loader_accuracy
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("onnx", "torch_export")
+ONNX_OPSET = 18  # ONNX Runtime >= 1.14 runs every opset-18 operator; the dynamo exporter's default
+
+
+@dataclass(frozen=True)
+class ExportedArtifact:
+    """One deployable file and what it does in its runtime (``error``: why it is missing)."""
+
+    format: str  # onnx | onnx_fp16 | torch_export
+    path: str | None
+    runtime: str  # onnxruntime (<provider>) | torch.export
+    acc: float | None = None
+    size_bytes: int | None = None
+    latency_ms: float | None = None
+    latency_ms_batch: float | None = None
+    latency_threads: int | None = None
+    opset: int | None = None
+    acc_drop: float | None = None  # PyTorch accuracy minus the artifact's, in points
+    flagged: bool = False  # acc_drop > export.max_acc_drop
+    error: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def check_export(cfg: Any) -> None:
+    """``export.formats``: known names, no repeats (a named error before training)."""
+    formats = list(cfg.export.get("formats") or [])
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise ConfigError(f"export.formats: unknown format {unknown[0]!r}; choose from: {', '.join(FORMATS)}")
+    if len(set(formats)) != len(formats):
+        raise ConfigError(f"export.formats={formats}: a format is listed twice")
+    drop = cfg.export.get("max_acc_drop")
+    if drop is None or not 0 <= float(drop) < float("inf"):
+        raise ConfigError(f"export.max_acc_drop={drop!r} is out of range: must be >= 0 (accuracy points)")
+
+
+class OnnxRuntimeModel(nn.Module):
+    """An ONNX file in an ONNX Runtime session, called like a module (CPU tensors in and out), so the
+    accuracy and latency code that measures PyTorch models measures it the same way."""
+
+    def __init__(self, path: str | Path, threads: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        import onnxruntime as ort  # deferred: only runs that export ONNX need it
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+        available = ort.get_available_providers()
+        providers = ["CUDAExecutionProvider"] if device.startswith("cuda") and "CUDAExecutionProvider" in available else []
+        self.session = ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
+        self.provider = self.session.get_providers()[0]
+        self.input_name = self.session.get_inputs()[0].name
+        self.dtype = dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feed = x.detach().cpu().to(self.dtype).numpy()
+        return torch.from_numpy(self.session.run(None, {self.input_name: feed})[0]).float()
+
+
+class ProgramModel(nn.Module):
+    """A ``torch.export`` file loaded as a user would (``torch.export.load(path).module()``), callable
+    like a module. The program's module refuses ``eval()`` / ``train()`` (its mode is fixed at export):
+    it is held outside the module tree, so the measuring code's ``.eval()`` does not reach it."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self._program = [torch.export.load(str(path)).module()]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._program[0](x)
+
+
+def _atomic_file(path: Path, write: Any) -> Path:
+    """``write(tmp_path)`` then rename onto ``path``: a failed export leaves no half-written file."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _batch_dim(example: torch.Tensor) -> tuple[dict[int, Any], ...]:
+    return ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
+
+
+def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = ONNX_OPSET) -> Path:
+    """``model`` as ONNX with a dynamic batch axis (``input`` -> ``logits``), checked by ``onnx.checker``."""
+    import onnx  # deferred: only runs that export ONNX need it
+
+    def write(tmp: Path) -> None:
+        program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes=_batch_dim(example),
+                                    input_names=["input"], output_names=["logits"], opset_version=opset, verbose=False)
+        program.save(str(tmp))
+        onnx.checker.check_model(str(tmp), full_check=True)
+
+    return _atomic_file(path, write)
+
+
+def save_program(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
+    """``model`` as a ``torch.export`` program (``torch.export.load(path).module()`` runs it)."""
+    program = torch.export.export(model.eval(), (example,), dynamic_shapes=_batch_dim(example))
+    return _atomic_file(path, lambda tmp: torch.export.save(program, str(tmp)))
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
+
+
+def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, test_loader: Iterable,
+                     sample_shape: tuple[int, int, int], latency_batch: int, threads: int,
+                     max_acc_drop: float, fp16: bool = False, device: str | None = "cpu", strict: bool = False,
+                     name: str = "student") -> list[ExportedArtifact]:
+    """Write ``model`` (an fp32 module) in each of ``formats``, load each file back and measure it.
+    The first record is the PyTorch model itself (eager, ``format="pytorch"``), measured on the same
+    split and timed interleaved with the files, the reference of every ``acc_drop``."""
+    model = model.cpu().eval()
+    torch_acc = loader_accuracy(model, test_loader, "cpu")
+    example = torch.zeros(2, *sample_shape)  # batch 2: a batch of 1 would let the exporter specialise the axis
+    jobs: list[tuple[str, Path, Any]] = []
+    formats = list(formats)
+    if "onnx" in formats:
+        jobs.append(("onnx", out_dir / f"{name}.onnx", lambda p: save_onnx(model, example, p)))
+        if fp16:
+            half = _half_copy(model)
+            jobs.append(("onnx_fp16", out_dir / f"{name}_fp16.onnx", lambda p: save_onnx(half, example.half(), p)))
+    if "torch_export" in formats:
+        jobs.append(("torch_export", out_dir / f"{name}.pt2", lambda p: save_program(model, example, p)))
+    loaded: dict[str, nn.Module] = {"pytorch": model}
+    records: dict[str, ExportedArtifact] = {"pytorch": ExportedArtifact("pytorch", None, "pytorch (eager)", torch_acc,
+                                                                         latency_threads=threads)}
+    for fmt, path, write in jobs:
+        runtime = "torch.export" if fmt == "torch_export" else "onnxruntime"
+        try:
+            write(path)
+            if fmt == "torch_export":
+                loaded[fmt] = ProgramModel(path)
+            else:
+                session = OnnxRuntimeModel(path, threads, device or "cpu", torch.float16 if fmt == "onnx_fp16" else torch.float32)
+                runtime = f"onnxruntime ({session.provider})"
+                loaded[fmt] = session
+            acc = loader_accuracy(loaded[fmt], test_loader, "cpu")
+        except Exception as err:  # noqa: BLE001 (any exporter or runtime failure is recorded, not fatal)
+            if strict:
+                raise
+            log.warning("export %s failed: %s (the other artifacts are still written; export.strict=true makes this fatal)",
+                        fmt, _first_line(err))
+            loaded.pop(fmt, None)
+            records[fmt] = ExportedArtifact(fmt, None, runtime, error=_first_line(err))
+            continue
+        drop = 100 * (torch_acc - acc)
+        records[fmt] = ExportedArtifact(fmt, str(path), runtime, acc, path.stat().st_size, opset=ONNX_OPSET if fmt != "torch_export" else None,
+                                        acc_drop=drop, flagged=abs(drop) > max_acc_drop, latency_threads=threads)
+        if records[fmt].flagged:
+            log.warning("export %s: accuracy %.2f %% in %s, %.2f points from PyTorch's (export.max_acc_drop=%g)",
+                        fmt, 100 * acc, runtime, -drop, max_acc_drop)
+    if device is not None:
+        timed = latency.measure_many(loaded, sample_shape, latency_batch, threads, rounds=3, device="cpu")
+        for fmt, lat in timed.items():
+            records[fmt] = ExportedArtifact(**{**records[fmt].as_dict(), "latency_ms": lat.ms, "latency_ms_batch": lat.ms_batch})
+    return [records["pytorch"], *(records[fmt] for fmt, _, _ in jobs)]
+
+
+def _half_copy(model: nn.Module) -> nn.Module:
+    return copy.deepcopy(model).half()

@@ -1,0 +1,119 @@
+"""Deployable files (export.formats): ONNX in ONNX Runtime and torch.export programs, written, loaded
+back and measured from the file; failures recorded, not fatal; bad settings refused before training."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from distill.checks import validate
+from distill.compress.deploy import export_artifacts
+from distill.errors import ConfigError
+from distill.pipeline import run
+
+from .conftest import FAST
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, 4)).eval()
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    return DataLoader(TensorDataset(torch.randn(40, 1, 8, 8, generator=g), torch.randint(0, 4, (40,), generator=g)), batch_size=16)
+
+
+class DataDependent(nn.Module):
+    """Control flow on a tensor's value: torch.export (and so the ONNX exporter) cannot trace it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fc(x.flatten(1))
+        if out.sum() > 0:
+            return out
+        return -out
+
+
+def test_each_file_runs_in_its_runtime_as_the_model_does(tmp_path):
+    model = _net()
+    records = export_artifacts(model, ["onnx", "torch_export"], tmp_path, _loader(), (1, 8, 8), latency_batch=16, threads=1,
+                               max_acc_drop=0.5, fp16=True)
+    by = {r.format: r for r in records}
+    assert list(by) == ["pytorch", "onnx", "onnx_fp16", "torch_export"]
+    assert all(r.error is None and r.acc is not None and r.latency_ms and r.latency_ms_batch for r in records)
+    assert by["onnx"].acc == by["pytorch"].acc == by["torch_export"].acc and not by["onnx"].flagged
+    assert by["onnx"].opset == 18 and by["onnx"].runtime == "onnxruntime (CPUExecutionProvider)"
+    assert by["onnx"].size_bytes == (tmp_path / "student.onnx").stat().st_size
+    onnx.checker.check_model(str(tmp_path / "student.onnx"))
+    # A dynamic batch axis: any batch size runs, with the PyTorch model's logits.
+    session = ort.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(5, 1, 8, 8)
+    np.testing.assert_allclose(session.run(None, {"input": x.numpy()})[0], model(x).detach().numpy(), rtol=1e-4, atol=1e-5)
+    half = ort.InferenceSession(str(tmp_path / "student_fp16.onnx"), providers=["CPUExecutionProvider"])
+    assert half.get_inputs()[0].type == "tensor(float16)"
+    weights = [i for i in onnx.load(str(tmp_path / "student_fp16.onnx")).graph.initializer if len(i.dims) > 1]
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    # The program loads and runs with plain torch: no import of this package.
+    code = ("import sys, torch; m = torch.export.load(sys.argv[1]).module(); x = torch.load(sys.argv[2]); "
+            "torch.save(m(x), sys.argv[3]); assert not any(k.startswith('distill') for k in sys.modules)")
+    torch.save(x, tmp_path / "x.pt")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "student.pt2"), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x).detach())
+
+
+def test_a_failed_export_is_recorded_and_the_other_files_written(tmp_path):
+    records = export_artifacts(DataDependent().eval(), ["onnx", "torch_export"], tmp_path, _loader(), (1, 8, 8), latency_batch=8,
+                               threads=1, max_acc_drop=0.5, device=None)
+    by = {r.format: r for r in records}
+    assert by["torch_export"].error and by["torch_export"].path is None
+    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "student.pt2").exists()  # nothing half-written
+    assert by["pytorch"].acc is not None
+    with pytest.raises(Exception, match="(?i)data.dependent|guard|symbolic|Could not"):
+        export_artifacts(DataDependent().eval(), ["torch_export"], tmp_path, _loader(), (1, 8, 8), latency_batch=8, threads=1,
+                         max_acc_drop=0.5, device=None, strict=True)
+
+
+def test_an_accuracy_off_by_more_than_the_limit_is_flagged(tmp_path):
+    [_, onnx_record] = export_artifacts(_net(), ["onnx"], tmp_path, _loader(), (1, 8, 8), latency_batch=8, threads=1,
+                                        max_acc_drop=-1.0, device=None)  # any difference, even none, exceeds -1
+    assert onnx_record.flagged and onnx_record.acc_drop == 0.0 and onnx_record.latency_ms is None
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["export.formats=[onnx,tflite]"], r"export.formats: unknown format 'tflite'; choose from: onnx, torch_export"),
+    (["export.formats=[onnx,onnx]"], r"listed twice"),
+    (["export.max_acc_drop=-1"], r"export.max_acc_drop=-1(.0)? is out of range"),
+])
+def test_bad_export_settings_are_refused_before_training(make_cfg, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(make_cfg(*FAST, *overrides))
+
+
+@pytest.mark.integration
+def test_a_run_writes_and_measures_its_files(make_cfg, capsys):
+    summary = run(make_cfg(*FAST, "loss.alpha=0", "export.formats=[onnx,torch_export]", "export.dtype=fp16"))
+    formats = {a["format"]: a for a in summary["artifacts"]}
+    assert list(formats) == ["pytorch", "onnx", "onnx_fp16", "torch_export"]
+    run_dir = Path(summary["run_dir"])
+    assert (run_dir / "student.onnx").exists() and (run_dir / "student.pt2").exists()
+    assert formats["onnx"]["acc"] == pytest.approx(formats["pytorch"]["acc"], abs=0.005)
+    saved = json.loads((run_dir / "summary.json").read_text())
+    assert saved["artifacts"][1]["path"] == str(run_dir / "student.onnx")
+    assert "file onnx" in capsys.readouterr().out
