@@ -76,7 +76,7 @@ def main() -> None:
         own = ["teacher=custom", "teacher._target_=examples.nets.DigitsNet", "+teacher.kwargs.width=32"]
         plan: list[tuple[str, list[str]]] = [
             ("torchvision", ["teacher=torchvision", "teacher.arch=efficientnet_b0", "teacher.resize=32"]),
-            ("timm", ["teacher=timm", "teacher.arch=convnext_atto", "teacher.resize=32"]),
+            ("timm", ["teacher=timm", "teacher.arch=resnet18"]),
             ("hf", ["teacher=hf", f"teacher.repo={work / 'hf-resnet'}", "teacher.finetune_epochs=10", "teacher.finetune=all"]),
             ("own class, trained", own),
         ]

@@ -503,7 +503,7 @@ def _teacher_latency(teacher: nn.Module, info: TeacherInfo, sample_shape: tuple[
     between runs, and timing a large teacher at a large batch costs more than a warm run's training.
     The key names the machine (host name; the GPU's model on CUDA), so a cache directory shared by a
     cluster never hands one machine's figure to another."""
-    store = Path(info.path).with_suffix(".latency.json") if info.path and info.source in ("cache", "trained") else None
+    store = Path(info.path).with_suffix(".latency.json") if info.path and info.source in ("cache", "trained", "fine-tuned") else None
     where = torch.cuda.get_device_name() if device == "cuda" else "cpu"
     key = f"{device}:{where}@{socket.gethostname()}-batch{batch}-threads{threads}"
     try:

@@ -98,7 +98,7 @@ def test_torchvision_weights_load_through_torchvisions_own_call_from_the_local_h
 
     tuned = _cfg(tmp_path, arch="resnet18", weights="IMAGENET1K_V1", finetune_epochs=2)
     model, info = provision_teacher(tuned, {"num_classes": 10, "channels": 3, "image_size": 32}, FP, train)
-    assert seen == {"epochs": 2, "trainable": ["fc.bias", "fc.weight"]} and info.source == "trained" and info.test_acc == 0.9
+    assert seen == {"epochs": 2, "trainable": ["fc.bias", "fc.weight"]} and info.source == "fine-tuned" and info.test_acc == 0.9
     _, again = provision_teacher(tuned, {"num_classes": 10, "channels": 3, "image_size": 32}, FP, _never_trained)
     assert again.source == "cache"
 

@@ -94,7 +94,7 @@ class TeacherInfo:
     arch: str
     params: int
     test_acc: float | None
-    source: str  # "checkpoint" | "as-is" (pretrained, not trained here) | "cache" | "trained"
+    source: str  # "checkpoint" | "as-is" (pretrained, not trained here) | "cache" | "trained" | "fine-tuned" (loaded, then trained here)
     path: str | None
     key: str | None
     train_seconds: float = 0.0
@@ -287,7 +287,8 @@ def provision_teacher(
         if launch_plan.decide(f"teacher_{key}", None) == "cache":
             return _from_entry(model, cache.read(tcfg.name, key), tcfg.name, path, key)
         test_acc, seconds = _train(train_fn, model)
-        return _freeze(model), TeacherInfo(tcfg.name, count_parameters(model), test_acc, "trained", str(path), key, seconds)
+        return _freeze(model), TeacherInfo(tcfg.name, count_parameters(model), test_acc, "fine-tuned" if loaded else "trained",
+                                           str(path), key, seconds)
     with cache.lock(tcfg.name, key):
         entry = cache.read(tcfg.name, key)
         if world > 1:
@@ -301,7 +302,7 @@ def provision_teacher(
                 "processes": world}
         cache.write(tcfg.name, key, model, meta)
         log.info("teacher: trained %s in %.1fs, test acc %.4f; cached at %s", tcfg.name, seconds, test_acc, path)
-    info = TeacherInfo(tcfg.name, count_parameters(model), test_acc, "trained", str(path), key, seconds)
+    info = TeacherInfo(tcfg.name, count_parameters(model), test_acc, "fine-tuned" if loaded else "trained", str(path), key, seconds)
     return _freeze(model), info
 
 
