@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
+from distill.compress.deploy import OnnxRuntimeModel, ProgramModel, exported_params, read_meta
 from distill.compress.packing import is_xz, read_xz_payload
 from distill.compress.registry import TECHNIQUES, after_load, rebuild_student
 from distill.compress.technique import LoadedArtifact
@@ -90,6 +91,8 @@ def load_artifact(path: str | Path, data_overrides: dict[str, Any] | None = None
     checkpoint or a DeepSpeed checkpoint directory. The file is read once."""
     path, overrides = Path(path), data_overrides or {}
     payload = None
+    if path.is_file() and path.suffix in (".onnx", ".pt2"):
+        return load_exported(path, overrides)
     if path.is_file():
         payload = read_xz_payload(path) if is_xz(path) else load_checkpoint(path, what="student checkpoint")
         for technique in TECHNIQUES.values():
@@ -103,6 +106,22 @@ def load_artifact(path: str | Path, data_overrides: dict[str, Any] | None = None
     kind = f"{bits}-bit QAT (fake-quant)" if bits else "fp32"
     return LoadedArtifact(model, datamodule, run_cfg.student.name, run_cfg.data.name, kind, count_parameters(model),
                           serialized_size_bytes(model))
+
+
+def load_exported(path: Path, overrides: dict[str, Any]) -> LoadedArtifact:
+    """An ONNX file (run in ONNX Runtime) or a torch.export program, with the data config it carries."""
+    try:
+        meta = read_meta(path)
+    except Exception as err:  # noqa: BLE001 (a truncated or foreign file: onnx's and torch's errors vary)
+        raise CheckpointError(f"{path}: cannot read it as an exported model ({type(err).__name__}: {str(err)[:200]})") from err
+    if meta is None:
+        raise CheckpointError(f"{path}: carries no distill run config (it was not written by a distill run); "
+                              "evaluate it with its own data instead")
+    model: nn.Module = OnnxRuntimeModel(path, torch.get_num_threads(), dtype=torch.float16 if path.stem.endswith("_fp16") else torch.float32) \
+        if path.suffix == ".onnx" else ProgramModel(path)
+    runtime = f"onnx ({model.provider})" if isinstance(model, OnnxRuntimeModel) else "torch.export"
+    return LoadedArtifact(model, datamodule_from(meta["data"], overrides), str(meta["student"]["name"]), str(meta["data"]["name"]),
+                          runtime, exported_params(path), path.stat().st_size, cpu_only=True)
 
 
 def evaluate_checkpoint(cfg: DictConfig, console: Console | None = None) -> dict[str, Any]:

@@ -390,9 +390,11 @@ def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output
         return []
     model = fit.compression.deployable_fp32() or trained
     datamodule.setup("test")
+    resolved = redacted_container(cfg)  # carried by each file: evaluate.py ckpt_path=student.onnx rebuilds the data from it
     return export_artifacts(model, formats, output_dir, datamodule.test_dataloader(shard=False), _sample_shape(datamodule.shape),
                             _latency_batch(cfg, datamodule.shape), _threads(cfg), float(cfg.export.max_acc_drop),
-                            fp16=cfg.export.dtype == "fp16", device=_latency_device(cfg), strict=bool(cfg.export.strict))
+                            fp16=cfg.export.dtype == "fp16", device=_latency_device(cfg), strict=bool(cfg.export.strict),
+                            meta={"student": resolved["student"], "data": resolved["data"], "format": "distill-export-1"})
 
 
 def _device(cfg: DictConfig) -> str:

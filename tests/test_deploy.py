@@ -3,6 +3,7 @@ back and measured from the file; failures recorded, not fatal; bad settings refu
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -13,12 +14,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from omegaconf import OmegaConf
+from rich.console import Console
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill.checks import validate
 from distill.compress.deploy import export_artifacts
-from distill.errors import ConfigError
+from distill.errors import CheckpointError, ConfigError
+from distill.evaluation import evaluate_checkpoint
 from distill.pipeline import run
 
 from .conftest import FAST
@@ -117,3 +121,22 @@ def test_a_run_writes_and_measures_its_files(make_cfg, capsys):
     saved = json.loads((run_dir / "summary.json").read_text())
     assert saved["artifacts"][1]["path"] == str(run_dir / "student.onnx")
     assert "file onnx" in capsys.readouterr().out
+    # evaluate.py ckpt_path=<file>: the file alone, with the data config it carries
+    for name, fmt, kind in (("student.onnx", "onnx", "onnx (CPUExecutionProvider)"), ("student.pt2", "torch_export", "torch.export"),
+                            ("student_fp16.onnx", "onnx_fp16", "onnx (CPUExecutionProvider)")):
+        cfg = OmegaConf.create({"ckpt_path": str(run_dir / name), "data": None, "batch_size": None, "accelerator": "cpu"})
+        result = evaluate_checkpoint(cfg, Console(file=io.StringIO()))
+        assert result["kind"] == kind and result["data"] == "digits" and result["student"] == "mlp"
+        assert result["test_acc"] == pytest.approx(formats[fmt]["acc"], abs=1e-9)
+        assert result["size_bytes"] == formats[fmt]["size_bytes"] and result["params"] > 0
+
+
+def test_a_file_without_the_run_config_or_not_a_model_is_a_named_error(tmp_path):
+    from distill.compress.deploy import save_onnx
+
+    save_onnx(_net(), torch.zeros(2, 1, 8, 8), tmp_path / "bare.onnx")  # no meta: exported by hand
+    (tmp_path / "junk.pt2").write_bytes(b"not a zip")
+    for name, message in (("bare.onnx", "carries no distill run config"), ("junk.pt2", "cannot read it as an exported model")):
+        cfg = OmegaConf.create({"ckpt_path": str(tmp_path / name), "data": None, "batch_size": None, "accelerator": "cpu"})
+        with pytest.raises(CheckpointError, match=message):
+            evaluate_checkpoint(cfg, Console(file=io.StringIO()))

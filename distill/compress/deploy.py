@@ -20,6 +20,7 @@ PyTorch model's by more than ``export.max_acc_drop`` points is flagged.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 import tempfile
@@ -127,23 +128,59 @@ def _batch_dim(example: torch.Tensor) -> tuple[dict[int, Any], ...]:
     return ({0: torch.export.Dim("batch", min=1, max=1 << 16)},)
 
 
-def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = ONNX_OPSET) -> Path:
-    """``model`` as ONNX with a dynamic batch axis (``input`` -> ``logits``), checked by ``onnx.checker``."""
+META_KEY = "distill"  # the run's student and data config (JSON): ONNX metadata_props, a .pt2's extra file distill.json
+
+
+def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = ONNX_OPSET, meta: dict[str, Any] | None = None) -> Path:
+    """``model`` as ONNX with a dynamic batch axis (``input`` -> ``logits``), checked by ``onnx.checker``;
+    ``meta`` (the run's student and data config) in the model's metadata, for ``evaluate.py``."""
     import onnx  # deferred: only runs that export ONNX need it
 
     def write(tmp: Path) -> None:
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes=_batch_dim(example),
                                     input_names=["input"], output_names=["logits"], opset_version=opset, verbose=False)
         program.save(str(tmp))
+        if meta is not None:
+            proto = onnx.load(str(tmp))
+            onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta, default=str)})
+            onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
 
     return _atomic_file(path, write)
 
 
-def save_program(model: nn.Module, example: torch.Tensor, path: Path) -> Path:
-    """``model`` as a ``torch.export`` program (``torch.export.load(path).module()`` runs it)."""
+def save_program(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any] | None = None) -> Path:
+    """``model`` as a ``torch.export`` program (``torch.export.load(path).module()`` runs it), ``meta``
+    in its extra file ``distill.json``."""
     program = torch.export.export(model.eval(), (example,), dynamic_shapes=_batch_dim(example))
-    return _atomic_file(path, lambda tmp: torch.export.save(program, str(tmp)))
+    extra = {f"{META_KEY}.json": json.dumps(meta, default=str)} if meta is not None else None
+    return _atomic_file(path, lambda tmp: torch.export.save(program, str(tmp), extra_files=extra))
+
+
+def read_meta(path: str | Path) -> dict[str, Any] | None:
+    """The run config an exported file carries (None: a file without it, e.g. exported by hand)."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx  # deferred
+
+        props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+        return json.loads(props[META_KEY]) if META_KEY in props else None
+    extra = {f"{META_KEY}.json": ""}
+    torch.export.load(str(path), extra_files=extra)
+    return json.loads(extra[f"{META_KEY}.json"]) if extra[f"{META_KEY}.json"] else None
+
+
+def exported_params(path: str | Path) -> int:
+    """The parameter count stored in an exported file: its ONNX initializers' (weights and folded
+    constants), or the program's parameters and buffers."""
+    path = Path(path)
+    if path.suffix == ".onnx":
+        import onnx  # deferred
+        from onnx import numpy_helper  # deferred
+
+        return int(sum(numpy_helper.to_array(i).size for i in onnx.load(str(path)).graph.initializer))
+    program = torch.export.load(str(path))
+    return int(sum(t.numel() for t in program.state_dict.values()))
 
 
 def _first_line(err: BaseException) -> str:
@@ -154,7 +191,7 @@ def _first_line(err: BaseException) -> str:
 def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, test_loader: Iterable,
                      sample_shape: tuple[int, int, int], latency_batch: int, threads: int,
                      max_acc_drop: float, fp16: bool = False, device: str | None = "cpu", strict: bool = False,
-                     name: str = "student") -> list[ExportedArtifact]:
+                     name: str = "student", meta: dict[str, Any] | None = None) -> list[ExportedArtifact]:
     """Write ``model`` (an fp32 module) in each of ``formats``, load each file back and measure it.
     The first record is the PyTorch model itself (eager, ``format="pytorch"``), measured on the same
     split and timed interleaved with the files, the reference of every ``acc_drop``."""
@@ -164,12 +201,12 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
     jobs: list[tuple[str, Path, Any]] = []
     formats = list(formats)
     if "onnx" in formats:
-        jobs.append(("onnx", out_dir / f"{name}.onnx", lambda p: save_onnx(model, example, p)))
+        jobs.append(("onnx", out_dir / f"{name}.onnx", lambda p: save_onnx(model, example, p, meta=meta)))
         if fp16:
             half = _half_copy(model)
-            jobs.append(("onnx_fp16", out_dir / f"{name}_fp16.onnx", lambda p: save_onnx(half, example.half(), p)))
+            jobs.append(("onnx_fp16", out_dir / f"{name}_fp16.onnx", lambda p: save_onnx(half, example.half(), p, meta=meta)))
     if "torch_export" in formats:
-        jobs.append(("torch_export", out_dir / f"{name}.pt2", lambda p: save_program(model, example, p)))
+        jobs.append(("torch_export", out_dir / f"{name}.pt2", lambda p: save_program(model, example, p, meta=meta)))
     loaded: dict[str, nn.Module] = {"pytorch": model}
     records: dict[str, ExportedArtifact] = {"pytorch": ExportedArtifact("pytorch", None, "pytorch (eager)", torch_acc,
                                                                          latency_threads=threads)}
