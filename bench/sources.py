@@ -87,7 +87,9 @@ def main() -> None:
             rows.append(run(source, overrides, work, cache))
             print(f"{source}: {rows[-1]}", flush=True)
         if not args.only or "own".startswith(args.only):
-            trained = sorted((cache / "teachers").glob("custom*.pt")) or sorted((cache / "teachers").rglob("*.pt"))
+            trained = sorted((cache / "teachers").glob("custom*.pt"))
+            if not trained:
+                raise SystemExit(f"no cached DigitsNet teacher (custom*.pt) under {cache / 'teachers'}")
             saved = work / "digitsnet.pt"  # the user's file: the state dict under "state_dict", as trainers save it
             import torch  # deferred: only for the checkpoint hand-over
 

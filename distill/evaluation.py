@@ -117,8 +117,10 @@ def load_exported(path: Path, overrides: dict[str, Any]) -> LoadedArtifact:
     if meta is None:
         raise CheckpointError(f"{path}: carries no distill run config (it was not written by a distill run); "
                               "evaluate it with its own data instead")
-    model: nn.Module = OnnxRuntimeModel(path, torch.get_num_threads(), dtype=torch.float16 if path.stem.endswith("_fp16") else torch.float32) \
-        if path.suffix == ".onnx" else ProgramModel(path)
+    try:
+        model: nn.Module = OnnxRuntimeModel(path, torch.get_num_threads()) if path.suffix == ".onnx" else ProgramModel(path)
+    except Exception as err:  # noqa: BLE001 (ONNX Runtime's and torch's load errors vary)
+        raise CheckpointError(f"{path}: cannot load it in its runtime ({type(err).__name__}: {str(err)[:200]})") from err
     runtime = f"onnx ({model.provider})" if isinstance(model, OnnxRuntimeModel) else "torch.export"
     return LoadedArtifact(model, datamodule_from(meta["data"], overrides), str(meta["student"]["name"]), str(meta["data"]["name"]),
                           runtime, exported_params(path), path.stat().st_size, cpu_only=True)

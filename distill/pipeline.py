@@ -157,12 +157,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     lap("fit")
     tested = evaluate_student(cfg, fit, datamodule)
     lap("test")
-    student = measure_student(cfg, fit, tested, datamodule.shape)
-    lap("measure")
     artifacts = export_student(cfg, fit, datamodule, output_dir)
     lap("export")
+    student = measure_student(cfg, fit, tested, datamodule.shape)
     summary = make_summary(cfg, fit, tested, student, teacher, datamodule, output_dir, start)
     summary["artifacts"] = [a.as_dict() for a in artifacts]
+    lap("measure")
     summary["stage_seconds"] = stages
     log.info("time: %s", ", ".join(f"{name} {seconds:.2f} s" for name, seconds in stages.items()))
     report(cfg, fit.trainer, fit.compression, summary)
@@ -388,7 +388,8 @@ def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output
     trained = _trained_student_copy(cfg, fit.module, datamodule.shape) if _zero3(cfg) or fit.trainer.is_global_zero else None
     if not fit.trainer.is_global_zero:
         return []
-    model = fit.compression.deployable_fp32() or trained
+    shrunk = fit.compression.deployable_fp32()
+    model = shrunk if shrunk is not None else trained
     datamodule.setup("test")
     resolved = redacted_container(cfg)  # carried by each file: evaluate.py ckpt_path=student.onnx rebuilds the data from it
     return export_artifacts(model, formats, output_dir, datamodule.test_dataloader(shard=False), _sample_shape(datamodule.shape),

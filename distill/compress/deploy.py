@@ -23,6 +23,7 @@ import copy
 import json
 import logging
 import os
+import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -80,7 +81,7 @@ class OnnxRuntimeModel(nn.Module):
     """An ONNX file in an ONNX Runtime session, called like a module (CPU tensors in and out), so the
     accuracy and latency code that measures PyTorch models measures it the same way."""
 
-    def __init__(self, path: str | Path, threads: int, device: str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, path: str | Path, threads: int, device: str = "cpu", dtype: torch.dtype | None = None) -> None:
         super().__init__()
         import onnxruntime as ort  # deferred: only runs that export ONNX need it
 
@@ -92,7 +93,8 @@ class OnnxRuntimeModel(nn.Module):
         self.session = ort.InferenceSession(str(path), options, providers=[*providers, "CPUExecutionProvider"])
         self.provider = self.session.get_providers()[0]
         self.input_name = self.session.get_inputs()[0].name
-        self.dtype = dtype
+        # The input's element type from the file itself (float16 for student_fp16.onnx, however named).
+        self.dtype = dtype or (torch.float16 if self.session.get_inputs()[0].type == "tensor(float16)" else torch.float32)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feed = x.detach().cpu().to(self.dtype).numpy()
@@ -114,7 +116,7 @@ class ProgramModel(nn.Module):
 
 def _atomic_file(path: Path, write: Any) -> Path:
     """``write(tmp_path)`` then rename onto ``path``: a failed export leaves no half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")  # torch.export wants .pt2
     os.close(fd)
     try:
         write(Path(tmp))
@@ -184,7 +186,11 @@ def exported_params(path: str | Path) -> int:
 
 
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
+    """The innermost cause's first line, without terminal colours (the ONNX exporter's own first line
+    is a banner: "Failed to export the model with torch.export. This is step 1/3 ...")."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
 
 
@@ -213,11 +219,12 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
     for fmt, path, write in jobs:
         runtime = "torch.export" if fmt == "torch_export" else "onnxruntime"
         try:
+            path.unlink(missing_ok=True)  # an earlier attempt's file never stands in for this run's
             write(path)
             if fmt == "torch_export":
                 loaded[fmt] = ProgramModel(path)
             else:
-                session = OnnxRuntimeModel(path, threads, device or "cpu", torch.float16 if fmt == "onnx_fp16" else torch.float32)
+                session = OnnxRuntimeModel(path, threads, device or "cpu")
                 runtime = f"onnxruntime ({session.provider})"
                 loaded[fmt] = session
             acc = loader_accuracy(loaded[fmt], test_loader, "cpu")
@@ -227,6 +234,7 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
             log.warning("export %s failed: %s (the other artifacts are still written; export.strict=true makes this fatal)",
                         fmt, _first_line(err))
             loaded.pop(fmt, None)
+            path.unlink(missing_ok=True)  # written but not loadable or measurable: not shipped
             records[fmt] = ExportedArtifact(fmt, None, runtime, error=_first_line(err))
             continue
         drop = 100 * (torch_acc - acc)
