@@ -378,24 +378,27 @@ def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output
     formats = list(cfg.export.formats or [])
     if not formats:
         return []
-    if cfg.quant.bits is not None:
-        # The integer model's QDQ export (scales and zero points from QAT) is not built yet: an fp32
-        # file of a QAT student would be neither the model trained nor the one deployed.
-        log.warning("export.formats=%s: not written for a quant.bits run (int8 ONNX with QuantizeLinear / "
-                    "DequantizeLinear nodes is not built yet); the TorchScript int8 artifact is", formats)
-        return [ExportedArtifact(f, None, "-", error="not built for quant.bits runs yet") for f in formats]
     # The trained student; under ZeRO-3 the copy is a collective every rank takes part in.
     trained = _trained_student_copy(cfg, fit.module, datamodule.shape) if _zero3(cfg) or fit.trainer.is_global_zero else None
     if not fit.trainer.is_global_zero:
         return []
-    shrunk = fit.compression.deployable_fp32()
+    # A technique's own fp32 model when it made one (the channel-removed student; QAT's weights
+    # conv-BN folded), else the trained student; QAT's integer model besides (student_int8.onnx).
+    shrunk, quantized = fit.compression.deployable_fp32(), fit.compression.deployable_quantized()
+    if cfg.quant.bits is not None and (quantized is None or quantized.fp32 is None):
+        # The prepared student holds fake quantizers: an fp32 file of it would be neither the model
+        # trained nor the one deployed.
+        why = "no quantized student was made" if quantized is None else quantized.error or "no QDQ form"
+        log.warning("export.formats=%s: not written (%s); the TorchScript int8 artifact is", formats, why)
+        return [ExportedArtifact(f, None, "-", error=why) for f in formats]
     model = shrunk if shrunk is not None else trained
     datamodule.setup("test")
     resolved = redacted_container(cfg)  # carried by each file: evaluate.py ckpt_path=student.onnx rebuilds the data from it
     return export_artifacts(model, formats, output_dir, datamodule.test_dataloader(shard=False), _sample_shape(datamodule.shape),
                             _latency_batch(cfg, datamodule.shape), _threads(cfg), float(cfg.export.max_acc_drop),
                             fp16=cfg.export.dtype == "fp16", device=_latency_device(cfg), strict=bool(cfg.export.strict),
-                            meta={"student": resolved["student"], "data": resolved["data"], "format": "distill-export-1"})
+                            meta={"student": resolved["student"], "data": resolved["data"], "format": "distill-export-1"},
+                            quantized=quantized)
 
 
 def _device(cfg: DictConfig) -> str:

@@ -109,7 +109,8 @@ def test_an_accuracy_off_by_more_than_the_limit_is_flagged(tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["export.formats=[onnx,tflite]"], r"export.formats: unknown format 'tflite'; choose from: onnx, torch_export"),
+    (["export.formats=[onnx,tflite]"], r"export.formats: unknown format 'tflite'; choose from: onnx, onnx_fp16, onnx_int8, torch_export"),
+    (["export.formats=[onnx_int8]"], r"export.formats=\[..., onnx_int8\] needs quant.bits"),
     (["export.formats=[onnx,onnx]"], r"listed twice"),
     (["export.max_acc_drop=-1"], r"export.max_acc_drop=-1(.0)? is out of range"),
 ])
@@ -137,6 +138,24 @@ def test_a_run_writes_and_measures_its_files(make_cfg, capsys):
         assert result["kind"] == kind and result["data"] == "digits" and result["student"] == "mlp"
         assert result["test_acc"] == pytest.approx(formats[fmt]["acc"], abs=1e-9)
         assert result["size_bytes"] == formats[fmt]["size_bytes"] and result["params"] > 0
+
+
+@pytest.mark.integration
+def test_a_quantized_run_writes_its_int8_file_with_the_learned_scales(make_cfg):
+    summary = run(make_cfg(*FAST, "quant.bits=8", "export.formats=[onnx,onnx_fp16,torch_export]"))
+    formats = {a["format"]: a for a in summary["artifacts"]}
+    assert list(formats) == ["pytorch", "pytorch_int8", "onnx", "onnx_fp16", "onnx_int8", "torch_export"]
+    assert not any(a["error"] for a in formats.values())
+    run_dir = Path(summary["run_dir"])
+    # the reference of the int8 file is the integer model the QAT report measured; of the fp32 files, its weights
+    assert formats["pytorch_int8"]["acc"] == pytest.approx(summary["student"]["acc_quant"], abs=1e-9)
+    assert formats["pytorch"]["acc"] == pytest.approx(summary["student"]["acc_fp32"], abs=0.01)
+    graph = onnx.load(str(run_dir / "student_int8.onnx")).graph
+    assert "QuantizeLinear" in {n.op_type for n in graph.node}
+    assert formats["onnx_int8"]["size_bytes"] < 0.5 * formats["onnx"]["size_bytes"]
+    cfg = OmegaConf.create({"ckpt_path": str(run_dir / "student_int8.onnx"), "data": None, "batch_size": None, "accelerator": "cpu"})
+    result = evaluate_checkpoint(cfg, Console(file=io.StringIO()))
+    assert result["test_acc"] == pytest.approx(formats["onnx_int8"]["acc"], abs=1e-9)
 
 
 def test_a_file_without_the_run_config_or_not_a_model_is_a_named_error(tmp_path):

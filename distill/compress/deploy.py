@@ -2,9 +2,13 @@
 
 - ``onnx``: ``student.onnx`` through ``torch.onnx.export(dynamo=True)`` (the maintained exporter,
   on ``torch.export``), a dynamic batch axis, checked with ``onnx.checker``; with ``export.dtype=fp16``
-  also ``student_fp16.onnx``. Run in ONNX Runtime (the CPU execution provider, its intra-op threads
-  fixed to the run's latency threads; the CUDA provider first when the run is on a GPU and
-  onnxruntime-gpu is installed).
+  also ``student_fp16.onnx``, and in a ``quant.bits`` run also ``student_int8.onnx``: QuantizeLinear /
+  DequantizeLinear nodes with the scales and zero points QAT learned, int8 weights per channel
+  (distill/compress/quant/qdq.py), which ONNX Runtime runs as integer kernels (QLinearConv, QGemm).
+  Run in ONNX Runtime (the CPU execution provider, its intra-op threads fixed to the run's latency
+  threads; the CUDA provider first when the run is on a GPU and onnxruntime-gpu is installed).
+- ``onnx_fp16`` / ``onnx_int8``: only that file (``onnx_fp16`` also in a QAT run: the trained fp32
+  weights in half precision; ``onnx_int8`` needs ``quant.bits``).
 - ``torch_export``: ``student.pt2`` (``torch.export.save``): ``torch.export.load(path).module()``
   runs it with no import of this package.
 
@@ -33,13 +37,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.compress.technique import QuantizedDeployable
 from distill.errors import ConfigError
 from distill.measure import latency
 from distill.measure.accuracy import loader_accuracy
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("onnx", "torch_export")
+FORMATS = ("onnx", "onnx_fp16", "onnx_int8", "torch_export")
 ONNX_OPSET = 18  # ONNX Runtime >= 1.14 runs every opset-18 operator; the dynamo exporter's default
 
 
@@ -47,7 +52,7 @@ ONNX_OPSET = 18  # ONNX Runtime >= 1.14 runs every opset-18 operator; the dynamo
 class ExportedArtifact:
     """One deployable file and what it does in its runtime (``error``: why it is missing)."""
 
-    format: str  # onnx | onnx_fp16 | torch_export
+    format: str  # pytorch | pytorch_int8 (the references) | onnx | onnx_fp16 | onnx_int8 | torch_export
     path: str | None
     runtime: str  # onnxruntime (<provider>) | torch.export
     acc: float | None = None
@@ -56,7 +61,7 @@ class ExportedArtifact:
     latency_ms_batch: float | None = None
     latency_threads: int | None = None
     opset: int | None = None
-    acc_drop: float | None = None  # PyTorch accuracy minus the artifact's, in points
+    acc_drop: float | None = None  # the PyTorch reference's accuracy minus the artifact's, in points (int8: the integer model's)
     flagged: bool = False  # acc_drop > export.max_acc_drop
     error: str | None = None
 
@@ -65,13 +70,17 @@ class ExportedArtifact:
 
 
 def check_export(cfg: Any) -> None:
-    """``export.formats``: known names, no repeats (a named error before training)."""
+    """``export.formats``: known names, no repeats, int8 only for a quantized run (a named error
+    before training)."""
     formats = list(cfg.export.get("formats") or [])
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise ConfigError(f"export.formats: unknown format {unknown[0]!r}; choose from: {', '.join(FORMATS)}")
     if len(set(formats)) != len(formats):
         raise ConfigError(f"export.formats={formats}: a format is listed twice")
+    if "onnx_int8" in formats and cfg.quant.get("bits") is None:
+        raise ConfigError("export.formats=[..., onnx_int8] needs quant.bits: the int8 file carries the scales and zero "
+                          "points quantization-aware training learns (add quant.bits=8)")
     drop = cfg.export.get("max_acc_drop")
     if drop is None or not 0 <= float(drop) < float("inf"):
         raise ConfigError(f"export.max_acc_drop={drop!r} is out of range: must be >= 0 (accuracy points)")
@@ -138,14 +147,20 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
     ``meta`` (the run's student and data config) in the model's metadata, for ``evaluate.py``."""
     import onnx  # deferred: only runs that export ONNX need it
 
+    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per deduplicated constant otherwise
+
     def write(tmp: Path) -> None:
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes=_batch_dim(example),
                                     input_names=["input"], output_names=["logits"], opset_version=opset, verbose=False)
         program.save(str(tmp))
+        proto = onnx.load(str(tmp))
+        # The exporter annotates every node with its FX node and Python stack trace (this machine's
+        # paths): debug data, often larger than a small student's weights. The shipped file drops it.
+        for node in proto.graph.node:
+            del node.metadata_props[:]
         if meta is not None:
-            proto = onnx.load(str(tmp))
             onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta, default=str)})
-            onnx.save(proto, str(tmp))
+        onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
 
     return _atomic_file(path, write)
@@ -197,26 +212,36 @@ def _first_line(err: BaseException) -> str:
 def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, test_loader: Iterable,
                      sample_shape: tuple[int, int, int], latency_batch: int, threads: int,
                      max_acc_drop: float, fp16: bool = False, device: str | None = "cpu", strict: bool = False,
-                     name: str = "student", meta: dict[str, Any] | None = None) -> list[ExportedArtifact]:
+                     name: str = "student", meta: dict[str, Any] | None = None,
+                     quantized: QuantizedDeployable | None = None) -> list[ExportedArtifact]:
     """Write ``model`` (an fp32 module) in each of ``formats``, load each file back and measure it.
     The first record is the PyTorch model itself (eager, ``format="pytorch"``), measured on the same
-    split and timed interleaved with the files, the reference of every ``acc_drop``."""
+    split and timed interleaved with the files, the reference of every fp32 and fp16 ``acc_drop``.
+    With ``quantized`` (a QAT run), ``onnx`` / ``onnx_int8`` also write ``<name>_int8.onnx`` (its QDQ
+    form), whose reference is the integer model in PyTorch (``format="pytorch_int8"``, timed too)."""
     model = model.cpu().eval()
-    torch_acc = loader_accuracy(model, test_loader, "cpu")
     example = torch.zeros(2, *sample_shape)  # batch 2: a batch of 1 would let the exporter specialise the axis
-    jobs: list[tuple[str, Path, Any]] = []
     formats = list(formats)
-    if "onnx" in formats:
-        jobs.append(("onnx", out_dir / f"{name}.onnx", lambda p: save_onnx(model, example, p, meta=meta)))
-        if fp16:
-            half = _half_copy(model)
-            jobs.append(("onnx_fp16", out_dir / f"{name}_fp16.onnx", lambda p: save_onnx(half, example.half(), p, meta=meta)))
-    if "torch_export" in formats:
-        jobs.append(("torch_export", out_dir / f"{name}.pt2", lambda p: save_program(model, example, p, meta=meta)))
     loaded: dict[str, nn.Module] = {"pytorch": model}
-    records: dict[str, ExportedArtifact] = {"pytorch": ExportedArtifact("pytorch", None, "pytorch (eager)", torch_acc,
+    records: dict[str, ExportedArtifact] = {"pytorch": ExportedArtifact("pytorch", None, "pytorch (eager)", loader_accuracy(model, test_loader, "cpu"),
                                                                          latency_threads=threads)}
-    for fmt, path, write in jobs:
+    jobs: list[tuple[str, Path, Any, str]] = []  # (format, file, writer, the reference it is compared with)
+    if "onnx" in formats:
+        jobs.append(("onnx", out_dir / f"{name}.onnx", lambda p: save_onnx(model, example, p, meta=meta), "pytorch"))
+    if "onnx_fp16" in formats or ("onnx" in formats and fp16):
+        half = _half_copy(model)
+        jobs.append(("onnx_fp16", out_dir / f"{name}_fp16.onnx", lambda p: save_onnx(half, example.half(), p, meta=meta), "pytorch"))
+    if quantized is not None and ("onnx" in formats or "onnx_int8" in formats):
+        integer = quantized.integer.cpu().eval()
+        loaded["pytorch_int8"] = integer
+        records["pytorch_int8"] = ExportedArtifact("pytorch_int8", None, f"pytorch ({torch.backends.quantized.engine})",
+                                                   loader_accuracy(integer, test_loader, "cpu"), latency_threads=threads)
+        qdq, why = quantized.qdq, quantized.error or "no QDQ form of the quantized student"
+        jobs.append(("onnx_int8", out_dir / f"{name}_int8.onnx",
+                     (lambda p: save_onnx(qdq, example, p, meta=meta)) if qdq is not None else _fail(why), "pytorch_int8"))
+    if "torch_export" in formats:
+        jobs.append(("torch_export", out_dir / f"{name}.pt2", lambda p: save_program(model, example, p, meta=meta), "pytorch"))
+    for fmt, path, write, reference in jobs:
         runtime = "torch.export" if fmt == "torch_export" else "onnxruntime"
         try:
             path.unlink(missing_ok=True)  # an earlier attempt's file never stands in for this run's
@@ -237,17 +262,26 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
             path.unlink(missing_ok=True)  # written but not loadable or measurable: not shipped
             records[fmt] = ExportedArtifact(fmt, None, runtime, error=_first_line(err))
             continue
-        drop = 100 * (torch_acc - acc)
+        ref = records[reference]
+        drop = 100 * (float(ref.acc) - acc)
         records[fmt] = ExportedArtifact(fmt, str(path), runtime, acc, path.stat().st_size, opset=ONNX_OPSET if fmt != "torch_export" else None,
                                         acc_drop=drop, flagged=abs(drop) > max_acc_drop, latency_threads=threads)
         if records[fmt].flagged:
-            log.warning("export %s: accuracy %.2f %% in %s, %.2f points from PyTorch's (export.max_acc_drop=%g)",
-                        fmt, 100 * acc, runtime, -drop, max_acc_drop)
+            log.warning("export %s: accuracy %.2f %% in %s, %.2f points from %s's (export.max_acc_drop=%g)",
+                        fmt, 100 * acc, runtime, -drop, ref.runtime, max_acc_drop)
     if device is not None:
         timed = latency.measure_many(loaded, sample_shape, latency_batch, threads, rounds=3, device="cpu")
         for fmt, lat in timed.items():
             records[fmt] = ExportedArtifact(**{**records[fmt].as_dict(), "latency_ms": lat.ms, "latency_ms_batch": lat.ms_batch})
-    return [records["pytorch"], *(records[fmt] for fmt, _, _ in jobs)]
+    references = [records[k] for k in ("pytorch", "pytorch_int8") if k in records]
+    return [*references, *(records[fmt] for fmt, _, _, _ in jobs)]
+
+
+def _fail(why: str) -> Any:
+    def write(path: Path) -> None:
+        raise RuntimeError(why)
+
+    return write
 
 
 def _half_copy(model: nn.Module) -> nn.Module:

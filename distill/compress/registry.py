@@ -22,6 +22,8 @@ from distill.compress.sharing import SharingTechnique
 from distill.compress.technique import (
     BuildContext,
     ProvidesDeployable,
+    ProvidesQuantized,
+    QuantizedDeployable,
     StudentFigures,
     Technique,
     TechniqueReport,
@@ -115,11 +117,16 @@ class Compression:
     def deployable_fp32(self) -> nn.Module | None:
         """The fp32 module a technique made to deploy instead of the trained student (structured
         pruning's channel-removed model), for the ONNX and torch.export files; None: the student."""
-        for _, callback in self.applied:
+        # The strongest technique's (QAT's folded fp32 weights over a pruned model's), as for ``deployed``.
+        for _, callback in sorted(self.applied, key=lambda tc: -tc[0].deploy_rank):
             module = callback.deployable_fp32() if isinstance(callback, ProvidesDeployable) else None
             if module is not None:
                 return module
         return None
+
+    def deployable_quantized(self) -> QuantizedDeployable | None:
+        """The integer student and its QDQ form, when a technique quantized it (``student_int8.onnx``)."""
+        return next((q for _, c in self.applied if isinstance(c, ProvidesQuantized) and (q := c.deployable_quantized()) is not None), None)
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
         """The run's deployed model: the strongest technique's, else the student as trained."""

@@ -110,6 +110,27 @@ class StudentFigures:
                              latency_device=lat.device if lat else None)
 
 
+@dataclass
+class QuantizedDeployable:
+    """A quantized student for the deployable files: the converted integer model (PyTorch's int8
+    kernels, the reference of ``student_int8.onnx``), its QDQ form and the same weights in fp32 (both
+    None when the QDQ form could not be built: ``error`` says why)."""
+
+    integer: nn.Module
+    bits: int
+    acc: float  # the integer model's test accuracy, as the QAT report measured it
+    qdq: nn.Module | None
+    fp32: nn.Module | None
+    error: str | None = None
+
+
+@runtime_checkable
+class ProvidesQuantized(Protocol):
+    """A technique's callback that makes an integer student (QAT): ``student_int8.onnx`` is of it."""
+
+    def deployable_quantized(self) -> QuantizedDeployable | None: ...
+
+
 @runtime_checkable
 class ProvidesDeployable(Protocol):
     """A technique's callback that makes an fp32 module to deploy in place of the trained student

@@ -90,7 +90,7 @@ def qconfig_mapping(bits: int, per_channel: bool = True, backend: str = "x86"):
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
+def quiet() -> Iterator[None]:
     # torch.ao announces its deprecation on every call; the reason we use it is documented above.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -112,7 +112,7 @@ def set_engine(backend: str) -> None:
 def prepare_qat(model: nn.Module, bits: int, per_channel: bool, example_input: torch.Tensor, backend: str = "x86") -> nn.Module:
     """A QAT copy of ``model`` (conv-BN fused, fake quantizers inserted), in training mode."""
     set_engine(backend)
-    with _quiet():
+    with quiet():
         return prepare_qat_fx(copy.deepcopy(model).train(), qconfig_mapping(bits, per_channel, backend), (example_input,))
 
 
@@ -122,7 +122,7 @@ def convert(prepared: nn.Module, backend: str = "x86") -> nn.Module:
     # Pruning masks (torch.nn.utils.prune hooks) are baked into the weights first: conversion reads
     # ``module.weight``, which a pruning hook only refreshes on the next forward pass.
     model = bake(copy.deepcopy(prepared)).cpu().eval()
-    with _quiet():
+    with quiet():
         return convert_fx(model).eval()
 
 

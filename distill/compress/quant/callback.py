@@ -33,10 +33,12 @@ from distill.compress.export import save_torchscript
 from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.artifact import FORMAT as ARTIFACT_FORMAT
 from distill.compress.quant.artifact import load_quantized, save_quantized
+from distill.compress.quant.qdq import QDQModels, qdq_models
 from distill.compress.settings import QUANT_CHECKS
 from distill.compress.technique import (
     BuildContext,
     LoadedArtifact,
+    QuantizedDeployable,
     StudentFigures,
     Technique,
     TechniqueReport,
@@ -126,6 +128,7 @@ class QuantizationAwareTraining(Callback):
         self.student_cfg, self.data_cfg = student_cfg or {}, data_cfg
         self.float_student: nn.Module | None = None  # the fp32 architecture, for size and latency
         self.report: QATReport | None = None
+        self.exportable: QuantizedDeployable | None = None  # the models the ONNX / torch.export files are of
 
     @property
     def sample_shape(self) -> tuple[int, int, int]:
@@ -208,10 +211,24 @@ class QuantizationAwareTraining(Callback):
         datamodule = trainer.datamodule
         self.report = self.convert_and_measure(pl_module.student, datamodule.test_dataloader(shard=False))
 
+    def deployable_fp32(self) -> nn.Module | None:
+        """The trained weights without quantization, conv-BN folded (``student.onnx`` of a QAT run)."""
+        return copy.deepcopy(self.exportable.fp32) if self.exportable is not None else None
+
+    def deployable_quantized(self) -> QuantizedDeployable | None:
+        """The integer student and its QDQ form (``student_int8.onnx``); None before conversion."""
+        return self.exportable
+
     @torch.inference_mode()
     def convert_and_measure(self, prepared: nn.Module, test_loader: Any) -> QATReport:
         prepared = copy.deepcopy(prepared).cpu().eval()
         quantized = quant_backend.convert(prepared, self.backend)
+        x, _ = next(iter(test_loader))
+        try:
+            forms: QDQModels | str = qdq_models(prepared, x[:64].float().cpu(), self.backend)
+        except Exception as err:  # noqa: BLE001 (the int8 ONNX file is then recorded as failed, the run goes on)
+            log.warning("qat: no QDQ form of the student for ONNX (%s: %s)", type(err).__name__, err)
+            forms = f"{type(err).__name__}: {err}"
         float_view = copy.deepcopy(prepared)
         quant_backend.set_fake_quant(float_view, False)  # the same weights, unquantized
 
@@ -249,6 +266,11 @@ class QuantizationAwareTraining(Callback):
             latency_threads=threads,
             artifact=str(artifact),
             torchscript=str(torchscript),
+        )
+        self.exportable = QuantizedDeployable(
+            integer=quantized, bits=self.bits, acc=report.acc_quant,
+            qdq=forms.qdq if isinstance(forms, QDQModels) else None, fp32=forms.fp32 if isinstance(forms, QDQModels) else None,
+            error=forms if isinstance(forms, str) else None,
         )
         log.info(
             "qat: %d-bit student: test acc %.4f (fp32 weights %.4f), %d -> %d bytes (%.2fx)",

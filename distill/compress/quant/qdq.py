@@ -1,0 +1,195 @@
+"""The QAT student in QuantizeLinear / DequantizeLinear form, for ONNX Runtime (``student_int8.onnx``).
+
+ONNX has no quantized tensors: a quantized model is a float graph in which each activation passes
+through ``QuantizeLinear`` -> ``DequantizeLinear`` (scale, zero point) and each weight is an int8
+initializer read through ``DequantizeLinear`` (per output channel). ONNX Runtime's graph optimizer
+recognises ``DQ -> Conv/MatMul -> Q`` and runs it as one integer kernel (``QLinearConv``,
+``QGemm``), so the file runs in int8 with exactly the scales and zero points QAT learned.
+
+:func:`qdq_models` builds that form from the QAT-prepared student:
+
+1. PyTorch's *reference decomposed* conversion of the prepared model (the representation PT2E's
+   ``convert_pt2e`` also produces): conv-BN folded, every quantized activation as
+   ``quantized_decomposed.quantize_per_tensor`` / ``dequantize_per_tensor`` with the learned
+   scale, zero point and b-bit range (the exporter writes the range as a ``Clip``, so b < 8 is
+   exact too), every weight in a reference module that quantize-dequantizes it on each call;
+2. each reference Conv2d / Linear swapped for one holding the **integer** weight (computed once,
+   by the same ``quantized_decomposed`` op) and dequantizing it in ``forward``: the ONNX file then
+   stores int8 weights (a quarter of fp32) behind ``DequantizeLinear``.
+
+The same reference model with every quantize/dequantize pair removed and float Conv2d / Linear
+modules is the student's trained fp32 weights, conv-BN folded (``student.onnx`` of a QAT run).
+Both are checked against the prepared model before they are returned.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.quantized_decomposed)
+from torch import fx, nn
+from torch.ao.nn.quantized import reference as ref_nn
+from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx
+from torch.nn import functional as F
+
+from distill.compress.prune.masks import bake
+from distill.compress.quant.backend import quiet, set_engine, set_fake_quant, set_observers
+
+_QD = torch.ops.quantized_decomposed
+
+
+@dataclass
+class QDQModels:
+    """The QAT student for export: ``qdq`` (integer weights, learned activation scales) and ``fp32``
+    (the same trained weights, conv-BN folded, no quantization)."""
+
+    qdq: nn.Module
+    fp32: nn.Module
+
+
+class _IntWeight(nn.Module):
+    """An int8 weight with per-channel (or per-tensor) scales, dequantized on each call."""
+
+    def __init__(self, ref: nn.Module) -> None:
+        super().__init__()
+        self.per_channel = ref.weight_qscheme in (torch.per_channel_affine, torch.per_channel_symmetric)
+        self.qmin, self.qmax, self.axis = int(ref.weight_quant_min), int(ref.weight_quant_max), int(getattr(ref, "weight_axis_int", 0))
+        scale = ref.weight_scale.detach().float()
+        zero_point = ref.weight_zero_point.detach().to(torch.int64)
+        weight = ref.weight.detach().float()
+        if self.per_channel:
+            codes = _QD.quantize_per_channel(weight, scale, zero_point, self.axis, self.qmin, self.qmax, torch.int8)
+        else:
+            codes = _QD.quantize_per_tensor(weight, float(scale), int(zero_point), self.qmin, self.qmax, torch.int8)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", zero_point)
+
+    def forward(self) -> torch.Tensor:
+        if self.per_channel:
+            return _QD.dequantize_per_channel(self.codes, self.scale, self.zero_point, self.axis, self.qmin, self.qmax, torch.int8)
+        return _QD.dequantize_per_tensor(self.codes, float(self.scale), int(self.zero_point), self.qmin, self.qmax, torch.int8)
+
+
+class QDQConv2d(nn.Module):
+    def __init__(self, ref: nn.Conv2d) -> None:
+        super().__init__()
+        self.weight = _IntWeight(ref)
+        self.bias = None if ref.bias is None else nn.Parameter(ref.bias.detach().clone(), requires_grad=False)
+        self.stride, self.padding, self.dilation, self.groups = ref.stride, ref.padding, ref.dilation, ref.groups
+        if ref.padding_mode != "zeros":
+            raise NotImplementedError(f"padding_mode={ref.padding_mode!r} has no QDQ form here")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class QDQLinear(nn.Module):
+    def __init__(self, ref: nn.Linear) -> None:
+        super().__init__()
+        self.weight = _IntWeight(ref)
+        self.bias = None if ref.bias is None else nn.Parameter(ref.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight(), self.bias)
+
+
+def _float_conv(ref: nn.Conv2d) -> nn.Conv2d:
+    conv = nn.Conv2d(ref.in_channels, ref.out_channels, ref.kernel_size, ref.stride, ref.padding, ref.dilation,
+                     ref.groups, ref.bias is not None, ref.padding_mode)
+    conv.load_state_dict({"weight": ref.weight.detach(), **({"bias": ref.bias.detach()} if ref.bias is not None else {})})
+    return conv
+
+
+def _float_linear(ref: nn.Linear) -> nn.Linear:
+    linear = nn.Linear(ref.in_features, ref.out_features, ref.bias is not None)
+    linear.load_state_dict({"weight": ref.weight.detach(), **({"bias": ref.bias.detach()} if ref.bias is not None else {})})
+    return linear
+
+
+_SWAPS = {  # reference module -> (integer-weight module, float module)
+    ref_nn.Conv2d: (QDQConv2d, _float_conv),
+    ref_nn.Linear: (QDQLinear, _float_linear),
+}
+
+
+def _swap_modules(model: nn.Module, which: int) -> nn.Module:
+    """Replace every reference Conv2d / Linear in ``model`` (in place) by its integer-weight form
+    (``which=0``) or its float form (``which=1``); any other reference module is a named error."""
+    for name, child in list(model.named_children()):
+        kind = type(child)
+        if kind in _SWAPS:
+            setattr(model, name, _SWAPS[kind][which](child))
+        elif kind.__module__.startswith("torch.ao.nn.quantized.reference"):
+            raise NotImplementedError(f"{kind.__name__} ({name}) has no QDQ export here: only Conv2d and Linear")
+        else:
+            _swap_modules(child, which)
+    return model
+
+
+def _strip_qdq(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Remove every quantize/dequantize node: ``dequantize(quantize(x))`` becomes ``x``."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in (_QD.dequantize_per_tensor.default, _QD.dequantize_per_tensor.tensor):
+            node.replace_all_uses_with(node.args[0].args[0] if _is_quantize(node.args[0]) else node.args[0])
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if _is_quantize(node) and not node.users:
+            graph.erase_node(node)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+_FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
+
+
+def _clamp_activations(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """After each activation quantize narrower than its dtype (0..127 on x86, 0..15 at 4 bits), clamp
+    the integer codes to its range. ONNX's QuantizeLinear saturates to the dtype's full range and the
+    exporter drops the narrower one; a ``Clip`` on the integer codes keeps PyTorch's semantics and
+    leaves ``DQ -> Conv -> Q`` intact for ONNX Runtime's integer kernels."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if not _is_quantize(node):
+            continue
+        qmin, qmax, dtype = node.args[3], node.args[4], node.args[5]
+        if (qmin, qmax) == _FULL_RANGE.get(dtype):
+            continue
+        with graph.inserting_after(node):
+            clamped = graph.call_function(torch.clamp, (node, qmin, qmax))
+        node.replace_all_uses_with(clamped, delete_user_cb=lambda user, c=clamped: user is not c)
+    graph.lint()
+    graph_module.recompile()
+    return graph_module
+
+
+def _is_quantize(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in (
+        _QD.quantize_per_tensor.default, _QD.quantize_per_tensor.tensor)
+
+
+@torch.no_grad()
+def qdq_models(prepared: nn.Module, example: torch.Tensor, backend: str = "x86") -> QDQModels:
+    """The QDQ and fp32 forms of a QAT-prepared student (left untouched), checked on ``example``
+    against its fake-quantized and fp32 outputs."""
+    set_engine(backend)
+    model = bake(copy.deepcopy(prepared)).cpu().eval()
+    set_observers(model, False)  # the check below must not move the scales it checks
+    float_view = copy.deepcopy(model)
+    set_fake_quant(float_view, False)
+    with quiet():
+        reference = _convert_to_reference_decomposed_fx(copy.deepcopy(model)).eval()  # converts its input in place
+    qdq = _swap_modules(_clamp_activations(copy.deepcopy(reference)), 0).eval()
+    fp32 = _swap_modules(_strip_qdq(copy.deepcopy(reference)), 1).eval()
+    # The reference conversion is the deployed math: it must agree with what QAT trained (fake quant
+    # on) and with the trained weights (fake quant off) up to float rounding and one quantization step.
+    for label, built, expected in (("QDQ", qdq, model), ("fp32", fp32, float_view)):
+        got, want = built(example), expected(example)
+        tolerance = 1e-3 + 0.05 * float(want.abs().max())
+        if not torch.allclose(got, want, atol=tolerance, rtol=0):
+            raise RuntimeError(f"the {label} form of the QAT student disagrees with it by {float((got - want).abs().max()):.4g}")
+    return QDQModels(qdq=qdq, fp32=fp32)

@@ -1,0 +1,157 @@
+"""student_int8.onnx: the QAT student as QuantizeLinear / DequantizeLinear nodes carrying the learned
+scales, int8 weights per channel, run by ONNX Runtime as integer kernels, agreeing with PyTorch's
+integer model; its fp32 form is the trained weights conv-BN folded."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from distill.compress.deploy import OnnxRuntimeModel, export_artifacts, save_onnx
+from distill.compress.quant import backend as quant_backend
+from distill.compress.quant.qdq import qdq_models
+from distill.compress.technique import QuantizedDeployable
+
+
+class Net(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _data(n: int, seed: int) -> torch.Tensor:
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 4
+
+
+def _prepared(bits: int) -> nn.Module:
+    torch.manual_seed(0)
+    prepared = quant_backend.prepare_qat(Net(), bits, True, _data(1, 0))
+    for i in range(10):  # "training": the observers set the scales
+        prepared(_data(64, i))
+    prepared.eval()
+    quant_backend.set_observers(prepared, False)
+    return prepared
+
+
+def _output_step(prepared: nn.Module) -> float:
+    """The scale of the model's output (its last fake quantizer's): one step of the logits."""
+    [output] = [n for n in prepared.graph.nodes if n.op == "output"]
+    return float(getattr(prepared, output.args[0].target).scale)
+
+
+def _activation_scales(prepared: nn.Module) -> set[float]:
+    return {round(float(m.scale), 6) for name, m in prepared.named_modules()
+            if isinstance(m, torch.ao.quantization.FakeQuantizeBase) and "weight" not in name}
+
+
+@pytest.fixture(scope="module")
+def int8(tmp_path_factory) -> tuple[nn.Module, Path, Path]:
+    prepared = _prepared(8)
+    forms = qdq_models(prepared, _data(32, 99))
+    out = tmp_path_factory.mktemp("qdq")
+    return prepared, save_onnx(forms.qdq, _data(2, 0), out / "student_int8.onnx"), save_onnx(forms.fp32, _data(2, 0), out / "student.onnx")
+
+
+def test_the_file_carries_the_learned_scales_and_int8_weights(int8):
+    prepared, path, fp32_path = int8
+    graph = onnx.load(str(path)).graph
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("QuantizeLinear") >= 4 and "DequantizeLinear" in ops
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    # every Conv / Gemm weight is an int8 tensor read through DequantizeLinear; no float weight is left
+    int8_weights = [a for a in inits.values() if a.dtype == np.int8 and a.ndim >= 2]
+    assert sorted(a.shape for a in int8_weights) == sorted([(8, 1, 3, 3), (16, 8, 3, 3), (32, 16), (5, 32)])
+    assert not [a for a in inits.values() if a.dtype == np.float32 and a.ndim >= 2]
+    # the activation scales in the file are those QAT learned (its fake quantizers')
+    scales = {round(float(inits[n.input[1]]), 6) for n in graph.node if n.op_type == "QuantizeLinear"}
+    assert scales == _activation_scales(prepared)
+    stored = {p: sum(numpy_helper.to_array(i).nbytes for i in onnx.load(str(p)).graph.initializer) for p in (path, fp32_path)}
+    assert stored[path] < 0.5 * stored[fp32_path]  # the weights' bytes (this tiny net's graph is larger than them)
+
+
+def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, tmp_path):
+    prepared, path, _ = int8
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    optimized = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
+    assert {"QLinearConv", "QGemm"} <= optimized and "Conv" not in optimized  # int8 kernels, not float convs
+
+    x = _data(256, 7)
+    session = OnnxRuntimeModel(path, threads=1)
+    integer = quant_backend.convert(prepared)
+    with torch.no_grad():
+        fake_quant, theirs, ours = prepared(x), integer(x), session(x)
+    # ONNX Runtime and fake quantization each round intermediate results their own way (a code off by
+    # one in a layer moves the next): most logits equal, none more than a few output steps apart.
+    # fbgemm requantizes with its own fixed-point multipliers: further apart, the same on average.
+    step = _output_step(prepared)
+    assert (ours - fake_quant).abs().max() <= 4.01 * step
+    assert ((ours - fake_quant).abs() < 0.5 * step).float().mean() >= 0.8
+    assert (ours - theirs).abs().mean() < step
+    assert (ours.argmax(1) == theirs.argmax(1)).float().mean() >= 0.95
+
+
+def test_a_4_bit_student_keeps_its_4_bit_activations_in_the_file(tmp_path):
+    # QuantizeLinear saturates at 0..255: the 0..15 range must be kept by a Clip on the codes
+    prepared = _prepared(4)
+    forms = qdq_models(prepared, _data(32, 99))
+    path = save_onnx(forms.qdq, _data(2, 0), tmp_path / "student_int8.onnx")
+    x = _data(128, 3) * 3  # inputs beyond the calibrated range: unclamped codes would pass 15
+    with torch.no_grad():
+        want = prepared(x)
+    got = OnnxRuntimeModel(path, threads=1)(x)
+    assert (got - want).abs().max() <= 2.01 * _output_step(prepared)
+    assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
+    graph = onnx.load(str(path)).graph
+    assert "Clip" in [n.op_type for n in graph.node]
+
+
+def test_the_fp32_form_is_the_trained_weights_folded(int8):
+    prepared, _, fp32_path = int8
+    float_view = copy.deepcopy(prepared)
+    quant_backend.set_fake_quant(float_view, False)
+    x = _data(64, 5)
+    with torch.no_grad():
+        want = float_view(x)
+    got = OnnxRuntimeModel(fp32_path, threads=1)(x)
+    assert torch.allclose(got, want, atol=1e-4)
+    ops = {n.op_type for n in onnx.load(str(fp32_path)).graph.node}
+    assert not {"QuantizeLinear", "DequantizeLinear", "BatchNormalization"} & ops  # BN folded into the conv
+
+
+def test_export_records_the_int8_file_against_the_integer_model(int8, tmp_path):
+    prepared, _, _ = int8
+    forms = qdq_models(prepared, _data(32, 99))
+    integer = quant_backend.convert(prepared)
+    x = _data(48, 11)
+    with torch.no_grad():
+        labels = integer(x).argmax(1)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=16)
+    quantized = QuantizedDeployable(integer=integer, bits=8, acc=1.0, qdq=forms.qdq, fp32=forms.fp32)
+    records = export_artifacts(forms.fp32, ["onnx_int8"], tmp_path, loader, (1, 8, 8), latency_batch=8, threads=1,
+                               max_acc_drop=5.0, quantized=quantized)
+    by = {r.format: r for r in records}
+    assert list(by) == ["pytorch", "pytorch_int8", "onnx_int8"]  # onnx_int8 alone: no fp32 file
+    assert by["pytorch_int8"].acc == 1.0 and by["onnx_int8"].acc >= 0.95
+    assert by["onnx_int8"].acc_drop == pytest.approx(100 * (1.0 - by["onnx_int8"].acc))
+    assert by["onnx_int8"].latency_ms > 0 and by["pytorch_int8"].latency_ms > 0
+    assert not (tmp_path / "student.onnx").exists() and (tmp_path / "student_int8.onnx").exists()
+
+    failed = QuantizedDeployable(integer=integer, bits=8, acc=1.0, qdq=None, fp32=None, error="NotImplementedError: Conv3d")
+    [_, _, record] = export_artifacts(forms.fp32, ["onnx_int8"], tmp_path, loader, (1, 8, 8), latency_batch=8, threads=1,
+                                      max_acc_drop=5.0, quantized=failed, device=None)
+    assert record.path is None and "Conv3d" in record.error and not (tmp_path / "student_int8.onnx").exists()
