@@ -147,7 +147,8 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
     ``meta`` (the run's student and data config) in the model's metadata, for ``evaluate.py``."""
     import onnx  # deferred: only runs that export ONNX need it
 
-    logging.getLogger("onnx_ir").setLevel(logging.WARNING)  # one INFO line per deduplicated constant otherwise
+    for chatty in ("onnx_ir", "onnxscript"):  # an INFO line per deduplicated or unfolded constant otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
 
     def write(tmp: Path) -> None:
         program = torch.onnx.export(model.eval(), (example,), dynamo=True, dynamic_shapes=_batch_dim(example),
@@ -158,12 +159,35 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
         # paths): debug data, often larger than a small student's weights. The shipped file drops it.
         for node in proto.graph.node:
             del node.metadata_props[:]
+        _global_average_pools(proto)
         if meta is not None:
             onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta, default=str)})
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
 
     return _atomic_file(path, write)
+
+
+def _global_average_pools(proto: Any) -> None:
+    """Write a global average pool (``AdaptiveAvgPool2d(1)``, exported as ``ReduceMean`` over the two
+    spatial axes of a 4-D tensor) as ONNX's ``GlobalAveragePool``: the same values, and the operator
+    ONNX Runtime runs in int8 between DequantizeLinear and QuantizeLinear (QLinearGlobalAveragePool)
+    and in its blocked fp32 layout, where a ``ReduceMean`` makes it convert the whole feature map back."""
+    import onnx  # deferred
+    from onnx import numpy_helper  # deferred
+
+    constants = {i.name: numpy_helper.to_array(i) for i in proto.graph.initializer}
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    ranks = {v.name: len(v.type.tensor_type.shape.dim) for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    for node in proto.graph.node:
+        if node.op_type != "ReduceMean" or len(node.input) != 2 or node.input[1] not in constants:
+            continue
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = sorted(int(a) % 4 for a in constants[node.input[1]].ravel())
+        if ranks.get(node.input[0]) == 4 and axes == [2, 3] and attrs.get("keepdims", 1) == 1:
+            node.op_type = "GlobalAveragePool"
+            del node.input[1:]
+            del node.attribute[:]
 
 
 def save_program(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any] | None = None) -> Path:

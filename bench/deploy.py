@@ -1,0 +1,98 @@
+"""The deployable files of three digits runs, each measured in its runtime: fp32 PyTorch, fp32 ONNX
+Runtime, int8 PyTorch, int8 ONNX Runtime, fp16 ONNX Runtime (accuracy, bytes, latency at batch 1
+and 1024), one ``train.py`` run per row (the teacher cached), figures from each run's summary.json.
+
+    python bench/deploy.py              # prints the README's table and ratios, writes bench/deploy.json
+
+Rows: the ``mlp`` and ``cnn`` students with 8-bit QAT, and the ``cnn`` with 50 % structured pruning
+(channels removed; no QAT: the channel-removed model is made from the fp32 student). Every file's
+latency is timed inside its run, interleaved with the PyTorch models (``distill/compress/deploy.py``).
+The pruned CNN's speed-up is timed here, its ``student.onnx`` and the dense CNN's interleaved in this
+process, against its MAC reduction (``macs_before / macs_after`` in its summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMON = ["logger=csv", "trainer.enable_progress_bar=false", "export.formats=[onnx,onnx_fp16,torch_export]"]
+PLAN: dict[str, list[str]] = {
+    "mlp, int8 QAT": ["student=mlp", "quant.bits=8"],
+    "cnn, int8 QAT": ["student=cnn", "quant.bits=8"],
+    "cnn, 50 % structured": ["student=cnn", "prune.method=structured", "prune.scope=layer", "prune.amount=0.5"],
+}
+COLUMNS = (("pytorch", "fp32 PyTorch"), ("onnx", "fp32 ONNX Runtime"), ("pytorch_int8", "int8 PyTorch"),
+           ("onnx_int8", "int8 ONNX Runtime"), ("onnx_fp16", "fp16 ONNX Runtime"))
+
+
+def run(name: str, overrides: list[str], work: Path) -> dict[str, Any]:
+    out = work / name.replace(" ", "_").replace(",", "").replace("%", "pct")
+    done = subprocess.run([sys.executable, "train.py", *COMMON, *overrides, f"hydra.run.dir={out}"], cwd=ROOT,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{name}: train.py failed\n{done.stderr[-4000:]}")
+    return json.loads((out / "summary.json").read_text())
+
+
+def pruned_speedup(dense: Path, pruned: Path, threads: int) -> tuple[float, float]:
+    """The dense and channel-removed ``student.onnx`` timed interleaved here: (batch 1, batch 1024) ratios."""
+    sys.path.insert(0, str(ROOT))
+    from distill.compress.deploy import OnnxRuntimeModel  # deferred: after the runs, in this process
+    from distill.measure import latency  # deferred
+
+    lat = latency.measure_many({"dense": OnnxRuntimeModel(dense, threads), "pruned": OnnxRuntimeModel(pruned, threads)},
+                               (1, 8, 8), 1024, threads, rounds=5)
+    return lat["dense"].ms / lat["pruned"].ms, lat["dense"].ms_batch / lat["pruned"].ms_batch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "deploy.json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        summaries = {}
+        for name, overrides in PLAN.items():
+            summaries[name] = run(name, overrides, Path(tmp))
+            print(f"{name}: done", flush=True)
+        rows: dict[str, Any] = {}
+        for name, summary in summaries.items():
+            files = {a["format"]: a for a in summary["artifacts"]}
+            rows[name] = {"overrides": PLAN[name], "student_acc": summary["student"]["test_acc"], "files": files,
+                          "macs_before": summary["student"].get("macs_before"), "macs_after": summary["student"].get("macs_after")}
+        dense, pruned = (Path(summaries[n]["run_dir"]) / "student.onnx" for n in ("cnn, int8 QAT", "cnn, 50 % structured"))
+        threads = rows["cnn, int8 QAT"]["files"]["onnx"]["latency_threads"]
+        speed_1, speed_batch = pruned_speedup(dense, pruned, threads)
+        macs = rows["cnn, 50 % structured"]
+        result = {"rows": rows, "pruned_speedup_b1": speed_1, "pruned_speedup_b1024": speed_batch,
+                  "pruned_mac_reduction": macs["macs_before"] / macs["macs_after"]}
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print("\n| student | file | runtime | test acc | bytes | ms, batch 1 | ms, batch 1024 |")
+    print("|---|---|---|---|---|---|---|")
+    for name, row in rows.items():
+        for fmt, label in COLUMNS:
+            a = row["files"].get(fmt)
+            if a is None or a.get("error"):
+                print(f"| {name} | {label} | - | not built{': ' + a['error'] if a else ''} | | | |")
+                continue
+            size = f"{a['size_bytes']:,}" if a.get("size_bytes") else "-"
+            print(f"| {name} | {label} | {a['runtime']} | {100 * a['acc']:.2f} | {size} | {a['latency_ms']:.3f} | {a['latency_ms_batch']:.2f} |")
+    print()
+    for name, row in rows.items():
+        f = row["files"]
+        if "onnx_int8" in f and not f["onnx_int8"].get("error"):
+            print(f"{name}: int8 / fp32 in ONNX Runtime: {f['onnx']['latency_ms'] / f['onnx_int8']['latency_ms']:.2f}x at batch 1, "
+                  f"{f['onnx']['latency_ms_batch'] / f['onnx_int8']['latency_ms_batch']:.2f}x at batch 1024; "
+                  f"int8 accuracy ONNX Runtime - PyTorch: {100 * (f['onnx_int8']['acc'] - f['pytorch_int8']['acc']):+.2f} points")
+    print(f"cnn, 50 % structured: MACs {result['pruned_mac_reduction']:.2f}x fewer; ONNX Runtime {speed_1:.2f}x faster at batch 1, "
+          f"{speed_batch:.2f}x at batch 1024 (goal: >= 0.6 x {result['pruned_mac_reduction']:.2f} = {0.6 * result['pruned_mac_reduction']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()
