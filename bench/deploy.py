@@ -44,7 +44,8 @@ def run(name: str, overrides: list[str], work: Path) -> dict[str, Any]:
 def pruned_speedup(dense: Path, pruned: Path, threads: int) -> tuple[float, float]:
     """The dense and channel-removed ``student.onnx`` timed interleaved here: (batch 1, batch 1024) ratios."""
     sys.path.insert(0, str(ROOT))
-    from distill.compress.deploy import OnnxRuntimeModel  # deferred: after the runs, in this process
+    # deferred: after the runs, in this process
+    from distill.compress.deploy import OnnxRuntimeModel  # deferred
     from distill.measure import latency  # deferred
 
     lat = latency.measure_many({"dense": OnnxRuntimeModel(dense, threads), "pruned": OnnxRuntimeModel(pruned, threads)},

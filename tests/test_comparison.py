@@ -153,3 +153,28 @@ def test_seed_groups_keep_apart_runs_whose_settings_differ_and_count_a_seed_once
     # one run reached twice (two runs= roots): its seed counts once
     rows = compare([tmp_path / "a"]) + compare([tmp_path / "a" / "0"])
     assert sorted(g.n for g in group_by_seed(rows)) == [1, 2]
+
+
+def test_each_deployable_file_is_a_row_of_its_own_on_the_front(tmp_path):
+    summary = _summary(0.95, 50_000, 2.0)
+    summary["artifacts"] = [
+        {"format": "pytorch", "path": None, "runtime": "pytorch (eager)", "acc": 0.96, "error": None},
+        {"format": "pytorch_int8", "path": None, "runtime": "pytorch (x86)", "acc": 0.95, "error": None},
+        {"format": "onnx", "path": "r/student.onnx", "runtime": "onnxruntime (CPUExecutionProvider)", "acc": 0.96,
+         "size_bytes": 200_000, "latency_ms": 0.03, "latency_ms_batch": 1.5, "flagged": False, "error": None},
+        {"format": "onnx_int8", "path": "r/student_int8.onnx", "runtime": "onnxruntime (CPUExecutionProvider)", "acc": 0.95,
+         "size_bytes": 60_000, "latency_ms": 0.02, "latency_ms_batch": 0.5, "flagged": True, "error": None},
+        {"format": "torch_export", "path": None, "runtime": "torch.export", "error": "RuntimeError: cannot trace"},
+    ]
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "summary.json").write_text(json.dumps(summary))
+    rows = compare([tmp_path])
+    by_file = {r.get("file"): r for r in rows}
+    assert list(by_file) == [None, "onnx", "onnx_int8", "torch_export"]  # the references are the run's own row
+    run, onnx_int8 = by_file[None], by_file["onnx_int8"]
+    assert (onnx_int8["acc"], onnx_int8["size_bytes"], onnx_int8["latency_ms_batch"], onnx_int8["bits"]) == (0.95, 60_000, 0.5, 8)
+    assert onnx_int8["deployed"].endswith("(!)") and onnx_int8["student"] == run["student"] == "mlp"
+    # the int8 file is as accurate as the run's integer model and faster: it, not the model, is on the latency front
+    assert onnx_int8["pareto_latency"] and not run["pareto_latency"] and by_file["onnx"]["pareto_latency"]
+    assert by_file["torch_export"]["status"].startswith("failed: RuntimeError: cannot trace")
+    assert "onnx_int8" in write_comparison(rows, tmp_path / "out")["markdown"].read_text()

@@ -113,6 +113,7 @@ def test_an_accuracy_off_by_more_than_the_limit_is_flagged(tmp_path, monkeypatch
     (["export.formats=[onnx_int8]"], r"export.formats=\[..., onnx_int8\] needs quant.bits"),
     (["export.formats=[onnx,onnx]"], r"listed twice"),
     (["export.max_acc_drop=-1"], r"export.max_acc_drop=-1(.0)? is out of range"),
+    (["export.eval_samples=0"], r"export.eval_samples"),
 ])
 def test_bad_export_settings_are_refused_before_training(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -167,3 +168,16 @@ def test_a_file_without_the_run_config_or_not_a_model_is_a_named_error(tmp_path)
         cfg = OmegaConf.create({"ckpt_path": str(tmp_path / name), "data": None, "batch_size": None, "accelerator": "cpu"})
         with pytest.raises(CheckpointError, match=message):
             evaluate_checkpoint(cfg, Console(file=io.StringIO()))
+
+
+def test_eval_samples_limits_every_accuracy_to_the_first_samples(tmp_path):
+    model = _net()
+    loader = _loader()  # 40 samples in batches of 16
+    first = DataLoader(TensorDataset(*(t[:20] for t in loader.dataset.tensors)), batch_size=16)
+    [whole, _] = export_artifacts(model, ["onnx"], tmp_path, loader, (1, 8, 8), latency_batch=8, threads=1, max_acc_drop=0.5, device=None)
+    [cut, onnx_cut] = export_artifacts(model, ["onnx"], tmp_path, loader, (1, 8, 8), latency_batch=8, threads=1, max_acc_drop=0.5,
+                                       device=None, eval_samples=20)
+    from distill.measure.accuracy import loader_accuracy
+
+    assert (whole.test_samples, cut.test_samples, onnx_cut.test_samples) == (40, 20, 20)
+    assert cut.acc == pytest.approx(loader_accuracy(model, first)) and onnx_cut.acc == pytest.approx(cut.acc)

@@ -63,6 +63,7 @@ class ExportedArtifact:
     opset: int | None = None
     acc_drop: float | None = None  # the PyTorch reference's accuracy minus the artifact's, in points (int8: the integer model's)
     flagged: bool = False  # acc_drop > export.max_acc_drop
+    test_samples: int | None = None  # the test samples its accuracy is measured on (export.eval_samples)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -237,18 +238,24 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
                      sample_shape: tuple[int, int, int], latency_batch: int, threads: int,
                      max_acc_drop: float, fp16: bool = False, device: str | None = "cpu", strict: bool = False,
                      name: str = "student", meta: dict[str, Any] | None = None,
-                     quantized: QuantizedDeployable | None = None) -> list[ExportedArtifact]:
+                     quantized: QuantizedDeployable | None = None, eval_samples: int | None = None) -> list[ExportedArtifact]:
     """Write ``model`` (an fp32 module) in each of ``formats``, load each file back and measure it.
     The first record is the PyTorch model itself (eager, ``format="pytorch"``), measured on the same
     split and timed interleaved with the files, the reference of every fp32 and fp16 ``acc_drop``.
     With ``quantized`` (a QAT run), ``onnx`` / ``onnx_int8`` also write ``<name>_int8.onnx`` (its QDQ
-    form), whose reference is the integer model in PyTorch (``format="pytorch_int8"``, timed too)."""
+    form), whose reference is the integer model in PyTorch (``format="pytorch_int8"``, timed too).
+    ``eval_samples``: every accuracy (references included) on the first N test samples only."""
     model = model.cpu().eval()
+    dataset = getattr(test_loader, "dataset", None)
+    samples = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    if eval_samples is not None:
+        test_loader = _FirstSamples(test_loader, eval_samples)
+        samples = eval_samples if samples is None else min(samples, eval_samples)
     example = torch.zeros(2, *sample_shape)  # batch 2: a batch of 1 would let the exporter specialise the axis
     formats = list(formats)
     loaded: dict[str, nn.Module] = {"pytorch": model}
     records: dict[str, ExportedArtifact] = {"pytorch": ExportedArtifact("pytorch", None, "pytorch (eager)", loader_accuracy(model, test_loader, "cpu"),
-                                                                         latency_threads=threads)}
+                                                                         latency_threads=threads, test_samples=samples)}
     jobs: list[tuple[str, Path, Any, str]] = []  # (format, file, writer, the reference it is compared with)
     if "onnx" in formats:
         jobs.append(("onnx", out_dir / f"{name}.onnx", lambda p: save_onnx(model, example, p, meta=meta), "pytorch"))
@@ -259,7 +266,8 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
         integer = quantized.integer.cpu().eval()
         loaded["pytorch_int8"] = integer
         records["pytorch_int8"] = ExportedArtifact("pytorch_int8", None, f"pytorch ({torch.backends.quantized.engine})",
-                                                   loader_accuracy(integer, test_loader, "cpu"), latency_threads=threads)
+                                                   loader_accuracy(integer, test_loader, "cpu"), latency_threads=threads,
+                                                   test_samples=samples)
         qdq, why = quantized.qdq, quantized.error or "no QDQ form of the quantized student"
         jobs.append(("onnx_int8", out_dir / f"{name}_int8.onnx",
                      (lambda p: save_onnx(qdq, example, p, meta=meta)) if qdq is not None else _fail(why), "pytorch_int8"))
@@ -289,7 +297,7 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
         ref = records[reference]
         drop = 100 * (float(ref.acc) - acc)
         records[fmt] = ExportedArtifact(fmt, str(path), runtime, acc, path.stat().st_size, opset=ONNX_OPSET if fmt != "torch_export" else None,
-                                        acc_drop=drop, flagged=abs(drop) > max_acc_drop, latency_threads=threads)
+                                        acc_drop=drop, flagged=abs(drop) > max_acc_drop, latency_threads=threads, test_samples=samples)
         if records[fmt].flagged:
             log.warning("export %s: accuracy %.2f %% in %s, %.2f points from %s's (export.max_acc_drop=%g)",
                         fmt, 100 * acc, runtime, -drop, ref.runtime, max_acc_drop)
@@ -299,6 +307,21 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
             records[fmt] = ExportedArtifact(**{**records[fmt].as_dict(), "latency_ms": lat.ms, "latency_ms_batch": lat.ms_batch})
     references = [records[k] for k in ("pytorch", "pytorch_int8") if k in records]
     return [*references, *(records[fmt] for fmt, _, _, _ in jobs)]
+
+
+class _FirstSamples:
+    """The first ``limit`` samples of a loader's batches (the last batch cut), iterable again and again."""
+
+    def __init__(self, loader: Iterable, limit: int) -> None:
+        self.loader, self.limit = loader, limit
+
+    def __iter__(self) -> Any:
+        left = self.limit
+        for x, y, *rest in self.loader:
+            if left <= 0:
+                return
+            yield (x[:left], y[:left], *(r[:left] for r in rest))
+            left -= len(y)
 
 
 def _fail(why: str) -> Any:

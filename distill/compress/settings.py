@@ -47,6 +47,9 @@ SHARING_CHECKS: list[Check] = [
     ("sharing.start_epoch", at_least(0), ">= 0"),
 ]
 
-EXPORT_CHECKS: list[Check] = [("export.dtype", lambda x: x in (None, *HALF_DTYPES), "null, fp16 or bf16")]
+EXPORT_CHECKS: list[Check] = [
+    ("export.dtype", lambda x: x in (None, *HALF_DTYPES), "null, fp16 or bf16"),
+    ("export.eval_samples", lambda x: x is None or (isinstance(x, int) and not isinstance(x, bool) and x >= 1), "null or an integer >= 1"),
+]
 
 TECHNIQUE_RANGE_CHECKS: list[Check] = QUANT_CHECKS + PRUNE_CHECKS + LOWRANK_CHECKS + SHARING_CHECKS + EXPORT_CHECKS

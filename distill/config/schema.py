@@ -264,10 +264,12 @@ class ExportConfig:
 
     dtype: str | None = None  # fp16 | bf16: also save a 16-bit student and report its accuracy and size
     # Files that run outside eager PyTorch, each measured from the file (distill/compress/deploy.py):
-    # onnx (student.onnx, in ONNX Runtime; student_fp16.onnx with dtype=fp16) | torch_export (student.pt2).
+    # onnx (student.onnx, in ONNX Runtime; student_fp16.onnx with dtype=fp16, student_int8.onnx with
+    # quant.bits) | onnx_fp16 | onnx_int8 (that file alone) | torch_export (student.pt2).
     formats: list[str] = field(default_factory=lambda: ["onnx", "torch_export"])
     strict: bool = False  # true: a failed export fails the run (else it is recorded and the others written)
     max_acc_drop: float = 0.5  # points: an artifact further from the PyTorch model's accuracy is flagged
+    eval_samples: int | None = None  # each file's accuracy on the first N test samples (null: the whole split)
 
 
 @dataclass

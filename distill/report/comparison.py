@@ -8,7 +8,9 @@ have a Hydra config but no summary are listed as unfinished, never silently drop
 
 Per run, ``acc``, ``size_bytes`` and ``latency_ms_batch`` are those of the run's deployed model
 (``summary.json``'s ``deployed``: the converted integer model when quantized, the channel-removed
-or sparse pruned model, the 16-bit, low-rank or shared-weight model, else the fp32 student).
+or sparse pruned model, the 16-bit, low-rank or shared-weight model, else the fp32 student). Each
+deployable file the run wrote (``student.onnx``, ``student_int8.onnx``, ``student.pt2`` ...) follows
+as a row of its own (``file``), with the figures measured from the file in its runtime.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from distill.runtime.atomic import atomic_write_text
 TRADE_OFF = [
     "student", "technique", "method", "bits", "sparsity", "teacher_acc", "acc_fp32", "acc", "size_bytes", "compression",
     "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
-    "pareto_size", "pareto_latency", "deployed",
+    "pareto_size", "pareto_latency", "deployed", "file",
 ]
+FILE_BITS = {"onnx": 32, "onnx_fp16": 16, "onnx_int8": 8, "torch_export": 32}
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -166,9 +169,38 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
             row[f"pareto_{cost}"] = on_front
 
 
+def file_rows(run: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per deployable file the run wrote (``summary.json``'s ``artifacts``: ONNX, torch.export),
+    measured in its runtime, so the Pareto marks can pick the best file, not only the best PyTorch
+    model. The in-process references (``pytorch``, ``pytorch_int8``) are the run's own row; a format
+    that failed is listed with its error."""
+    if row.get("status") != "ok":
+        return []
+    artifacts = json.loads((run / "summary.json").read_text()).get("artifacts") or []
+    out = []
+    for a in artifacts:
+        if a["format"] in ("pytorch", "pytorch_int8"):
+            continue
+        shared = {k: v for k, v in row.items() if k.startswith("+") or k in ("student", "technique", "method", "seed", "settings",
+                                                                             "teacher", "teacher_acc", "acc_fp32", "size_bytes_fp32")}
+        if a.get("error"):
+            out.append({**shared, "run": row["run"], "file": a["format"], "status": f"failed: {a['error'][:80]}"})
+            continue
+        out.append({
+            **shared, "run": row["run"], "status": "ok", "file": a["format"], "bits": FILE_BITS.get(a["format"]),
+            "acc": a["acc"], "size_bytes": a["size_bytes"], "compression": (row.get("size_bytes_fp32") or a["size_bytes"]) / a["size_bytes"],
+            "latency_ms": a.get("latency_ms"), "latency_ms_batch": a.get("latency_ms_batch"), "latency_device": "cpu",
+            "deployed": a["runtime"] + (" (!)" if a.get("flagged") else ""), "deployed_path": a["path"],
+        })
+    return out
+
+
 def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
     roots = [Path(p) for p in paths]
-    rows = [{**run_row(r), "run": _display_name(r, roots)} for r in find_runs(paths)]
+    rows = []
+    for r in find_runs(paths):
+        row = {**run_row(r), "run": _display_name(r, roots)}
+        rows += [row, *file_rows(r, row)]
     if not rows:
         raise FileNotFoundError(f"runs: no run directories (with summary.json or .hydra/) under {', '.join(map(str, paths))}")
     mark_pareto(rows)

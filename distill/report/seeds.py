@@ -83,14 +83,14 @@ def group_by_seed(rows: list[dict[str, Any]]) -> list[SeedGroup]:
         # A run whose seed is not recorded (an older summary) may differ from its look-alikes in
         # anything: it stays a group of its own.
         alone = () if row.get("seed") is not None else (row["run"],)
-        key = (settings, row["student"], row["technique"], row.get("method"), row.get("settings"), alone)
+        key = (settings, row["student"], row["technique"], row.get("method"), row.get("settings"), alone, row.get("file"))
         groups.setdefault(key, []).append(row)
     out = []
-    for (settings, student, technique, method, _, _), members in groups.items():
+    for (settings, student, technique, method, _, _, file), members in groups.items():
         members = _one_per_seed(members)
         accs = [float(r["acc"]) for r in members]
         out.append(SeedGroup(
-            settings=dict(settings), student=student, technique=technique, method=method or "kd",
+            settings=dict(settings), student=student, technique=f"{technique} [{file}]" if file else technique, method=method or "kd",
             seeds=[r.get("seed") for r in members], runs=[r["run"] for r in members],
             acc_mean=statistics.fmean(accs), acc_std=statistics.stdev(accs) if len(accs) > 1 else 0.0,
             size_bytes=_median([r.get("size_bytes") for r in members]),

@@ -53,7 +53,7 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None, no
         table.add_row(f"student {deployed.kind}", s["arch"], _fmt_acc(deployed.acc), _fmt_int(deployed.params),
                       _fmt_int(deployed.size_bytes), _fmt_ms(deployed.latency_ms, where), _fmt_ms(deployed.latency_ms_batch, where))
     for artifact in summary.get("artifacts") or []:  # the deployable files, measured in their runtimes (on CPU)
-        if artifact.get("format") == "pytorch":
+        if artifact.get("format") in ("pytorch", "pytorch_int8"):  # the references: the student rows above
             continue
         if artifact.get("error"):
             table.add_row(f"file {artifact['format']}", "failed", artifact["error"][:60], "", "", "", "")
