@@ -379,7 +379,9 @@ def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output
     if not formats:
         return []
     # The trained student; under ZeRO-3 the copy is a collective every rank takes part in.
-    trained = _trained_student_copy(cfg, fit.module, datamodule.shape) if _zero3(cfg) or fit.trainer.is_global_zero else None
+    # (not for a QAT run: its fp32 files are of the folded weights its callback made)
+    copy_trained = cfg.quant.bits is None and (_zero3(cfg) or fit.trainer.is_global_zero)
+    trained = _trained_student_copy(cfg, fit.module, datamodule.shape) if copy_trained else None
     if not fit.trainer.is_global_zero:
         return []
     # A technique's own fp32 model when it made one (the channel-removed student; QAT's weights
@@ -389,6 +391,8 @@ def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output
         # The prepared student holds fake quantizers: an fp32 file of it would be neither the model
         # trained nor the one deployed.
         why = "no quantized student was made" if quantized is None else quantized.error or "no QDQ form"
+        if cfg.export.strict:
+            raise RuntimeError(f"export.strict=true: export.formats={formats} not written: {why}")
         log.warning("export.formats=%s: not written (%s); the TorchScript int8 artifact is", formats, why)
         return [ExportedArtifact(f, None, "-", error=why) for f in formats]
     model = shrunk if shrunk is not None else trained

@@ -163,18 +163,23 @@ def test_each_deployable_file_is_a_row_of_its_own_on_the_front(tmp_path):
         {"format": "onnx", "path": "r/student.onnx", "runtime": "onnxruntime (CPUExecutionProvider)", "acc": 0.96,
          "size_bytes": 200_000, "latency_ms": 0.03, "latency_ms_batch": 1.5, "flagged": False, "error": None},
         {"format": "onnx_int8", "path": "r/student_int8.onnx", "runtime": "onnxruntime (CPUExecutionProvider)", "acc": 0.95,
-         "size_bytes": 60_000, "latency_ms": 0.02, "latency_ms_batch": 0.5, "flagged": True, "error": None},
+         "size_bytes": 60_000, "latency_ms": 0.02, "latency_ms_batch": 0.5, "flagged": True, "error": None, "bits": 4},
+        {"format": "onnx_fp16", "path": "r/student_fp16.onnx", "runtime": "onnxruntime (CPUExecutionProvider)", "acc": 0.99,
+         "size_bytes": 1_000, "latency_ms": 0.01, "latency_ms_batch": 0.1, "error": None, "test_samples": 10, "whole_split": False},
         {"format": "torch_export", "path": None, "runtime": "torch.export", "error": "RuntimeError: cannot trace"},
     ]
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "summary.json").write_text(json.dumps(summary))
     rows = compare([tmp_path])
     by_file = {r.get("file"): r for r in rows}
-    assert list(by_file) == [None, "onnx", "onnx_int8", "torch_export"]  # the references are the run's own row
+    assert list(by_file) == [None, "onnx", "onnx_int8", "onnx_fp16", "torch_export"]  # the references are the run's own row
     run, onnx_int8 = by_file[None], by_file["onnx_int8"]
-    assert (onnx_int8["acc"], onnx_int8["size_bytes"], onnx_int8["latency_ms_batch"], onnx_int8["bits"]) == (0.95, 60_000, 0.5, 8)
+    assert (onnx_int8["acc"], onnx_int8["size_bytes"], onnx_int8["latency_ms_batch"], onnx_int8["bits"]) == (0.95, 60_000, 0.5, 4)
+    # measured on 10 test samples only: listed, never set against whole-split accuracies
+    assert by_file["onnx_fp16"]["status"] == "ok (first 10 test samples)" and not by_file["onnx_fp16"].get("pareto_latency")
     assert onnx_int8["deployed"].endswith("(!)") and onnx_int8["student"] == run["student"] == "mlp"
     # the int8 file is as accurate as the run's integer model and faster: it, not the model, is on the latency front
     assert onnx_int8["pareto_latency"] and not run["pareto_latency"] and by_file["onnx"]["pareto_latency"]
     assert by_file["torch_export"]["status"].startswith("failed: RuntimeError: cannot trace")
-    assert "onnx_int8" in write_comparison(rows, tmp_path / "out")["markdown"].read_text()
+    written = write_comparison(rows, tmp_path / "out")
+    assert "onnx_int8" in written["markdown"].read_text() and written["plot_latency"].exists()

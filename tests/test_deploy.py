@@ -113,7 +113,7 @@ def test_an_accuracy_off_by_more_than_the_limit_is_flagged(tmp_path, monkeypatch
     (["export.formats=[onnx_int8]"], r"export.formats=\[..., onnx_int8\] needs quant.bits"),
     (["export.formats=[onnx,onnx]"], r"listed twice"),
     (["export.max_acc_drop=-1"], r"export.max_acc_drop=-1(.0)? is out of range"),
-    (["export.eval_samples=0"], r"export.eval_samples"),
+    (["export.eval_samples=0"], r"export.eval_samples.*null or an integer >= 1"),
 ])
 def test_bad_export_settings_are_refused_before_training(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
@@ -154,9 +154,29 @@ def test_a_quantized_run_writes_its_int8_file_with_the_learned_scales(make_cfg):
     graph = onnx.load(str(run_dir / "student_int8.onnx")).graph
     assert "QuantizeLinear" in {n.op_type for n in graph.node}
     assert formats["onnx_int8"]["size_bytes"] < 0.5 * formats["onnx"]["size_bytes"]
-    cfg = OmegaConf.create({"ckpt_path": str(run_dir / "student_int8.onnx"), "data": None, "batch_size": None, "accelerator": "cpu"})
-    result = evaluate_checkpoint(cfg, Console(file=io.StringIO()))
-    assert result["test_acc"] == pytest.approx(formats["onnx_int8"]["acc"], abs=1e-9)
+    assert formats["onnx_int8"]["bits"] == 8 and formats["onnx"]["bits"] == 32
+    for name, fmt in (("student_int8.onnx", "onnx_int8"), ("student.onnx", "onnx"), ("student_fp16.onnx", "onnx_fp16"),
+                      ("student.pt2", "torch_export")):
+        cfg = OmegaConf.create({"ckpt_path": str(run_dir / name), "data": None, "batch_size": None, "accelerator": "cpu"})
+        result = evaluate_checkpoint(cfg, Console(file=io.StringIO()))
+        assert result["test_acc"] == pytest.approx(formats[fmt]["acc"], abs=1e-9)
+
+
+@pytest.mark.integration
+def test_a_quantized_student_with_no_qdq_form_loses_no_run_unless_strict(make_cfg, monkeypatch):
+    from distill.compress.quant import callback
+
+    def no_form(*args, **kwargs):
+        raise NotImplementedError("Conv3d (features.0) has no QDQ export here")
+
+    monkeypatch.setattr(callback, "qdq_models", no_form)
+    summary = run(make_cfg(*FAST, "quant.bits=8", "export.formats=[onnx,torch_export]"))
+    assert summary["student"]["acc_quant"] > 0  # the QAT report and the TorchScript int8 artifact stand
+    errors = {a["format"]: a["error"] for a in summary["artifacts"]}
+    assert set(errors) == {"onnx", "torch_export"} and all("Conv3d (features.0)" in e for e in errors.values())
+    assert not list(Path(summary["run_dir"]).glob("student*.onnx")) and not list(Path(summary["run_dir"]).glob("*.pt2"))
+    with pytest.raises(RuntimeError, match="export.strict=true: .* Conv3d"):
+        run(make_cfg(*FAST, "quant.bits=8", "export.formats=[onnx]", "export.strict=true"))
 
 
 def test_a_file_without_the_run_config_or_not_a_model_is_a_named_error(tmp_path):
@@ -170,6 +190,27 @@ def test_a_file_without_the_run_config_or_not_a_model_is_a_named_error(tmp_path)
             evaluate_checkpoint(cfg, Console(file=io.StringIO()))
 
 
+class MeanOverChannels(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x.mean(dim=(2, 3), keepdim=True).flatten(1), x.mean(dim=1).flatten(1)], dim=1)
+
+
+def test_the_onnx_file_writes_spatial_means_as_global_pools_and_no_debug_data(tmp_path):
+    from distill.compress.deploy import save_onnx
+
+    model = MeanOverChannels()
+    path = save_onnx(model, torch.zeros(2, 3, 4, 4), tmp_path / "m.onnx")
+    proto = onnx.load(str(path))
+    ops = [n.op_type for n in proto.graph.node]
+    assert ops.count("GlobalAveragePool") == 1 and ops.count("ReduceMean") == 1  # the mean over channels stays
+    assert not any(n.metadata_props for n in proto.graph.node)  # no stack traces with this machine's paths
+    used = {name for n in proto.graph.node for name in n.input}
+    assert all(i.name in used for i in proto.graph.initializer)
+    x = torch.randn(5, 3, 4, 4)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert np.allclose(session.run(None, {"input": x.numpy()})[0], model(x).numpy(), atol=1e-6)
+
+
 def test_eval_samples_limits_every_accuracy_to_the_first_samples(tmp_path):
     model = _net()
     loader = _loader()  # 40 samples in batches of 16
@@ -180,4 +221,5 @@ def test_eval_samples_limits_every_accuracy_to_the_first_samples(tmp_path):
     from distill.measure.accuracy import loader_accuracy
 
     assert (whole.test_samples, cut.test_samples, onnx_cut.test_samples) == (40, 20, 20)
+    assert whole.whole_split and not cut.whole_split and not onnx_cut.whole_split
     assert cut.acc == pytest.approx(loader_accuracy(model, first)) and onnx_cut.acc == pytest.approx(cut.acc)

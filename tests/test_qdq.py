@@ -60,7 +60,7 @@ def _activation_scales(prepared: nn.Module) -> set[float]:
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory) -> tuple[nn.Module, Path, Path]:
     prepared = _prepared(8)
-    forms = qdq_models(prepared, _data(32, 99))
+    forms = qdq_models(prepared, _data(32, 99), 8)
     out = tmp_path_factory.mktemp("qdq")
     return prepared, save_onnx(forms.qdq, _data(2, 0), out / "student_int8.onnx"), save_onnx(forms.fp32, _data(2, 0), out / "student.onnx")
 
@@ -108,10 +108,11 @@ def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, t
     assert (ours_x.argmax(1) == theirs.argmax(1)).float().mean() >= 0.95
 
 
-def test_a_4_bit_student_keeps_its_4_bit_activations_in_the_file(tmp_path):
-    # QuantizeLinear saturates at 0..255: the 0..15 range must be kept by a Clip on the codes
-    prepared = _prepared(4)
-    forms = qdq_models(prepared, _data(32, 99))
+@pytest.mark.parametrize("bits", [4, 7])
+def test_a_student_of_fewer_than_8_bits_keeps_its_activation_range_in_the_file(tmp_path, bits):
+    # QuantizeLinear saturates at 0..255: the 0..15 (0..127) range must be kept by a Clip on the codes
+    prepared = _prepared(bits)
+    forms = qdq_models(prepared, _data(32, 99), bits)
     path = save_onnx(forms.qdq, _data(2, 0), tmp_path / "student_int8.onnx")
     x = _data(128, 3) * 3  # inputs beyond the calibrated range: unclamped codes would pass 15
     with torch.no_grad():
@@ -121,6 +122,16 @@ def test_a_4_bit_student_keeps_its_4_bit_activations_in_the_file(tmp_path):
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
     graph = onnx.load(str(path)).graph
     assert "Clip" in [n.op_type for n in graph.node]
+
+
+def test_building_the_forms_leaves_the_qat_model_as_it_was():
+    prepared = _prepared(8)
+    quant_backend.set_observers(prepared, True)
+    before = {k: v.clone() for k, v in prepared.state_dict().items()}
+    qdq_models(prepared, _data(32, 99) * 10, 8)  # data far outside the ranges: observers that ran would move
+    after = prepared.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(m.observer_enabled[0] == 1 for m in quant_backend.fake_quant_modules(prepared))
 
 
 def test_the_fp32_form_is_the_trained_weights_folded(int8):
@@ -133,12 +144,13 @@ def test_the_fp32_form_is_the_trained_weights_folded(int8):
     got = OnnxRuntimeModel(fp32_path, threads=1)(x)
     assert torch.allclose(got, want, atol=1e-4)
     ops = {n.op_type for n in onnx.load(str(fp32_path)).graph.node}
-    assert not {"QuantizeLinear", "DequantizeLinear", "BatchNormalization"} & ops  # BN folded into the conv
+    assert not {"QuantizeLinear", "DequantizeLinear", "BatchNormalization", "ReduceMean"} & ops  # BN folded into the conv
+    assert "GlobalAveragePool" in ops
 
 
 def test_export_records_the_int8_file_against_the_integer_model(int8, tmp_path):
     prepared, _, _ = int8
-    forms = qdq_models(prepared, _data(32, 99))
+    forms = qdq_models(prepared, _data(32, 99), 8)
     integer = quant_backend.convert(prepared)
     x = _data(48, 11)
     with torch.no_grad():

@@ -13,7 +13,7 @@
   runs it with no import of this package.
 
 Each file is written atomically, then loaded back and measured as a user would run it: test
-accuracy over the whole test split, size in bytes, latency at batch 1 and at the latency batch
+accuracy over the whole test split (or its first ``export.eval_samples``), size in bytes, latency at batch 1 and at the latency batch
 (interleaved with the PyTorch model, so a burst of load on a shared machine lands on none alone).
 A format that fails (an operator with no ONNX mapping, a model ``torch.export`` cannot trace) does
 not lose the run: its record names the exporter's first error line, and the other formats are
@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,10 +61,13 @@ class ExportedArtifact:
     latency_ms: float | None = None
     latency_ms_batch: float | None = None
     latency_threads: int | None = None
+    bits: int | None = None  # of the weights: 32, 16, or the QAT bits of the int8 file (its codes fit in int8)
+    latency_device: str | None = None  # cpu | cuda (ONNX Runtime's CUDA provider: inputs and outputs on the host)
     opset: int | None = None
     acc_drop: float | None = None  # the PyTorch reference's accuracy minus the artifact's, in points (int8: the integer model's)
     flagged: bool = False  # acc_drop > export.max_acc_drop
     test_samples: int | None = None  # the test samples its accuracy is measured on (export.eval_samples)
+    whole_split: bool = True  # False: on the first export.eval_samples only (not comparable with the run's own accuracy)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -189,6 +193,10 @@ def _global_average_pools(proto: Any) -> None:
             node.op_type = "GlobalAveragePool"
             del node.input[1:]
             del node.attribute[:]
+    used = {name for node in proto.graph.node for name in node.input}
+    unused = [i for i in proto.graph.initializer if i.name not in used]  # the rewritten pools' axes
+    for initializer in unused:
+        proto.graph.initializer.remove(initializer)
 
 
 def save_program(model: nn.Module, example: torch.Tensor, path: Path, meta: dict[str, Any] | None = None) -> Path:
@@ -213,14 +221,15 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
 
 
 def exported_params(path: str | Path) -> int:
-    """The parameter count stored in an exported file: its ONNX initializers' (weights and folded
-    constants), or the program's parameters and buffers."""
+    """The parameter count stored in an exported file: its ONNX initializers' (weights, biases, scales
+    and zero points; not int64 shapes), or the program's parameters and buffers."""
     path = Path(path)
     if path.suffix == ".onnx":
         import onnx  # deferred
         from onnx import numpy_helper  # deferred
 
-        return int(sum(numpy_helper.to_array(i).size for i in onnx.load(str(path)).graph.initializer))
+        # int64 initializers are shapes and axes, not weights
+        return int(sum(a.size for i in onnx.load(str(path)).graph.initializer if (a := numpy_helper.to_array(i)).dtype != np.int64))
     program = torch.export.load(str(path))
     return int(sum(t.numel() for t in program.state_dict.values()))
 
@@ -246,28 +255,32 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
     form), whose reference is the integer model in PyTorch (``format="pytorch_int8"``, timed too).
     ``eval_samples``: every accuracy (references included) on the first N test samples only."""
     model = model.cpu().eval()
-    dataset = getattr(test_loader, "dataset", None)
-    samples = len(dataset) if dataset is not None else None  # type: ignore[arg-type]
+    sampler = getattr(test_loader, "sampler", None)  # what the loader yields (a shard or subset included)
+    samples = len(sampler) if sampler is not None else None  # type: ignore[arg-type]
+    whole = True
     if eval_samples is not None:
         test_loader = _FirstSamples(test_loader, eval_samples)
+        whole = samples is not None and samples <= eval_samples
         samples = eval_samples if samples is None else min(samples, eval_samples)
     example = torch.zeros(2, *sample_shape)  # batch 2: a batch of 1 would let the exporter specialise the axis
     formats = list(formats)
     loaded: dict[str, nn.Module] = {"pytorch": model}
     records: dict[str, ExportedArtifact] = {"pytorch": ExportedArtifact("pytorch", None, "pytorch (eager)", loader_accuracy(model, test_loader, "cpu"),
-                                                                         latency_threads=threads, test_samples=samples)}
+                                                                         latency_threads=threads, test_samples=samples, whole_split=whole)}
     jobs: list[tuple[str, Path, Any, str]] = []  # (format, file, writer, the reference it is compared with)
     if "onnx" in formats:
         jobs.append(("onnx", out_dir / f"{name}.onnx", lambda p: save_onnx(model, example, p, meta=meta), "pytorch"))
     if "onnx_fp16" in formats or ("onnx" in formats and fp16):
         half = _half_copy(model)
         jobs.append(("onnx_fp16", out_dir / f"{name}_fp16.onnx", lambda p: save_onnx(half, example.half(), p, meta=meta), "pytorch"))
+    if quantized is None and "onnx_int8" in formats:
+        jobs.append(("onnx_int8", out_dir / f"{name}_int8.onnx", _fail("no quantized student to export (quant.bits)"), "pytorch"))
     if quantized is not None and ("onnx" in formats or "onnx_int8" in formats):
         integer = quantized.integer.cpu().eval()
         loaded["pytorch_int8"] = integer
         records["pytorch_int8"] = ExportedArtifact("pytorch_int8", None, f"pytorch ({torch.backends.quantized.engine})",
                                                    loader_accuracy(integer, test_loader, "cpu"), latency_threads=threads,
-                                                   test_samples=samples)
+                                                   test_samples=samples, whole_split=whole)
         qdq, why = quantized.qdq, quantized.error or "no QDQ form of the quantized student"
         jobs.append(("onnx_int8", out_dir / f"{name}_int8.onnx",
                      (lambda p: save_onnx(qdq, example, p, meta=meta)) if qdq is not None else _fail(why), "pytorch_int8"))
@@ -296,15 +309,19 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
             continue
         ref = records[reference]
         drop = 100 * (float(ref.acc) - acc)
+        bits = quantized.bits if fmt == "onnx_int8" and quantized is not None else 16 if fmt == "onnx_fp16" else 32
         records[fmt] = ExportedArtifact(fmt, str(path), runtime, acc, path.stat().st_size, opset=ONNX_OPSET if fmt != "torch_export" else None,
-                                        acc_drop=drop, flagged=abs(drop) > max_acc_drop, latency_threads=threads, test_samples=samples)
+                                        acc_drop=drop, flagged=abs(drop) > max_acc_drop, latency_threads=threads, test_samples=samples,
+                                        whole_split=whole, bits=bits)
         if records[fmt].flagged:
             log.warning("export %s: accuracy %.2f %% in %s, %.2f points from %s's (export.max_acc_drop=%g)",
                         fmt, 100 * acc, runtime, -drop, ref.runtime, max_acc_drop)
     if device is not None:
         timed = latency.measure_many(loaded, sample_shape, latency_batch, threads, rounds=3, device="cpu")
         for fmt, lat in timed.items():
-            records[fmt] = ExportedArtifact(**{**records[fmt].as_dict(), "latency_ms": lat.ms, "latency_ms_batch": lat.ms_batch})
+            where = "cuda" if "CUDA" in records[fmt].runtime else "cpu"
+            records[fmt] = ExportedArtifact(**{**records[fmt].as_dict(), "latency_ms": lat.ms, "latency_ms_batch": lat.ms_batch,
+                                               "latency_device": where})
     references = [records[k] for k in ("pytorch", "pytorch_int8") if k in records]
     return [*references, *(records[fmt] for fmt, _, _, _ in jobs)]
 
@@ -318,10 +335,10 @@ class _FirstSamples:
     def __iter__(self) -> Any:
         left = self.limit
         for x, y, *rest in self.loader:
-            if left <= 0:
-                return
-            yield (x[:left], y[:left], *(r[:left] for r in rest))
+            yield (x[:left], y[:left], *(r[:left] if isinstance(r, torch.Tensor) else r for r in rest))
             left -= len(y)
+            if left <= 0:  # stop before the loader reads another batch
+                return
 
 
 def _fail(why: str) -> Any:

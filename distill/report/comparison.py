@@ -36,7 +36,7 @@ TRADE_OFF = [
     "latency_ms", "latency_ms_batch", "latency_ms_fp32_batch", "macs", "speedup_batch",
     "pareto_size", "pareto_latency", "deployed", "file",
 ]
-FILE_BITS = {"onnx": 32, "onnx_fp16": 16, "onnx_int8": 8, "torch_export": 32}
+FILE_BITS = {"onnx": 32, "onnx_fp16": 16, "onnx_int8": 8, "torch_export": 32}  # summaries that do not record bits
 
 
 def find_runs(paths: list[str | Path]) -> list[Path]:
@@ -186,10 +186,14 @@ def file_rows(run: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
         if a.get("error"):
             out.append({**shared, "run": row["run"], "file": a["format"], "status": f"failed: {a['error'][:80]}"})
             continue
+        # Measured on the first export.eval_samples test samples only: listed, but not set against
+        # runs measured on the whole split (off the Pareto front and the plots).
+        partial = a.get("whole_split") is False
         out.append({
-            **shared, "run": row["run"], "status": "ok", "file": a["format"], "bits": FILE_BITS.get(a["format"]),
+            **shared, "run": row["run"], "status": f"ok (first {a['test_samples']} test samples)" if partial else "ok",
+            "file": a["format"], "bits": a.get("bits") or FILE_BITS.get(a["format"]), "test_samples": a.get("test_samples"),
             "acc": a["acc"], "size_bytes": a["size_bytes"], "compression": (row.get("size_bytes_fp32") or a["size_bytes"]) / a["size_bytes"],
-            "latency_ms": a.get("latency_ms"), "latency_ms_batch": a.get("latency_ms_batch"), "latency_device": "cpu",
+            "latency_ms": a.get("latency_ms"), "latency_ms_batch": a.get("latency_ms_batch"), "latency_device": a.get("latency_device") or "cpu",
             "deployed": a["runtime"] + (" (!)" if a.get("flagged") else ""), "deployed_path": a["path"],
         })
     return out

@@ -15,7 +15,9 @@ from distill.runtime.atomic import atomic_write
 
 
 def _references(rows: list[dict[str, Any]], cost: str) -> list[tuple[str, float, float, str]]:
-    """(label, accuracy %, cost, marker) for the teacher and each fp32 student architecture."""
+    """(label, accuracy %, cost, marker) for the teacher and each fp32 student architecture (from the
+    runs' own rows: a run's deployable files, rows with a ``file``, are not runs)."""
+    rows = [r for r in rows if not r.get("file")]
     refs = []
     scale = 1e-3 if cost == "size" else 1.0
     teacher = [r for r in rows if r.get("teacher_acc") is not None]
@@ -58,6 +60,7 @@ def plot_tradeoff(rows: list[dict[str, Any]], cost: str, path: str | Path) -> Pa
     ax.scatter([r[key] * scale for r in front], [100 * r["acc"] for r in front], c="tab:red", s=45, label="Pareto-optimal run", zorder=4)
     for r in ok:
         label = r.get("technique") or f"{r['bits']}b"
+        label = f"{label} [{r['file']}]" if r.get("file") else label
         ax.annotate(label, (r[key] * scale, 100 * r["acc"]), textcoords="offset points", xytext=(4, 3), fontsize=7)
     for label, acc, x, marker in _references(ok, cost):
         ax.scatter([x], [acc], marker=marker, s=120, edgecolors="black", zorder=5, label=label)

@@ -59,9 +59,10 @@ def print_comparison(summary: dict[str, Any], console: Console | None = None, no
             table.add_row(f"file {artifact['format']}", "failed", artifact["error"][:60], "", "", "", "")
             continue
         flag = " (!)" if artifact.get("flagged") else ""
+        where = artifact.get("latency_device") or "cpu"
         table.add_row(f"file {artifact['format']}", artifact["runtime"], _fmt_acc(artifact.get("acc")) + flag, "",
-                      _fmt_int(artifact.get("size_bytes")), _fmt_ms(artifact.get("latency_ms"), " (cpu)"),
-                      _fmt_ms(artifact.get("latency_ms_batch"), " (cpu)"))
+                      _fmt_int(artifact.get("size_bytes")), _fmt_ms(artifact.get("latency_ms"), f" ({where})"),
+                      _fmt_ms(artifact.get("latency_ms_batch"), f" ({where})"))
     out = console or make_console()
     out.print(table)
     if any(a.get("flagged") for a in summary.get("artifacts") or []):

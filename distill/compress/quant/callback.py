@@ -217,18 +217,20 @@ class QuantizationAwareTraining(Callback):
 
     def deployable_quantized(self) -> QuantizedDeployable | None:
         """The integer student and its QDQ form (``student_int8.onnx``); None before conversion."""
-        return self.exportable
+        return copy.deepcopy(self.exportable)
 
     @torch.inference_mode()
     def convert_and_measure(self, prepared: nn.Module, test_loader: Any) -> QATReport:
-        prepared = copy.deepcopy(prepared).cpu().eval()
-        quantized = quant_backend.convert(prepared, self.backend)
-        x, _ = next(iter(test_loader))
-        try:
-            forms: QDQModels | str = qdq_models(prepared, x[:64].float().cpu(), self.backend)
-        except Exception as err:  # noqa: BLE001 (the int8 ONNX file is then recorded as failed, the run goes on)
+        try:  # the ONNX files' models (the run goes on without them: their records say why)
+            # Outside inference mode: these modules are exported and saved later, which inference tensors refuse.
+            with torch.inference_mode(False), torch.no_grad():
+                x = next(iter(test_loader))[0]  # a batch to check them against the QAT model on
+                forms: QDQModels | str = qdq_models(prepared, x[:64].float().cpu(), self.bits, self.backend)
+        except Exception as err:  # noqa: BLE001
             log.warning("qat: no QDQ form of the student for ONNX (%s: %s)", type(err).__name__, err)
             forms = f"{type(err).__name__}: {err}"
+        prepared = copy.deepcopy(prepared).cpu().eval()
+        quantized = quant_backend.convert(prepared, self.backend)
         float_view = copy.deepcopy(prepared)
         quant_backend.set_fake_quant(float_view, False)  # the same weights, unquantized
 

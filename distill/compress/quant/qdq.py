@@ -139,6 +139,9 @@ def _strip_qdq(graph_module: fx.GraphModule) -> fx.GraphModule:
     for node in list(graph.nodes):
         if _is_quantize(node) and not node.users:
             graph.erase_node(node)
+    left = [n.name for n in graph.nodes if n.op == "call_function" and getattr(n.target, "namespace", None) == "quantized_decomposed"]
+    if left:  # e.g. a functional F.linear's weight quantized in the graph, not in a module
+        raise NotImplementedError(f"quantize/dequantize nodes with no fp32 form here: {', '.join(left[:3])}")
     graph.lint()
     graph_module.recompile()
     return graph_module
@@ -147,9 +150,9 @@ def _strip_qdq(graph_module: fx.GraphModule) -> fx.GraphModule:
 _FULL_RANGE = {torch.uint8: (0, 255), torch.int8: (-128, 127)}
 
 
-def _clamp_activations(graph_module: fx.GraphModule) -> fx.GraphModule:
-    """After each activation quantize of fewer than 8 bits (0..15 at 4 bits), clamp the integer codes
-    to its range. ONNX's QuantizeLinear saturates to the dtype's full range and the exporter drops
+def _clamp_activations(graph_module: fx.GraphModule, bits: int) -> fx.GraphModule:
+    """After each activation quantize of fewer than 8 bits (0..15 at 4 bits; 0..127 at 7), clamp the
+    integer codes to its range. ONNX's QuantizeLinear saturates to the dtype's full range and the exporter drops
     the narrower one; a ``Clip`` on the integer codes keeps the b-bit model and leaves
     ``DQ -> Conv -> Q`` intact for ONNX Runtime's integer kernels.
 
@@ -165,8 +168,8 @@ def _clamp_activations(graph_module: fx.GraphModule) -> fx.GraphModule:
         if not _is_quantize(node):
             continue
         qmin, qmax, dtype = node.args[3], node.args[4], node.args[5]
-        if (qmin, qmax) == _FULL_RANGE.get(dtype) or (dtype == torch.uint8 and (qmin, qmax) == (0, 127)):
-            continue
+        if (qmin, qmax) == _FULL_RANGE.get(dtype) or (bits == 8 and dtype == torch.uint8 and (qmin, qmax) == (0, 127)):
+            continue  # the dtype's range, or the x86 7-bit range of 8-bit activations (see above)
         with graph.inserting_after(node):
             clamped = graph.call_function(torch.clamp, (node, qmin, qmax))
         node.replace_all_uses_with(clamped, delete_user_cb=lambda user, c=clamped: user is not c)
@@ -181,9 +184,10 @@ def _is_quantize(node: object) -> bool:
 
 
 @torch.no_grad()
-def qdq_models(prepared: nn.Module, example: torch.Tensor, backend: str = "x86") -> QDQModels:
-    """The QDQ and fp32 forms of a QAT-prepared student (left untouched), checked on ``example``
-    against its fake-quantized and fp32 outputs."""
+def qdq_models(prepared: nn.Module, example: torch.Tensor, bits: int, backend: str = "x86") -> QDQModels:
+    """The QDQ and fp32 forms of a ``bits``-bit QAT-prepared student (left untouched), checked on
+    ``example`` against its fake-quantized and fp32 outputs. (This checks the PyTorch modules; the
+    ONNX file of the QDQ form is checked against the integer model on the test split, its acc_drop.)"""
     set_engine(backend)
     model = bake(copy.deepcopy(prepared)).cpu().eval()
     set_observers(model, False)  # the check below must not move the scales it checks
@@ -191,8 +195,8 @@ def qdq_models(prepared: nn.Module, example: torch.Tensor, backend: str = "x86")
     set_fake_quant(float_view, False)
     with quiet():
         reference = _convert_to_reference_decomposed_fx(copy.deepcopy(model)).eval()  # converts its input in place
-    qdq = _swap_modules(_clamp_activations(copy.deepcopy(reference)), 0).eval()
-    fp32 = _swap_modules(_strip_qdq(copy.deepcopy(reference)), 1).eval()
+    qdq = _swap_modules(_clamp_activations(copy.deepcopy(reference), bits), 0).eval()
+    fp32 = _swap_modules(_strip_qdq(reference), 1).eval()
     # The reference conversion is the deployed math: it must agree with what QAT trained (fake quant
     # on) and with the trained weights (fake quant off) up to float rounding and one quantization step.
     for label, built, expected in (("QDQ", qdq, model), ("fp32", fp32, float_view)):
