@@ -228,3 +228,20 @@ def test_an_empty_quantized_tensor_packs_and_unpacks():
         empty = torch.quantize_per_tensor(torch.empty(0, 4), 0.1, 0, dtype)
         entry = _encode_qtensor(empty, 4)
         assert entry["low"] == low and _decode_qtensor(entry, 4).shape == (0, 4)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_stored_codes_decode_to_themselves_through_the_public_quantize_functions(bits):
+    from distill.compress.quant.artifact import _decode_qtensor, _encode_qtensor
+
+    g = torch.Generator().manual_seed(bits)
+    lo, hi = quant_backend.quant_range(bits, signed=True)
+    codes = torch.randint(lo, hi + 1, (64, 27), generator=g, dtype=torch.int8)
+    scales = torch.rand(64, generator=g, dtype=torch.float64) * 1e-1 + 1e-6  # awkward float32 mantissas
+    scales = scales.float().double()  # as observers compute them
+    weight = torch.quantize_per_channel((codes.double() * scales[:, None]).float(), scales, torch.zeros(64, dtype=torch.int64), 0, torch.qint8)
+    assert torch.equal(weight.int_repr(), codes)
+    back = _decode_qtensor(_encode_qtensor(weight, bits), bits)
+    assert torch.equal(back.int_repr(), codes) and torch.equal(back.q_per_channel_scales(), weight.q_per_channel_scales())
+    act = torch.quantize_per_tensor(torch.rand(5, 7, generator=g) * 3, 0.0123457, 3, torch.quint8)
+    assert torch.equal(_decode_qtensor(_encode_qtensor(act, 8), 8).int_repr(), act.int_repr())

@@ -73,12 +73,22 @@ def _decode_qtensor(entry: dict[str, Any], bits: int) -> torch.Tensor:
     dtype = getattr(torch, entry["dtype"])
     ints = unpack_codes(entry["packed"], bits, entry["low"], count).reshape(shape)
     ints = ints.to(torch.int8 if dtype == torch.qint8 else torch.uint8)
+    # Rebuilt through the public quantize functions from the values the codes stand for (float32, as
+    # they take): (code - zero point) * scale / scale is within 1e-7 relative of the code, so it
+    # rounds back to it exactly (checked below).
     if entry["qscheme"] == "per_channel":
         scales = entry["scales"].double()
         zero_points = entry["zero_points"]
         zero_points = torch.zeros(scales.shape, dtype=torch.int64) if zero_points is None else zero_points.long()
-        return torch._make_per_channel_quantized_tensor(ints, scales, zero_points, entry["axis"])
-    return torch._make_per_tensor_quantized_tensor(ints, entry["scale"], entry["zero_point"])
+        along = [-1 if d == entry["axis"] else 1 for d in range(ints.dim())]
+        values = (ints.double() - zero_points.reshape(along)) * scales.reshape(along)
+        tensor = torch.quantize_per_channel(values.float(), scales, zero_points, entry["axis"], dtype)
+    else:
+        values = (ints.double() - entry["zero_point"]) * entry["scale"]
+        tensor = torch.quantize_per_tensor(values.float(), entry["scale"], entry["zero_point"], dtype)
+    if not torch.equal(tensor.int_repr(), ints):
+        raise CheckpointError("a quantized weight did not decode to its stored integer codes")
+    return tensor
 
 
 def _encode(value: Any, bits: int) -> Any:
