@@ -156,7 +156,7 @@ def test_export_records_the_int8_file_against_the_integer_model(int8, tmp_path):
     with torch.no_grad():
         labels = integer(x).argmax(1)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, labels), batch_size=16)
-    quantized = QuantizedDeployable(integer=integer, bits=8, acc=1.0, qdq=forms.qdq, fp32=forms.fp32)
+    quantized = QuantizedDeployable(integer=integer, bits=8, qdq=forms.qdq, fp32=forms.fp32)
     records = export_artifacts(forms.fp32, ["onnx_int8"], tmp_path, loader, (1, 8, 8), latency_batch=8, threads=1,
                                max_acc_drop=5.0, quantized=quantized)
     by = {r.format: r for r in records}
@@ -166,7 +166,7 @@ def test_export_records_the_int8_file_against_the_integer_model(int8, tmp_path):
     assert by["onnx_int8"].latency_ms > 0 and by["pytorch_int8"].latency_ms > 0
     assert not (tmp_path / "student.onnx").exists() and (tmp_path / "student_int8.onnx").exists()
 
-    failed = QuantizedDeployable(integer=integer, bits=8, acc=1.0, qdq=None, fp32=None, error="NotImplementedError: Conv3d")
+    failed = QuantizedDeployable(integer=integer, bits=8, qdq=None, fp32=None, error="NotImplementedError: Conv3d")
     [_, _, record] = export_artifacts(forms.fp32, ["onnx_int8"], tmp_path, loader, (1, 8, 8), latency_batch=8, threads=1,
                                       max_acc_drop=5.0, quantized=failed, device=None)
     assert record.path is None and "Conv3d" in record.error and not (tmp_path / "student_int8.onnx").exists()

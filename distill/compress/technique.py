@@ -118,7 +118,6 @@ class QuantizedDeployable:
 
     integer: nn.Module
     bits: int
-    acc: float  # the integer model's test accuracy, as the QAT report measured it
     qdq: nn.Module | None
     fp32: nn.Module | None
     error: str | None = None

@@ -58,16 +58,24 @@ def _overrides(run: Path) -> dict[str, str]:
     return dict(item.split("=", 1) for item in items if "=" in item and not item.startswith("hydra."))
 
 
-def run_row(run: Path) -> dict[str, Any]:
-    """One run as a flat row: its overrides, its status and its trade-off numbers."""
-    row: dict[str, Any] = {"run": str(run), **{f"+{k}": v for k, v in _overrides(run).items()}}
+def read_summary(run: Path) -> dict[str, Any] | str:
+    """A run's ``summary.json``, or its status when there is none to read (unfinished, corrupt summary)."""
     summary_path = run / "summary.json"
     if not summary_path.is_file():
-        return {**row, "status": "unfinished"}
+        return "unfinished"
     try:
-        summary = json.loads(summary_path.read_text())
+        return json.loads(summary_path.read_text())
     except json.JSONDecodeError:
-        return {**row, "status": "corrupt summary"}
+        return "corrupt summary"
+
+
+def run_row(run: Path, summary: dict[str, Any] | str | None = None) -> dict[str, Any]:
+    """One run as a flat row: its overrides, its status and its trade-off numbers (``summary``: the
+    run's :func:`read_summary`, when already read)."""
+    row: dict[str, Any] = {"run": str(run), **{f"+{k}": v for k, v in _overrides(run).items()}}
+    summary = read_summary(run) if summary is None else summary
+    if isinstance(summary, str):
+        return {**row, "status": summary}
     s, t = summary["student"], summary.get("teacher") or {}
     deployed = deployed_model(summary)
     fp32_size = s.get("size_bytes_fp32", s.get("size_bytes"))
@@ -169,20 +177,19 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
             row[f"pareto_{cost}"] = on_front
 
 
-def file_rows(run: Path, row: dict[str, Any]) -> list[dict[str, Any]]:
+def file_rows(summary: dict[str, Any] | str, row: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per deployable file the run wrote (``summary.json``'s ``artifacts``: ONNX, torch.export),
     measured in its runtime, so the Pareto marks can pick the best file, not only the best PyTorch
     model. The in-process references (``pytorch``, ``pytorch_int8``) are the run's own row; a format
     that failed is listed with its error."""
-    if row.get("status") != "ok":
+    if isinstance(summary, str) or row.get("status") != "ok":
         return []
-    artifacts = json.loads((run / "summary.json").read_text()).get("artifacts") or []
+    shared = {k: v for k, v in row.items() if k.startswith("+") or k in ("student", "technique", "method", "seed", "settings",
+                                                                         "teacher", "teacher_acc", "acc_fp32", "size_bytes_fp32")}
     out = []
-    for a in artifacts:
+    for a in summary.get("artifacts") or []:
         if a["format"] in ("pytorch", "pytorch_int8"):
             continue
-        shared = {k: v for k, v in row.items() if k.startswith("+") or k in ("student", "technique", "method", "seed", "settings",
-                                                                             "teacher", "teacher_acc", "acc_fp32", "size_bytes_fp32")}
         if a.get("error"):
             out.append({**shared, "run": row["run"], "file": a["format"], "status": f"failed: {a['error'][:80]}"})
             continue
@@ -203,8 +210,9 @@ def compare(paths: list[str | Path]) -> list[dict[str, Any]]:
     roots = [Path(p) for p in paths]
     rows = []
     for r in find_runs(paths):
-        row = {**run_row(r), "run": _display_name(r, roots)}
-        rows += [row, *file_rows(r, row)]
+        summary = read_summary(r)
+        row = {**run_row(r, summary), "run": _display_name(r, roots)}
+        rows += [row, *file_rows(summary, row)]
     if not rows:
         raise FileNotFoundError(f"runs: no run directories (with summary.json or .hydra/) under {', '.join(map(str, paths))}")
     mark_pareto(rows)

@@ -270,7 +270,7 @@ class QuantizationAwareTraining(Callback):
             torchscript=str(torchscript),
         )
         self.exportable = QuantizedDeployable(
-            integer=quantized, bits=self.bits, acc=report.acc_quant,
+            integer=quantized, bits=self.bits,
             qdq=forms.qdq if isinstance(forms, QDQModels) else None, fp32=forms.fp32 if isinstance(forms, QDQModels) else None,
             error=forms if isinstance(forms, str) else None,
         )
