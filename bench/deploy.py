@@ -3,6 +3,7 @@ Runtime, int8 PyTorch, int8 ONNX Runtime, fp16 ONNX Runtime (accuracy, bytes, la
 and 1024), one ``train.py`` run per row (the teacher cached), figures from each run's summary.json.
 
     python bench/deploy.py              # prints the README's table and ratios, writes bench/deploy.json
+                                        # and ONNX Runtime's per-node kernel times of the cnn's fp32 and int8 files
 
 Rows: the ``mlp`` and ``cnn`` students with 8-bit QAT, and the ``cnn`` with 50 % structured pruning
 (channels removed; no QAT: the channel-removed model is made from the fp32 student). Every file's
@@ -53,6 +54,29 @@ def pruned_speedup(dense: Path, pruned: Path, threads: int) -> tuple[float, floa
     return lat["dense"].ms / lat["pruned"].ms, lat["dense"].ms_batch / lat["pruned"].ms_batch
 
 
+def profile(path: Path, threads: int, calls: int = 30) -> list[tuple[str, float]]:
+    """ONNX Runtime's profiler on ``path`` at batch 1024: (node: operator, ms per call), slowest first."""
+    import collections  # deferred: the profile only
+    import json as js  # deferred
+
+    import numpy as np  # deferred
+    import onnxruntime as ort  # deferred
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads, options.enable_profiling = threads, 1, True
+    options.profile_file_prefix = str(path.parent / f"profile_{path.stem}")
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).random((1024, 1, 8, 8), dtype=np.float32)
+    for _ in range(calls):
+        session.run(None, {"input": x})
+    events = js.loads(Path(session.end_profiling()).read_text())
+    spent: collections.Counter[str] = collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            spent[f"{e['name'].removesuffix('_kernel_time')}: {e['args']['op_name']}"] += e["dur"]
+    return [(name, us / calls / 1e3) for name, us in spent.most_common()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "deploy.json")
@@ -71,8 +95,10 @@ def main() -> None:
         threads = rows["cnn, int8 QAT"]["files"]["onnx"]["latency_threads"]
         speed_1, speed_batch = pruned_speedup(dense, pruned, threads)
         macs = rows["cnn, 50 % structured"]
+        cnn_dir = Path(summaries["cnn, int8 QAT"]["run_dir"])
+        profiles = {f: profile(cnn_dir / f, threads) for f in ("student.onnx", "student_int8.onnx")}
         result = {"rows": rows, "pruned_speedup_b1": speed_1, "pruned_speedup_b1024": speed_batch,
-                  "pruned_mac_reduction": macs["macs_before"] / macs["macs_after"]}
+                  "pruned_mac_reduction": macs["macs_before"] / macs["macs_after"], "cnn_profile_ms": profiles}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| student | file | runtime | test acc | bytes | ms, batch 1 | ms, batch 1024 |")
     print("|---|---|---|---|---|---|---|")
@@ -91,6 +117,9 @@ def main() -> None:
             print(f"{name}: int8 / fp32 in ONNX Runtime: {f['onnx']['latency_ms'] / f['onnx_int8']['latency_ms']:.2f}x at batch 1, "
                   f"{f['onnx']['latency_ms_batch'] / f['onnx_int8']['latency_ms_batch']:.2f}x at batch 1024; "
                   f"int8 accuracy ONNX Runtime - PyTorch: {100 * (f['onnx_int8']['acc'] - f['pytorch_int8']['acc']):+.2f} points")
+    for f, nodes in profiles.items():
+        print(f"cnn {f}, ONNX Runtime's kernel time per call at batch 1024: "
+              + ", ".join(f"{name} {ms:.2f} ms" for name, ms in nodes[:6]))
     print(f"cnn, 50 % structured: MACs {result['pruned_mac_reduction']:.2f}x fewer; ONNX Runtime {speed_1:.2f}x faster at batch 1, "
           f"{speed_batch:.2f}x at batch 1024 (goal: >= 0.6 x {result['pruned_mac_reduction']:.2f} = {0.6 * result['pruned_mac_reduction']:.2f}x)")
 
