@@ -161,7 +161,7 @@ def _clamp_activations(graph_module: fx.GraphModule, bits: int) -> fx.GraphModul
     Runtime's (int32 accumulation) do not; the file keeps the learned scale and zero point and lets
     the rare activation above the trained range reach 255 instead of saturating at 127. Clamping it
     costs ONNX Runtime its channels-last layout at the next pooling (a transpose of the whole feature
-    map: measured 1.8 ms of 7.1 on the digits CNN at batch 1024); the int8 file's accuracy is
+    map, a quarter of the digits CNN's time at batch 1024 when it was tried); the int8 file's accuracy is
     checked against the integer model's (``export.max_acc_drop``)."""
     graph = graph_module.graph
     for node in list(graph.nodes):
