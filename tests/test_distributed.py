@@ -56,6 +56,16 @@ def test_ddp_two_processes_with_qat_and_pruning(tmp_path, single):
     assert f"{100 * ddp['student']['test_acc']:.2f} %" in ev.stdout
 
 
+def test_ddp_two_processes_with_pt2e_qat(tmp_path):
+    # QAT alone takes torchao's PT2E flow (with pruning it is FX, above): an exported graph under DDP.
+    ddp = _train(tmp_path, "ddp", "quant.bits=8", "strategy=ddp", "trainer.devices=2")
+    assert ddp["student"]["flow"] == "pt2e"
+    assert "qat: scales and zero points identical on 2 ranks" in (tmp_path / "ddp" / "train.log").read_text()
+    ev = run_script("evaluate.py", f"ckpt_path={ddp['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    assert f"{100 * ddp['student']['test_acc']:.2f} %" in ev.stdout
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_processes_on_cpu_and_resume(tmp_path, single, stage):
     run = [*LEARN, f"strategy=deepspeed_stage_{stage}", "trainer.devices=2", "checkpoint.every_n_epochs=1"]

@@ -162,7 +162,7 @@ def test_masks_survive_checkpoint_and_resume(tmp_path):
 def test_pruning_with_qat_keeps_zeros_after_conversion(tmp_path):
     dm = _digits()
     module = DistillationModule(_student("cnn"), None, KDLoss(1.0, 0.0), OPTIM, 10)
-    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path)
+    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path, flow="fx")  # train.py's choice with pruning
     pruning = Pruning("magnitude", 0.7, schedule="oneshot", start_epoch=0)
     trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -178,6 +178,16 @@ def test_pruning_with_qat_keeps_zeros_after_conversion(tmp_path):
         assert torch.all(weight.int_repr()[mask == 0] == 0), path
         checked += 1
     assert checked == len(masks)
+
+
+def test_pruning_a_pt2e_qat_student_is_a_named_error(tmp_path):
+    dm = _digits()
+    module = DistillationModule(_student("cnn"), None, KDLoss(1.0, 0.0), OPTIM, 10)
+    callbacks = [QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path), Pruning("magnitude", 0.5, schedule="oneshot")]
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, enable_checkpointing=False, callbacks=callbacks)
+    with pytest.raises(ValueError, match="QAT with pruning takes the FX flow"):
+        trainer.fit(module, datamodule=dm)
 
 
 @pytest.mark.parametrize("accumulate", [1, 2])
@@ -231,7 +241,7 @@ def test_structured_pruning_of_a_qat_student_masks_its_fused_batchnorm(tmp_path)
     (its scale is not: the fused conv divides by it), and training stays finite."""
     dm = _digits()
     module = DistillationModule(_student("cnn"), None, KDLoss(1.0, 0.0), OPTIM, 10)
-    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path)
+    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path, flow="fx")
     # Pruned after an epoch of training: the BatchNorm statistics are the data's by then, not zero.
     pruning = Pruning("structured", 0.5, scope="layer", schedule="oneshot", start_epoch=1, sample_shape=(1, 8, 8))
     trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,

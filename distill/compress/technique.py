@@ -121,6 +121,8 @@ class QuantizedDeployable:
     qdq: nn.Module | None
     fp32: nn.Module | None
     error: str | None = None
+    runtime: nn.Module | None = None  # the integer model as PyTorch runs it fast (timed); None: ``integer``
+    engine: str = "eager"  # that runtime: fbgemm / qnnpack kernels, inductor (oneDNN), or eager
 
 
 @runtime_checkable

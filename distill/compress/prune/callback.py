@@ -245,6 +245,10 @@ class Pruning(Callback):
         if self._layers:
             return
         student = pl_module.student
+        if quant_backend.flow_of(student) == "pt2e":
+            raise ValueError("pruning a student prepared for QAT by PT2E: an exported graph has no nn.Conv2d / nn.Linear "
+                             "modules to mask; QAT with pruning takes the FX flow (QuantizationAwareTraining(flow='fx'), "
+                             "as train.py chooses)")
         if self.method == "structured":
             self._setup_groups(trainer, student)
             return
@@ -534,7 +538,9 @@ class PruneTechnique(Technique):
         quant = payload.get("quant")
         if quant:  # the fp32 weights of a QAT student: its prepared structure, fake quantization off
             example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
-            student = quant_backend.prepare_qat(student, quant["bits"], quant["per_channel"], example, quant["backend"])
+            # Pruned QAT students train in the FX flow (its masks need nn.Conv2d / nn.Linear modules).
+            student = quant_backend.prepare_qat(student, quant["bits"], quant["per_channel"], example, quant["backend"],
+                                                quant.get("flow", "fx"))
             quant_backend.set_fake_quant(student, False)
             quant_backend.set_observers(student, False)
         missing, unexpected = student.load_state_dict(state, strict=False)
@@ -555,7 +561,7 @@ class PruneTechnique(Technique):
 
 def _quant_meta(cfg: DictConfig) -> dict[str, Any] | None:
     q = cfg.quant
-    return {"bits": q.bits, "per_channel": q.per_channel, "backend": q.backend} if q.bits is not None else None
+    return {"bits": q.bits, "per_channel": q.per_channel, "backend": q.backend, "flow": "fx"} if q.bits is not None else None
 
 
 @torch.no_grad()

@@ -1,13 +1,20 @@
 """The quantized student on disk: integer weights packed at b bits, loadable back bit for bit.
 
 PyTorch keeps quantized weights in int8 tensors whatever the bit width, so a 4-bit model saved
-with ``torch.save`` is as large as an 8-bit one. This artifact stores each quantized weight as a
-bit stream of b-bit codes (``numpy.packbits``) plus its float32 scales (and zero points when not
-all zero); everything else in the converted model's state dict (float biases, activation scales)
-is stored as is. The ``torch.save`` payload is then xz-compressed (stdlib ``lzma``), which
-entropy-codes the integer codes (trained weights cluster near zero). Loading
-rebuilds the student from the config inside, prepares and converts it the same way, and loads the
-unpacked state: the result equals the saved model exactly (tested).
+with ``torch.save`` is as large as an 8-bit one. This artifact stores each integer weight as a bit
+stream of b-bit codes (``numpy.packbits``); the ``torch.save`` payload is then xz-compressed
+(stdlib ``lzma``), which entropy-codes the codes (trained weights cluster near zero). Two formats:
+
+- ``distill.quantized-program/1`` (a PT2E student, :func:`save_quantized_program`): the integer
+  model as a ``torch.export`` program (quantize / dequantize ops, scales, zero points, float biases)
+  whose int8 weight constants are stored zero (xz makes them nearly free) beside their packed codes.
+  Loading is ``torch.export.load`` and the codes put back: no prepare / convert step of either flow
+  (tested in a process where neither can be imported; the quantize ops' definitions are still
+  torch.ao's, see distill/compress/quant/graph.py); the result equals the saved model exactly.
+- ``distill.quantized-student/1`` (an FX student, :func:`save_quantized`): the converted model's
+  state dict, each quantized weight as codes plus float32 scales (and zero points when not all
+  zero). Loading rebuilds the student from the config inside, prepares and converts it with FX
+  the same way, and loads the unpacked state.
 
 For bits = 8, and as a convenience for every b, :func:`save_torchscript` also writes a TorchScript
 file that plain PyTorch runs without this package (``torch.jit.load``), at int8 storage size.
@@ -15,6 +22,8 @@ file that plain PyTorch runs without this package (``torch.jit.load``), at int8 
 
 from __future__ import annotations
 
+import copy
+import io
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -31,12 +40,14 @@ from distill.compress.packing import (
     unpack_codes,
     xz_compress,
 )
-from distill.compress.quant.backend import convert, prepare_qat
+from distill.compress.quant.graph import IntegerGraph
 from distill.errors import CheckpointError
 from distill.models.registry import build_student
 from distill.runtime.atomic import atomic_write
 
 FORMAT = "distill.quantized-student/1"
+PROGRAM_FORMAT = "distill.quantized-program/1"
+FORMATS = (PROGRAM_FORMAT, FORMAT)
 
 
 def _encode_qtensor(t: torch.Tensor, bits: int) -> dict[str, Any]:
@@ -164,16 +175,70 @@ def save_quantized(
     return atomic_write(path, lambda fh: fh.write(data))
 
 
+def save_quantized_program(
+    path: str | Path, model: IntegerGraph, example: torch.Tensor, *, bits: int, backend: str, per_channel: bool,
+    student_cfg: dict[str, Any], shape: dict[str, int], data_cfg: dict[str, Any] | None = None,
+) -> Path:
+    """Write PT2E's integer ``model`` as a program with its int8 weights packed at ``bits`` bits
+    (atomically); ``example``: an input batch (of 2 or more: the batch axis stays dynamic)."""
+    graph = copy.deepcopy(model.graph_module)
+    codes: dict[str, dict[str, Any]] = {}
+    with torch.no_grad():
+        for name, tensor in graph.named_buffers():
+            if tensor.dtype != torch.int8:
+                continue
+            narrow = -(2 ** (bits - 1)) + 1  # the lowest code of the b-bit range
+            low = min(int(tensor.min()), narrow) if tensor.numel() else narrow
+            codes[name] = {"shape": list(tensor.shape), "low": low, "packed": pack_codes(tensor, bits, low)}
+            tensor.zero_()  # the program keeps the constant's place; its codes are stored packed
+    program = torch.export.export(graph, (example,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    payload = {
+        "format": PROGRAM_FORMAT, "bits": bits, "backend": backend, "per_channel": per_channel,
+        "student": student_cfg, "shape": shape, "data": data_cfg, "codes": codes,
+        "program": torch.frombuffer(bytearray(buffer.getvalue()), dtype=torch.uint8),
+    }
+    data = xz_compress(torch_bytes(payload))
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
+def _load_program(path: str | Path, payload: dict[str, Any]) -> IntegerGraph:
+    try:
+        graph = torch.export.load(io.BytesIO(payload["program"].numpy().tobytes())).module()
+    except Exception as err:  # noqa: BLE001  (torch.export's deserialisation errors have no common type)
+        raise CheckpointError(f"quantized student {path}: its program does not load ({type(err).__name__}: {err})") from err
+    with torch.no_grad():
+        for name, entry in payload["codes"].items():
+            try:
+                target = graph.get_buffer(name)
+            except AttributeError as err:
+                raise CheckpointError(f"quantized student {path}: its program has no weight {name!r}") from err
+            count = int(np.prod(entry["shape"])) if entry["shape"] else 1
+            values = unpack_codes(entry["packed"], payload["bits"], entry["low"], count).reshape(entry["shape"])
+            if tuple(target.shape) != tuple(values.shape):
+                raise CheckpointError(f"quantized student {path}: weight {name!r} is {list(target.shape)} in its program, "
+                                      f"{entry['shape']} in its codes")
+            target.copy_(values.to(torch.int8))
+    return IntegerGraph(graph).eval()
+
+
 def load_quantized(path: str | Path, payload: dict[str, Any] | None = None) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the quantized student saved by :func:`save_quantized` (``payload``: the file's
-    contents, when already read); returns (model, metadata)."""
+    """Rebuild the quantized student saved by :func:`save_quantized_program` or :func:`save_quantized`
+    (``payload``: the file's contents, when already read); returns (model, metadata)."""
     payload = payload if payload is not None else read_xz_payload(path, what="quantized student")
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a distill quantized student (expected format {FORMAT})")
+    if payload.get("format") not in FORMATS:
+        raise CheckpointError(f"{path} is not a distill quantized student (expected format {' or '.join(FORMATS)})")
+    if payload["format"] == PROGRAM_FORMAT:
+        meta = {k: v for k, v in payload.items() if k not in ("program", "codes")}
+        return _load_program(path, payload), meta
+    # deferred: only this format re-runs FX's prepare / convert (the program format needs neither)
+    from distill.compress.quant.backend import convert, prepare_qat
+
     shape = payload["shape"]
     student = build_student(OmegaConf.create(payload["student"]), **shape)
     example = torch.zeros(1, shape["channels"], shape["image_size"], shape["image_size"])
-    model = convert(prepare_qat(student, payload["bits"], payload["per_channel"], example, payload["backend"]), payload["backend"])
+    model = convert(prepare_qat(student, payload["bits"], payload["per_channel"], example, payload["backend"], "fx"), payload["backend"])
     blob = payload["blob"].numpy().tobytes()
     state = OrderedDict((k, _decode(_from_blob(v, blob), payload["bits"])) for k, v in payload["state"].items())
     state._metadata = OrderedDict(payload.get("metadata") or {})  # type: ignore[attr-defined]

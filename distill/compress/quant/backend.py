@@ -1,30 +1,38 @@
-"""The one place that knows how PyTorch quantizes a model: b-bit QAT qconfigs, prepare, convert.
+"""The one place that knows how PyTorch quantizes a model: b-bit QAT, prepare, convert, in two flows.
 
-Why FX graph mode (``torch.ao.quantization.quantize_fx``): measured with torch 2.14.1, it trains and
-converts every student in the registry (MLP, CNN, ResNet-18, MobileNetV3) with conv-BN folding and
-no change to the model code, and the converted ResNet-18 runs ~4x faster on an x86 CPU. torch.ao is
-deprecated in favour of torchao's pt2e flow, but torchao 0.18's ``X86InductorQuantizer`` failed on
-ResNet-18 QAT ("Input partition has more than one output node"). Everything else in distill calls
-only :func:`prepare_qat`, :func:`convert` and :func:`quant_range`, so swapping in pt2e later touches
-this module alone.
+**PT2E** (torchao, PyTorch's maintained quantization path; every student where it works): the
+student is captured with ``torch.export`` (batch dimension dynamic), torchao's ``prepare_qat_pt2e``
+with the ``X86InductorQuantizer`` annotating a b-bit :class:`QuantizationConfig` inserts the fake
+quantizers (conv-BN kept as a simulated fold), and ``convert_pt2e`` gives the integer model as
+``quantized_decomposed`` quantize / dequantize ops around float conv / linear with int8 weight
+constants: the form ONNX Runtime runs as int8 kernels (``student_int8.onnx``) and Inductor
+(``torch.compile`` with freezing) lowers to oneDNN's int8 kernels on x86 (:func:`pytorch_runtime`).
 
-b-bit quantization: weights are symmetric per output channel (or per tensor) in the narrow range
-[-(2^(b-1) - 1), 2^(b-1) - 1]; activations are affine in [0, 2^b - 1] (at most 0..127 on x86, see
-:func:`activation_range`). The converted model stores
-those integers in int8/uint8 tensors and runs PyTorch's int8 kernels (fbgemm/onednn on x86,
-qnnpack on ARM) on values that lie within the b-bit range; :mod:`distill.compress.quant.artifact` stores the
-weights packed at b bits on disk.
+**FX** (``torch.ao.quantization.quantize_fx``, deprecated upstream, its warning left visible) only
+where PT2E fails or cannot apply, each case logged and recorded as the run's ``quant_flow``:
+
+- a student whose module is called at two places: torchvision's ResNet BasicBlock calls
+  ``self.relu`` twice, and the X86 quantizer's annotation then fails with "Input partition has more
+  than one output node" (pytorch/ao#4478) -- ``student=resnet18`` (tested); any student whose
+  export or PT2E preparation raises is tried in FX, with PT2E's error in the log;
+- pruning with QAT: ``torch.nn.utils.prune`` masks live on ``nn.Conv2d`` / ``nn.Linear`` modules,
+  which an exported graph no longer has.
+
+b-bit quantization (both flows): weights are symmetric per output channel (or per tensor) in the
+narrow range [-(2^(b-1) - 1), 2^(b-1) - 1]; activations are affine in [0, 2^b - 1] (at most 0..127 on
+x86, see :func:`activation_range`). Integer tensors hold values within the b-bit range;
+:mod:`distill.compress.quant.artifact` stores the weights packed at b bits on disk.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import warnings
+import logging
 from collections.abc import Iterator
 
 import torch
-from torch import nn
+from torch import fx, nn
+from torch._inductor import config as inductor_config
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats as freeze_fused
 from torch.ao.quantization import (
     FakeQuantize,
@@ -35,8 +43,17 @@ from torch.ao.quantization import (
     QConfigMapping,
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
+from torchao.quantization import pt2e as ao_pt2e
+from torchao.quantization.pt2e import fake_quantize as ao_fake_quantize
+from torchao.quantization.pt2e import observer as ao_observer
+from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
+from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
+from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86InductorQuantizer
 
 from distill.compress.prune.masks import bake
+from distill.compress.quant.graph import IntegerGraph
+
+log = logging.getLogger(__name__)
 
 BACKENDS = ("x86", "qnnpack")
 
@@ -89,13 +106,30 @@ def qconfig_mapping(bits: int, per_channel: bool = True, backend: str = "x86"):
     return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
 
 
-@contextlib.contextmanager
-def quiet() -> Iterator[None]:
-    # torch.ao announces its deprecation on every call; the reason we use it is documented above.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        warnings.simplefilter("ignore", FutureWarning)
-        yield
+def pt2e_config(bits: int, per_channel: bool = True, backend: str = "x86") -> QuantizationConfig:
+    """The PT2E QAT ``QuantizationConfig`` for ``bits``-bit weights and activations: the same ranges,
+    observers and averaging as :func:`qconfig_mapping`. Plain ``FakeQuantize``, not the X86
+    quantizer's default fused observer-fake-quantizer: with the fused one, the model ``convert_pt2e``
+    made from a trained student disagreed with the student's own fake-quantized outputs (by 9 % of
+    the logits' range on the digits CNN after one step, measured here); with these they are equal."""
+    act_min, act_max = activation_range(bits, backend)
+    w_min, w_max = quant_range(bits, signed=True)
+    eps = {"eps": 2**-12}  # the X86 quantizer's default: scales never collapse to zero
+    activation = QuantizationSpec(
+        dtype=torch.uint8, quant_min=act_min, quant_max=act_max, qscheme=torch.per_tensor_affine, is_dynamic=False,
+        observer_or_fake_quant_ctr=ao_fake_quantize.FakeQuantize.with_args(observer=ao_observer.MovingAverageMinMaxObserver, **eps),
+    )
+    if per_channel:
+        observer, qscheme, axis = ao_observer.MovingAveragePerChannelMinMaxObserver, torch.per_channel_symmetric, 0
+    else:
+        observer, qscheme, axis = ao_observer.MovingAverageMinMaxObserver, torch.per_tensor_symmetric, None
+    weight = QuantizationSpec(
+        dtype=torch.int8, quant_min=w_min, quant_max=w_max, qscheme=qscheme, ch_axis=axis, is_dynamic=False,
+        # averaging_constant=1: the weight range is that of the current weights (as in the FX flow)
+        observer_or_fake_quant_ctr=ao_fake_quantize.FakeQuantize.with_args(
+            observer=observer, averaging_constant=1.0, **eps),
+    )
+    return QuantizationConfig(activation, activation, weight, None, is_qat=True)
 
 
 def set_engine(backend: str) -> None:
@@ -109,25 +143,170 @@ def set_engine(backend: str) -> None:
     torch.backends.quantized.engine = backend
 
 
-def prepare_qat(model: nn.Module, bits: int, per_channel: bool, example_input: torch.Tensor, backend: str = "x86") -> nn.Module:
-    """A QAT copy of ``model`` (conv-BN fused, fake quantizers inserted), in training mode."""
+# -- PT2E ------------------------------------------------------------------------------------------
+
+FLOWS = ("pt2e", "fx")
+_BATCH_NORM = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
+               torch.ops.aten.cudnn_batch_norm.default)
+
+
+class ExportedQAT(nn.Module):
+    """A PT2E QAT student: the exported graph with its fake quantizers (``graph_module``).
+
+    An exported graph has no modules to switch, so ``nn.Module.train`` / ``eval`` would do nothing
+    (torch refuses them); here they switch the graph's dropout and BatchNorm ops as torchao's
+    ``move_exported_model_to_train`` / ``_eval`` do, and keep frozen BatchNorm statistics frozen
+    (:func:`freeze_bn_stats`) when Lightning puts the student back in training mode."""
+
+    def __init__(self, graph_module: fx.GraphModule) -> None:
+        super().__init__()
+        self.graph_module = graph_module
+        self.bn_frozen = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph_module(x)
+
+    def train(self, mode: bool = True) -> ExportedQAT:
+        (ao_pt2e.move_exported_model_to_train if mode else ao_pt2e.move_exported_model_to_eval)(self.graph_module)
+        if mode and self.bn_frozen:
+            _set_batch_norm_training(self.graph_module, False)
+        for m in self.modules():  # the flags only: the graph's ops were switched above
+            m.training = mode
+        return self
+
+
+def _set_batch_norm_training(graph_module: fx.GraphModule, training: bool) -> None:
+    """Set the ``training`` argument of every BatchNorm op of an exported graph (False: normalise
+    with, and stop updating, the running statistics: the PT2E QAT tutorial's BN freeze)."""
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in _BATCH_NORM and node.args[5] != training:
+            args = list(node.args)
+            args[5] = training
+            node.args = tuple(args)
+            changed = True
+    if changed:
+        graph_module.recompile()
+
+
+def _prepare_pt2e(model: nn.Module, bits: int, per_channel: bool, example: torch.Tensor, backend: str) -> ExportedQAT:
+    model = copy.deepcopy(model).train()
+    # The batch dimension stays dynamic: the QAT student trains, validates and converts at any batch.
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(model, (example.expand(2, *example.shape[1:]).clone(),), dynamic_shapes=({0: batch},))
+    quantizer = X86InductorQuantizer().set_global(pt2e_config(bits, per_channel, backend))
+    return ExportedQAT(prepare_qat_pt2e(program.module(), quantizer)).train()
+
+
+def _prepare_fx(model: nn.Module, bits: int, per_channel: bool, example: torch.Tensor, backend: str) -> nn.Module:
     set_engine(backend)
-    with quiet():
-        return prepare_qat_fx(copy.deepcopy(model).train(), qconfig_mapping(bits, per_channel, backend), (example_input,))
+    return prepare_qat_fx(copy.deepcopy(model).train(), qconfig_mapping(bits, per_channel, backend), (example,))
+
+
+def prepare_qat(model: nn.Module, bits: int, per_channel: bool, example_input: torch.Tensor, backend: str = "x86",
+                flow: str = "auto") -> nn.Module:
+    """A QAT copy of ``model`` (fake quantizers inserted, conv-BN fused), in training mode.
+
+    ``flow``: ``pt2e`` or ``fx`` (exactly that one, as a resumed run needs), or ``auto``: PT2E, and
+    FX when PT2E fails for this student (the reason logged). :func:`flow_of` tells which it took."""
+    if flow not in (*FLOWS, "auto"):
+        raise ValueError(f"quantization flow {flow!r}: choose from: auto, {', '.join(FLOWS)}")
+    set_engine(backend)  # a named error for an unknown backend, whichever the flow
+    if flow == "fx":
+        return _prepare_fx(model, bits, per_channel, example_input, backend)
+    try:
+        return _prepare_pt2e(model, bits, per_channel, example_input, backend)
+    except Exception as err:  # noqa: BLE001  (export or annotation failures have no common type)
+        if flow == "pt2e":
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        log.warning("qat: PT2E cannot prepare this student (%s: %s); using torch.ao's FX flow (deprecated upstream)",
+                    type(err).__name__, first)
+    return _prepare_fx(model, bits, per_channel, example_input, backend)
+
+
+def flow_of(prepared: nn.Module) -> str:
+    """``pt2e`` or ``fx``: the flow that prepared ``prepared``."""
+    return "pt2e" if isinstance(prepared, ExportedQAT) else "fx"
+
+
+def _drop_unused(graph_module: fx.GraphModule) -> fx.GraphModule:
+    """Delete the parameters and buffers the graph never reads: convert_pt2e leaves the float
+    weights and BatchNorm tensors it folded beside their int8 replacements."""
+    used = {node.target for node in graph_module.graph.nodes if node.op == "get_attr"}
+    for name, _ in [*graph_module.named_parameters(), *graph_module.named_buffers()]:
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(graph_module.get_submodule(owner) if owner else graph_module, attr)
+    graph_module.delete_all_unused_submodules()
+    return graph_module
 
 
 def convert(prepared: nn.Module, backend: str = "x86") -> nn.Module:
-    """The integer model for a QAT-prepared one (left untouched), on CPU, in eval mode."""
+    """The integer model for a QAT-prepared one (left untouched), on CPU, in eval mode: FX's
+    quantized modules (fbgemm / qnnpack kernels), or PT2E's quantize/dequantize graph with int8
+    weights (see :func:`pytorch_runtime` for how PyTorch runs it fast)."""
     set_engine(backend)
     # Pruning masks (torch.nn.utils.prune hooks) are baked into the weights first: conversion reads
     # ``module.weight``, which a pruning hook only refreshes on the next forward pass.
     model = bake(copy.deepcopy(prepared)).cpu().eval()
-    with quiet():
+    if not isinstance(model, ExportedQAT):
         return convert_fx(model).eval()
+    # Outside inference mode: the integer model is exported and saved, which inference tensors refuse.
+    with torch.inference_mode(False), torch.no_grad():
+        return IntegerGraph(_drop_unused(convert_pt2e(model.graph_module)))
+
+
+def is_qdq_graph(model: nn.Module) -> bool:
+    """Whether ``model`` is a quantize/dequantize graph (PT2E's integer model, or FX's QDQ form)."""
+    if isinstance(model, IntegerGraph):
+        return True
+    return isinstance(model, fx.GraphModule) and any(
+        getattr(node.target, "namespace", None) == "quantized_decomposed" for node in model.graph.nodes)
+
+
+class _Inductor(nn.Module):
+    """An integer graph compiled by Inductor with freezing (weights constant, so its int8 weight
+    pass pre-packs them for oneDNN). The config is patched around every call, not passed as
+    ``torch.compile(options=...)``: with the option, torchao's weight-pack pass failed here
+    (``UnsupportedOperatorException: onednn.qconv_prepack.default``), and a new batch size
+    recompiles on a later call."""
+
+    def __init__(self, integer: nn.Module) -> None:
+        super().__init__()
+        self.integer = integer
+        self.compiled = torch.compile(integer, dynamic=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with inductor_config.patch(freezing=True):
+            return self.compiled(x)
+
+
+def pytorch_runtime(integer: nn.Module, example: torch.Tensor) -> tuple[nn.Module, str]:
+    """The integer model as PyTorch runs it fastest, and that runtime's name. FX's quantized
+    modules run their own int8 kernels eagerly; a quantize/dequantize graph is compiled by Inductor
+    with freezing, which lowers it to oneDNN's int8 kernels on x86 (the X86 quantizer's deployment),
+    or, when compiling fails (no C++ compiler, say), runs eagerly as float math on int8 weights."""
+    if not is_qdq_graph(integer):
+        return integer, torch.backends.quantized.engine
+    compiled = _Inductor(integer)
+    try:
+        with torch.no_grad():
+            compiled(example)  # compiles now: a failure is known here, not inside a timing loop
+    except Exception as err:  # noqa: BLE001  (Inductor's failures have no common type)
+        log.warning("qat: torch.compile failed on the integer model (%s: %s); timing it eagerly",
+                    type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+        return integer, "eager"
+    return compiled, "inductor"
+
+
+def _all_fake_quant_types() -> tuple[type, ...]:
+    return (FakeQuantizeBase, ao_fake_quantize.FakeQuantizeBase)
 
 
 def fake_quant_modules(model: nn.Module) -> Iterator[nn.Module]:
-    return (m for m in model.modules() if isinstance(m, FakeQuantizeBase))
+    kinds = _all_fake_quant_types()
+    return (m for m in model.modules() if isinstance(m, kinds))
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
@@ -141,7 +320,12 @@ def set_observers(model: nn.Module, enabled: bool) -> None:
 
 
 def freeze_bn_stats(model: nn.Module) -> None:
-    """Stop updating BatchNorm running statistics in fused QAT conv-BN modules (and plain BN)."""
+    """Stop updating BatchNorm running statistics (and normalise with them): FX's fused QAT
+    conv-BN modules and plain BN; in a PT2E graph, its BatchNorm ops (kept across ``train()``)."""
+    if isinstance(model, ExportedQAT):
+        model.bn_frozen = True
+        _set_batch_norm_training(model.graph_module, False)
+        return
     model.apply(freeze_fused)
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):

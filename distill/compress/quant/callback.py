@@ -11,7 +11,12 @@ The LightningModule knows nothing about quantization. This callback
    (observers never run on validation or test data);
 3. after testing (the weights that were tested: the best checkpoint) converts the student to a
    real integer model, evaluates the **converted** model on the test split, saves it (b-bit packed
-   artifact plus a TorchScript file) and measures sizes and CPU latencies. :attr:`report` holds
+   artifact; an FX student also as a TorchScript file) and measures sizes and CPU latencies (PT2E's
+   integer model compiled by Inductor, see ``backend.pytorch_runtime``).
+
+The flow (PT2E, or FX where PT2E fails or pruning needs modules: see distill/compress/quant/backend.py)
+is chosen at the first ``setup`` and recorded in the callback state, so a resumed run and a loaded
+checkpoint take the same one. :attr:`report` holds
    the numbers; the pipeline puts them in ``summary.json``, the table and the loggers.
 """
 
@@ -31,8 +36,8 @@ from torch import nn
 
 from distill.compress.export import save_torchscript
 from distill.compress.quant import backend as quant_backend
-from distill.compress.quant.artifact import FORMAT as ARTIFACT_FORMAT
-from distill.compress.quant.artifact import load_quantized, save_quantized
+from distill.compress.quant.artifact import FORMATS as ARTIFACT_FORMATS
+from distill.compress.quant.artifact import load_quantized, save_quantized, save_quantized_program
 from distill.compress.quant.qdq import QDQModels, qdq_models
 from distill.compress.settings import QUANT_CHECKS
 from distill.compress.technique import (
@@ -70,7 +75,7 @@ class QATReport(TechniqueReport):
     acc_quant: float  # the converted integer model
     size_bytes_fp32: int
     size_bytes_quant: int  # the b-bit packed artifact
-    size_bytes_torchscript: int
+    size_bytes_torchscript: int | None  # None: a PT2E student (its graph's quantize ops are not TorchScript builtins)
     compression: float
     latency_ms_fp32: float | None  # None: measure.latency=off
     latency_ms_quant: float | None
@@ -79,7 +84,9 @@ class QATReport(TechniqueReport):
     latency_batch_size: int
     latency_threads: int
     artifact: str
-    torchscript: str
+    torchscript: str | None
+    flow: str = "fx"  # pt2e | fx
+    pytorch_runtime: str = ""  # how the integer model was timed: fbgemm / qnnpack, inductor, eager
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
         return DeployedModel(kind=f"int{self.bits}", acc=self.acc_quant, params=student.params, size_bytes=self.size_bytes_quant,
@@ -91,8 +98,10 @@ class QATReport(TechniqueReport):
         return Latency(self.latency_ms_fp32, self.latency_ms_fp32_batch, "cpu" if self.latency_ms_fp32 is not None else None)
 
     def describe(self) -> list[str]:
-        return [f"quantized student: {self.compression:.2f}x smaller than fp32 (fp32 weights: {100 * self.acc_fp32:.2f} %); "
-                f"TorchScript: {self.torchscript}; latency with {self.latency_threads} thread(s)"]
+        files = f"TorchScript: {self.torchscript}; " if self.torchscript else ""
+        return [f"quantized student ({self.flow} flow): {self.compression:.2f}x smaller than fp32 (fp32 weights: "
+                f"{100 * self.acc_fp32:.2f} %); {files}latency with {self.latency_threads} thread(s), "
+                f"PyTorch int8 as {self.pytorch_runtime}"]
 
     def fp32_size_bytes(self) -> int:
         return self.size_bytes_fp32
@@ -114,6 +123,7 @@ class QuantizationAwareTraining(Callback):
         latency_device: str | None = "cpu",
         student_cfg: dict[str, Any] | None = None,
         data_cfg: dict[str, Any] | None = None,
+        flow: str = "auto",
     ) -> None:
         if not 2 <= bits <= 8:
             raise ValueError(f"quant.bits={bits} is out of range: must be in [2, 8]")
@@ -126,6 +136,8 @@ class QuantizationAwareTraining(Callback):
         self.latency_batch_size, self.latency_threads = latency_batch_size, latency_threads
         self.latency_device = latency_device
         self.student_cfg, self.data_cfg = student_cfg or {}, data_cfg
+        self.flow = flow  # asked for: auto (PT2E, FX where it fails) or fx
+        self.flow_used: str | None = None  # taken, at setup
         self.float_student: nn.Module | None = None  # the fp32 architecture, for size and latency
         self.report: QATReport | None = None
         self.exportable: QuantizedDeployable | None = None  # the models the ONNX / torch.export files are of
@@ -141,9 +153,13 @@ class QuantizationAwareTraining(Callback):
             return
         self.float_student = copy.deepcopy(pl_module.student).cpu().eval()
         example = torch.zeros(1, *self.sample_shape)
-        pl_module.student = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend)
+        # A resumed run prepares the student the way its checkpoint was trained (its weights load next).
+        flow = _checkpoint_flow(getattr(trainer, "ckpt_path", None)) or self.flow
+        pl_module.student = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend, flow)
+        self.flow_used = quant_backend.flow_of(pl_module.student)
         self.apply_schedule(pl_module.student, trainer.current_epoch)
-        log.info("qat: student prepared for %d-bit quantization-aware training (%s backend)", self.bits, self.backend)
+        log.info("qat: student prepared for %d-bit quantization-aware training (%s flow, %s backend)",
+                 self.bits, self.flow_used, self.backend)
 
     def apply_schedule(self, student: nn.Module, epoch: int) -> None:
         """Put the fake quantizers and BatchNorm in the state the schedule gives for ``epoch``."""
@@ -188,7 +204,7 @@ class QuantizationAwareTraining(Callback):
     def state_dict(self) -> dict[str, Any]:
         # The fake-quant state itself (scales, zero points, observer ranges) is in the model's
         # state dict; this records what it was trained for, so a resume with other settings fails.
-        return {"bits": self.bits, "backend": self.backend, "per_channel": self.per_channel}
+        return {"bits": self.bits, "backend": self.backend, "per_channel": self.per_channel, "flow": self.flow_used}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for key in ("bits", "backend", "per_channel"):
@@ -221,31 +237,40 @@ class QuantizationAwareTraining(Callback):
 
     @torch.inference_mode()
     def convert_and_measure(self, prepared: nn.Module, test_loader: Any) -> QATReport:
-        try:  # the ONNX files' models (the run goes on without them: their records say why)
-            # Outside inference mode: these modules are exported and saved later, which inference tensors refuse.
-            with torch.inference_mode(False), torch.no_grad():
-                x = next(iter(test_loader))[0]  # a batch to check them against the QAT model on
-                forms: QDQModels | str = qdq_models(prepared, x[:64].float().cpu(), self.bits, self.backend)
-        except Exception as err:  # noqa: BLE001
-            log.warning("qat: no QDQ form of the student for ONNX (%s: %s)", type(err).__name__, err)
-            forms = f"{type(err).__name__}: {err}"
         prepared = copy.deepcopy(prepared).cpu().eval()
+        flow = quant_backend.flow_of(prepared)
         quantized = quant_backend.convert(prepared, self.backend)
         float_view = copy.deepcopy(prepared)
         quant_backend.set_fake_quant(float_view, False)  # the same weights, unquantized
+        float_student = self.float_student if self.float_student is not None else float_view
+        x = next(iter(test_loader))[0][:64].float().cpu()  # a batch to check the export forms on
+        try:  # the ONNX files' models (the run goes on without them: their records say why)
+            # Outside inference mode: these modules are exported and saved later, which inference tensors refuse.
+            with torch.inference_mode(False), torch.no_grad():
+                forms: QDQModels | str = qdq_models(prepared, x, self.bits, self.backend, integer=quantized if flow == "pt2e" else None,
+                                                    float_student=self.float_student)
+        except Exception as err:  # noqa: BLE001
+            log.warning("qat: no QDQ form of the student for ONNX (%s: %s)", type(err).__name__, err)
+            forms = f"{type(err).__name__}: {err}"
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        artifact = save_quantized(
-            self.output_dir / ARTIFACT, quantized, bits=self.bits, backend=self.backend,
-            per_channel=self.per_channel, student_cfg=self.student_cfg, shape=self.shape, data_cfg=self.data_cfg,
-        )
-        meta = {"bits": self.bits, "backend": self.backend, "student": self.student_cfg, "shape": self.shape}
-        torchscript = save_torchscript(self.output_dir / TORCHSCRIPT, quantized, torch.zeros(1, *self.sample_shape), meta)
+        saved = {"bits": self.bits, "backend": self.backend, "per_channel": self.per_channel, "student_cfg": self.student_cfg,
+                 "shape": self.shape, "data_cfg": self.data_cfg}
+        torchscript = None
+        with torch.inference_mode(False), torch.no_grad():
+            if flow == "pt2e":
+                artifact = save_quantized_program(self.output_dir / ARTIFACT, quantized, torch.zeros(2, *self.sample_shape), **saved)
+            else:
+                artifact = save_quantized(self.output_dir / ARTIFACT, quantized, **saved)
+                meta = {"bits": self.bits, "backend": self.backend, "student": self.student_cfg, "shape": self.shape}
+                torchscript = save_torchscript(self.output_dir / TORCHSCRIPT, quantized, torch.zeros(1, *self.sample_shape), meta)
 
-        float_student = self.float_student if self.float_student is not None else float_view
         threads = self.latency_threads or torch.get_num_threads()
         # Integer kernels run on CPU only: both models are timed there (unless measure.latency=off).
-        lat = latency.measure_many({"fp32": copy.deepcopy(float_student), "quant": quantized}, self.sample_shape,
+        runtime, engine = quantized, "eager"
+        if self.latency_device is not None:  # compiling (PT2E) costs seconds: only for a timing
+            runtime, engine = quant_backend.pytorch_runtime(quantized, torch.zeros(1, *self.sample_shape))
+        lat = latency.measure_many({"fp32": copy.deepcopy(float_student), "quant": runtime}, self.sample_shape,
                                    self.latency_batch_size, threads, device=None if self.latency_device is None else "cpu")
         lat_fp32, lat_quant = lat["fp32"], lat["quant"]
         size_fp32 = serialized_size_bytes(float_student)
@@ -258,7 +283,7 @@ class QuantizationAwareTraining(Callback):
             acc_quant=loader_accuracy(quantized, test_loader),
             size_bytes_fp32=size_fp32,
             size_bytes_quant=size_quant,
-            size_bytes_torchscript=torchscript.stat().st_size,
+            size_bytes_torchscript=torchscript.stat().st_size if torchscript is not None else None,
             compression=size_fp32 / size_quant,
             latency_ms_fp32=lat_fp32.ms,
             latency_ms_quant=lat_quant.ms,
@@ -267,18 +292,36 @@ class QuantizationAwareTraining(Callback):
             latency_batch_size=self.latency_batch_size,
             latency_threads=threads,
             artifact=str(artifact),
-            torchscript=str(torchscript),
+            torchscript=str(torchscript) if torchscript is not None else None,
+            flow=flow,
+            pytorch_runtime=engine,
         )
         self.exportable = QuantizedDeployable(
             integer=quantized, bits=self.bits,
             qdq=forms.qdq if isinstance(forms, QDQModels) else None, fp32=forms.fp32 if isinstance(forms, QDQModels) else None,
-            error=forms if isinstance(forms, str) else None,
+            error=forms if isinstance(forms, str) else None, runtime=runtime, engine=engine,
         )
         log.info(
-            "qat: %d-bit student: test acc %.4f (fp32 weights %.4f), %d -> %d bytes (%.2fx)",
-            self.bits, report.acc_quant, report.acc_fp32, size_fp32, size_quant, report.compression,
+            "qat: %d-bit student (%s flow): test acc %.4f (fp32 weights %.4f), %d -> %d bytes (%.2fx)",
+            self.bits, flow, report.acc_quant, report.acc_fp32, size_fp32, size_quant, report.compression,
         )
         return report
+
+
+def _checkpoint_flow(ckpt_path: str | Path | None) -> str | None:
+    """The flow a checkpoint's QAT student was prepared with (``fx`` for one written before PT2E
+    was the default); None without a checkpoint file, or without QAT in it."""
+    if not ckpt_path or not Path(ckpt_path).is_file():
+        return None
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    except Exception as err:  # noqa: BLE001  (Lightning names a corrupt checkpoint itself, next)
+        log.debug("qat: could not read %s for its quantization flow: %s", ckpt_path, err)
+        return None
+    for key, state in (checkpoint.get("callbacks") or {}).items():
+        if str(key).split("{")[0] == QuantizationAwareTraining.__qualname__:
+            return (state or {}).get("flow") or "fx"
+    return None
 
 
 class QuantTechnique(Technique):
@@ -307,19 +350,23 @@ class QuantTechnique(Technique):
 
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> QuantizationAwareTraining:
         q = cfg.quant
+        # Pruning masks need the nn.Conv2d / nn.Linear modules an exported (PT2E) graph does not have.
+        flow = "fx" if OmegaConf.select(cfg, "prune.method", default="none") != "none" else "auto"
         return QuantizationAwareTraining(
             bits=q.bits, shape=ctx.shape, output_dir=ctx.output_dir, backend=q.backend, per_channel=q.per_channel,
             start_epoch=q.start_epoch, freeze_observers_epoch=q.freeze_observers_epoch, freeze_bn_epoch=q.freeze_bn_epoch,
             latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads, latency_device=ctx.latency_device,
-            student_cfg=ctx.student_cfg, data_cfg=ctx.data_cfg,
+            student_cfg=ctx.student_cfg, data_cfg=ctx.data_cfg, flow=flow,
         )
 
     def rebuild(self, student: nn.Module, cfg: DictConfig, state: dict[str, Any], example: torch.Tensor) -> nn.Module:
-        # A checkpoint taken during QAT holds the QAT student (fake quantizers with their scales).
-        return quant_backend.prepare_qat(student, cfg.quant.bits, cfg.quant.per_channel, example, cfg.quant.backend)
+        # A checkpoint taken during QAT holds the QAT student (fake quantizers with their scales),
+        # prepared by the flow its callback state records (FX: a checkpoint from before PT2E).
+        return quant_backend.prepare_qat(student, cfg.quant.bits, cfg.quant.per_channel, example, cfg.quant.backend,
+                                         state.get("flow") or "fx")
 
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
-        if payload.get("format") != ARTIFACT_FORMAT:
+        if payload.get("format") not in ARTIFACT_FORMATS:
             return None
         model, meta = load_quantized(path, payload)
         if not meta.get("data"):

@@ -6,10 +6,13 @@ initializer read through ``DequantizeLinear`` (per output channel). ONNX Runtime
 recognises ``DQ -> Conv/MatMul -> Q`` and runs it as one integer kernel (``QLinearConv``,
 ``QGemm``), so the file runs in int8 with exactly the scales and zero points QAT learned.
 
-:func:`qdq_models` builds that form from the QAT-prepared student:
+:func:`qdq_models` builds that form from the QAT-prepared student. PT2E's integer model already is
+it (``convert_pt2e``: conv-BN folded, int8 weight constants behind ``dequantize_per_channel``); only
+the b-bit clamp below is added, and the fp32 form is the float student with the trained weights
+loaded (BatchNorm unfolded: ONNX Runtime folds it). An FX-prepared student takes two steps:
 
 1. PyTorch's *reference decomposed* conversion of the prepared model (the representation PT2E's
-   ``convert_pt2e`` also produces): conv-BN folded, every quantized activation as
+   ``convert_pt2e`` produces): conv-BN folded, every quantized activation as
    ``quantized_decomposed.quantize_per_tensor`` / ``dequantize_per_tensor`` with the learned
    scale, zero point and b-bit range (kept by a ``Clip`` on the codes where b < 8, see
    :func:`_clamp_activations`), every weight in a reference module that quantize-dequantizes it on each call;
@@ -25,6 +28,7 @@ Both are checked against the prepared model before they are returned.
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -32,11 +36,20 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers torch.ops.
 from torch import fx, nn
 from torch.ao.nn.quantized import reference as ref_nn
 from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_fx
+from torch.fx.experimental import optimization
 from torch.nn import functional as F
 
 from distill.compress.prune.masks import bake
-from distill.compress.quant.backend import quiet, set_engine, set_fake_quant, set_observers
+from distill.compress.quant.backend import (
+    ExportedQAT,
+    convert,
+    set_engine,
+    set_fake_quant,
+    set_observers,
+)
+from distill.compress.quant.graph import IntegerGraph
 
+log = logging.getLogger(__name__)
 _QD = torch.ops.quantized_decomposed
 
 
@@ -183,22 +196,47 @@ def _is_quantize(node: object) -> bool:
         _QD.quantize_per_tensor.default, _QD.quantize_per_tensor.tensor)
 
 
+def _trained_float(prepared: ExportedQAT, float_student: nn.Module) -> nn.Module:
+    """``float_student`` (the architecture before PT2E captured it) with the trained weights: an
+    exported graph keeps its parameters' and buffers' original names."""
+    model = copy.deepcopy(float_student).cpu().eval()
+    trained = prepared.graph_module.state_dict()
+    wanted = model.state_dict()
+    missing = [k for k in wanted if k not in trained]
+    if missing:
+        raise NotImplementedError(f"the PT2E graph does not hold the float student's {', '.join(missing[:3])}")
+    model.load_state_dict({k: trained[k] for k in wanted})
+    try:  # conv-BN folded, as the FX form is (ONNX Runtime would fold it too, the file then carries BN)
+        return optimization.fuse(model)
+    except Exception as err:  # noqa: BLE001  (symbolic tracing's failures have no common type)
+        log.info("qat: fp32 form keeps its BatchNorm (%s: %s)", type(err).__name__, err)
+        return model
+
+
 @torch.no_grad()
-def qdq_models(prepared: nn.Module, example: torch.Tensor, bits: int, backend: str = "x86") -> QDQModels:
+def qdq_models(prepared: nn.Module, example: torch.Tensor, bits: int, backend: str = "x86",
+               integer: IntegerGraph | None = None, float_student: nn.Module | None = None) -> QDQModels:
     """The QDQ and fp32 forms of a ``bits``-bit QAT-prepared student (left untouched), checked on
-    ``example`` against its fake-quantized and fp32 outputs. (This checks the PyTorch modules; the
+    ``example`` against its fake-quantized and fp32 outputs. A PT2E student needs ``float_student``
+    (and takes its ``integer`` model, :func:`backend.convert`, when already made). (This checks the PyTorch modules; the
     ONNX file of the QDQ form is checked against the integer model on the test split, its acc_drop.)"""
     set_engine(backend)
     model = bake(copy.deepcopy(prepared)).cpu().eval()
     set_observers(model, False)  # the check below must not move the scales it checks
     float_view = copy.deepcopy(model)
     set_fake_quant(float_view, False)
-    with quiet():
+    if isinstance(model, ExportedQAT):
+        if float_student is None:
+            raise ValueError("the QDQ forms of a PT2E student need its float student (the architecture it was prepared from)")
+        integer = integer if integer is not None else convert(model, backend)
+        qdq = IntegerGraph(_clamp_activations(copy.deepcopy(integer.graph_module), bits)).eval()
+        fp32 = _trained_float(model, float_student)
+    else:
         reference = _convert_to_reference_decomposed_fx(copy.deepcopy(model)).eval()  # converts its input in place
-    qdq = _swap_modules(_clamp_activations(copy.deepcopy(reference), bits), 0).eval()
-    fp32 = _swap_modules(_strip_qdq(reference), 1).eval()
-    # The reference conversion is the deployed math: it must agree with what QAT trained (fake quant
-    # on) and with the trained weights (fake quant off) up to float rounding and one quantization step.
+        qdq = _swap_modules(_clamp_activations(copy.deepcopy(reference), bits), 0).eval()
+        fp32 = _swap_modules(_strip_qdq(reference), 1).eval()
+    # The conversion is the deployed math: it must agree with what QAT trained (fake quant on) and
+    # with the trained weights (fake quant off) up to float rounding and one quantization step.
     for label, built, expected in (("QDQ", qdq, model), ("fp32", fp32, float_view)):
         got, want = built(example), expected(example)
         tolerance = 1e-3 + 0.05 * float(want.abs().max())
