@@ -115,6 +115,54 @@ def test_callback_trains_converts_and_round_trips_every_student(name, tmp_path):
     assert report["size_bytes_quant"] < report["size_bytes_fp32"]
 
 
+class _BatchNormProbe(L.Callback):
+    """The first BatchNorm's running mean at each training epoch's start and end, and the mode of
+    the graph's BatchNorm op in every training and validation batch."""
+
+    def __init__(self) -> None:
+        self.means: list[torch.Tensor] = []
+        self.modes: dict[str, set[bool]] = {"train": set(), "val": set()}
+
+    @staticmethod
+    def _bn(pl_module: L.LightningModule):
+        graph = pl_module.student.graph_module
+        return next(n for n in graph.graph.nodes if n.target == torch.ops.aten.batch_norm.default), graph
+
+    def _record(self, pl_module: L.LightningModule) -> None:
+        node, graph = self._bn(pl_module)
+        self.means.append(graph.get_buffer(node.args[3].target).clone())
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._record(pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._record(pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        self.modes["train"].add(self._bn(pl_module)[0].args[5])
+
+    def on_validation_batch_end(self, trainer, pl_module, *args) -> None:
+        self.modes["val"].add(self._bn(pl_module)[0].args[5])
+
+
+def test_a_pt2e_student_trains_its_batchnorm_after_each_validation(tmp_path):
+    # Lightning restores training mode after validation by setting flags, not by calling train():
+    # the exported graph's BatchNorm must still go back to batch statistics (and update them).
+    probe = _BatchNormProbe()
+    dm = _digits()
+    torch.manual_seed(0)
+    module = DistillationModule(build_student(OmegaConf.create(_student_cfg("cnn")), **dm.shape), None, KDLoss(1.0, 0.0), OPTIM,
+                                dm.num_classes)
+    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path / "out")
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[qat, probe])
+    trainer.fit(module, datamodule=dm)
+    assert qat.flow_used == "pt2e"
+    assert probe.modes == {"train": {True}, "val": {False}}
+    start, end = probe.means[2], probe.means[3]  # the second epoch, after a validation
+    assert not torch.equal(start, end)
+
+
 def test_artifact_size_follows_the_bit_width(tmp_path):
     # The default-size MLP: weights dominate the file, so its size tracks b/32 of the fp32 one.
     from distill.compress.quant.artifact import save_quantized_program
@@ -241,6 +289,25 @@ def test_the_packed_program_loads_without_any_prepare_or_convert_step(tmp_path):
     subprocess.run([sys.executable, "-c", code, report["artifact"], str(tmp_path / "x.pt"), str(tmp_path / "got.pt")], check=True, cwd=tmp_path)
     assert torch.equal(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "want.pt"))
     assert report["torchscript"] is None  # a PT2E graph's quantize ops are not TorchScript builtins
+
+
+@pytest.mark.parametrize("saved_flow", ["fx", None])  # None: a checkpoint from before PT2E (no flow recorded: FX)
+def test_a_resumed_run_prepares_the_student_in_its_checkpoints_flow(tmp_path, saved_flow):
+    module, qat, dm, trainer, ckpt = _fit("mlp", 8, tmp_path, epochs=1, flow="fx")
+    path = ckpt.last_model_path
+    if saved_flow is None:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        for state in checkpoint["callbacks"].values():
+            state.pop("flow", None)
+        torch.save(checkpoint, path)
+    student = build_student(OmegaConf.create(_student_cfg("mlp")), **dm.shape)
+    resumed = DistillationModule(student, None, KDLoss(1.0, 0.0), OPTIM, dm.num_classes)
+    again = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path / "out2")  # flow "auto": PT2E for a new run
+    again.resume_from = path  # as the pipeline sets it (Lightning knows ckpt_path only after setup)
+    trainer2 = L.Trainer(max_epochs=2, limit_train_batches=1, limit_val_batches=1, accelerator="cpu", logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[again])
+    trainer2.fit(resumed, datamodule=dm, ckpt_path=path)
+    assert again.flow_used == "fx" and trainer2.global_step == 3
 
 
 def test_torchscript_artifact_runs_with_plain_pytorch(tmp_path):

@@ -140,6 +140,8 @@ def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, t
     step, output_quantized = _output_step(prepared)
     if output_quantized:
         assert (ours - fake_quant).abs().max() <= 4.01 * step
+    else:  # a code flipped in an earlier layer moves a float output by more than a step, not by much
+        assert (ours - fake_quant).abs().max() <= 0.05 * float(fake_quant.max() - fake_quant.min())
     assert ((ours - fake_quant).abs() < 0.5 * step).float().mean() >= 0.8
     assert (ours - fake_quant).abs().mean() < step
     assert (ours_x - theirs).abs().mean() < step
@@ -160,6 +162,8 @@ def test_a_student_of_fewer_than_8_bits_keeps_its_activation_range_in_the_file(t
     step, output_quantized = _output_step(prepared)
     if output_quantized:
         assert (got - want).abs().max() <= 2.01 * step
+    else:  # 16 levels at 4 bits: one flipped code is a larger share of the logits' range
+        assert (got - want).abs().max() <= 0.15 * float(want.max() - want.min())
     assert (got - want).abs().mean() <= step  # unclamped codes would be off by many steps
     assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
     graph = onnx.load(str(path)).graph

@@ -204,10 +204,17 @@ def save_quantized_program(
 
 
 def _load_program(path: str | Path, payload: dict[str, Any]) -> IntegerGraph:
+    missing = [k for k in ("program", "codes", "bits") if k not in payload]
+    if missing:
+        raise CheckpointError(f"quantized student {path} is incomplete: no {', '.join(missing)}")
     try:
         graph = torch.export.load(io.BytesIO(payload["program"].numpy().tobytes())).module()
     except Exception as err:  # noqa: BLE001  (torch.export's deserialisation errors have no common type)
         raise CheckpointError(f"quantized student {path}: its program does not load ({type(err).__name__}: {err})") from err
+    weights = {name for name, t in graph.named_buffers() if t.dtype == torch.int8}
+    if weights != set(payload["codes"]):
+        raise CheckpointError(f"quantized student {path}: its program's int8 weights {sorted(weights)[:4]} are not "
+                              f"those it stores codes of {sorted(payload['codes'])[:4]}")
     with torch.no_grad():
         for name, entry in payload["codes"].items():
             try:
@@ -215,7 +222,10 @@ def _load_program(path: str | Path, payload: dict[str, Any]) -> IntegerGraph:
             except AttributeError as err:
                 raise CheckpointError(f"quantized student {path}: its program has no weight {name!r}") from err
             count = int(np.prod(entry["shape"])) if entry["shape"] else 1
-            values = unpack_codes(entry["packed"], payload["bits"], entry["low"], count).reshape(entry["shape"])
+            try:
+                values = unpack_codes(entry["packed"], payload["bits"], entry["low"], count).reshape(entry["shape"])
+            except (KeyError, ValueError) as err:  # a truncated or edited entry
+                raise CheckpointError(f"quantized student {path}: the codes of {name!r} are damaged ({err})") from err
             if tuple(target.shape) != tuple(values.shape):
                 raise CheckpointError(f"quantized student {path}: weight {name!r} is {list(target.shape)} in its program, "
                                       f"{entry['shape']} in its codes")

@@ -43,7 +43,6 @@ from torch.ao.quantization import (
     QConfigMapping,
 )
 from torch.ao.quantization.quantize_fx import convert_fx, prepare_qat_fx
-from torchao.quantization import pt2e as ao_pt2e
 from torchao.quantization.pt2e import fake_quantize as ao_fake_quantize
 from torchao.quantization.pt2e import observer as ao_observer
 from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_qat_pt2e
@@ -153,36 +152,56 @@ _BATCH_NORM = (torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_n
 class ExportedQAT(nn.Module):
     """A PT2E QAT student: the exported graph with its fake quantizers (``graph_module``).
 
-    An exported graph has no modules to switch, so ``nn.Module.train`` / ``eval`` would do nothing
-    (torch refuses them); here they switch the graph's dropout and BatchNorm ops as torchao's
-    ``move_exported_model_to_train`` / ``_eval`` do, and keep frozen BatchNorm statistics frozen
-    (:func:`freeze_bn_stats`) when Lightning puts the student back in training mode."""
+    An exported graph has no modules to switch: its dropout and BatchNorm ops carry the mode as an
+    argument (``train`` / ``training``), fixed at export. Lightning switches modes by setting
+    ``module.training`` flags (after validation it restores them without calling ``train()``), so
+    :meth:`forward` brings the graph's ops to the flag's mode whenever the two differ, keeping
+    frozen BatchNorm statistics frozen (:func:`freeze_bn_stats`). The arguments are set directly:
+    torchao's ``move_exported_model_to_train`` / ``_eval`` set the same ones by pattern rewriting,
+    which exports its patterns on every call (seconds each, twice per validation here)."""
 
     def __init__(self, graph_module: fx.GraphModule) -> None:
         super().__init__()
         self.graph_module = graph_module
         self.bn_frozen = False
+        self._graph_mode = (True, False)  # (training, bn_frozen) of the graph's ops: exported in training mode
+
+    def _sync_mode(self) -> None:
+        mode = (self.training, self.bn_frozen)
+        if mode != self._graph_mode:
+            _set_graph_mode(self.graph_module, training=self.training, bn_training=self.training and not self.bn_frozen)
+            self._graph_mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._sync_mode()
         return self.graph_module(x)
 
     def train(self, mode: bool = True) -> ExportedQAT:
-        (ao_pt2e.move_exported_model_to_train if mode else ao_pt2e.move_exported_model_to_eval)(self.graph_module)
-        if mode and self.bn_frozen:
-            _set_batch_norm_training(self.graph_module, False)
-        for m in self.modules():  # the flags only: the graph's ops were switched above
+        for m in self.modules():
             m.training = mode
+        self._sync_mode()
         return self
 
 
-def _set_batch_norm_training(graph_module: fx.GraphModule, training: bool) -> None:
-    """Set the ``training`` argument of every BatchNorm op of an exported graph (False: normalise
-    with, and stop updating, the running statistics: the PT2E QAT tutorial's BN freeze)."""
+_DROPOUT = (torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+
+
+def _set_graph_mode(graph_module: fx.GraphModule, training: bool, bn_training: bool) -> None:
+    """Set the mode argument of every dropout (``train``) and BatchNorm (``training``; False
+    normalises with, and stops updating, the running statistics) op of an exported graph."""
     changed = False
     for node in graph_module.graph.nodes:
-        if node.op == "call_function" and node.target in _BATCH_NORM and node.args[5] != training:
+        if node.op != "call_function":
+            continue
+        if node.target in _BATCH_NORM:
+            index, want = 5, bn_training
+        elif node.target in _DROPOUT:
+            index, want = 2, training
+        else:
+            continue
+        if node.args[index] != want:
             args = list(node.args)
-            args[5] = training
+            args[index] = want
             node.args = tuple(args)
             changed = True
     if changed:
@@ -249,11 +268,12 @@ def convert(prepared: nn.Module, backend: str = "x86") -> nn.Module:
     set_engine(backend)
     # Pruning masks (torch.nn.utils.prune hooks) are baked into the weights first: conversion reads
     # ``module.weight``, which a pruning hook only refreshes on the next forward pass.
-    model = bake(copy.deepcopy(prepared)).cpu().eval()
-    if not isinstance(model, ExportedQAT):
-        return convert_fx(model).eval()
-    # Outside inference mode: the integer model is exported and saved, which inference tensors refuse.
+    if not isinstance(prepared, ExportedQAT):
+        return convert_fx(bake(copy.deepcopy(prepared)).cpu().eval()).eval()
+    # Copied and converted outside inference mode: the integer model is exported and saved, which
+    # inference tensors refuse (a copy made here of one is a normal tensor).
     with torch.inference_mode(False), torch.no_grad():
+        model = copy.deepcopy(prepared).cpu().eval()
         return IntegerGraph(_drop_unused(convert_pt2e(model.graph_module)))
 
 
@@ -324,7 +344,7 @@ def freeze_bn_stats(model: nn.Module) -> None:
     conv-BN modules and plain BN; in a PT2E graph, its BatchNorm ops (kept across ``train()``)."""
     if isinstance(model, ExportedQAT):
         model.bn_frozen = True
-        _set_batch_norm_training(model.graph_module, False)
+        model._sync_mode()
         return
     model.apply(freeze_fused)
     for m in model.modules():

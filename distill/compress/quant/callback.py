@@ -23,6 +23,7 @@ checkpoint take the same one. :attr:`report` holds
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ from distill.measure.accuracy import loader_accuracy
 from distill.measure.record import DeployedModel, Latency
 from distill.measure.size import count_parameters, serialized_size_bytes
 from distill.models.registry import build_student
+from distill.runtime.checkpoint_io import saved_callback_state
 from distill.runtime.rank_sync import broadcast_buffers, verify_identical
 
 log = logging.getLogger(__name__)
@@ -138,6 +140,7 @@ class QuantizationAwareTraining(Callback):
         self.student_cfg, self.data_cfg = student_cfg or {}, data_cfg
         self.flow = flow  # asked for: auto (PT2E, FX where it fails) or fx
         self.flow_used: str | None = None  # taken, at setup
+        self.resume_from: str | None = None  # the checkpoint this run resumes, if any
         self.float_student: nn.Module | None = None  # the fp32 architecture, for size and latency
         self.report: QATReport | None = None
         self.exportable: QuantizedDeployable | None = None  # the models the ONNX / torch.export files are of
@@ -153,8 +156,10 @@ class QuantizationAwareTraining(Callback):
             return
         self.float_student = copy.deepcopy(pl_module.student).cpu().eval()
         example = torch.zeros(1, *self.sample_shape)
-        # A resumed run prepares the student the way its checkpoint was trained (its weights load next).
-        flow = _checkpoint_flow(getattr(trainer, "ckpt_path", None)) or self.flow
+        # A resumed run prepares the student the way its checkpoint was trained (its weights load next;
+        # Lightning sets trainer.ckpt_path only after the setup hooks: the pipeline passes it).
+        saved = saved_callback_state(self.resume_from, self.state_key)
+        flow = (saved.get("flow") or "fx") if saved else self.flow  # QAT state without a flow: from before PT2E
         pl_module.student = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend, flow)
         self.flow_used = quant_backend.flow_of(pl_module.student)
         self.apply_schedule(pl_module.student, trainer.current_epoch)
@@ -232,8 +237,11 @@ class QuantizationAwareTraining(Callback):
         return copy.deepcopy(self.exportable.fp32) if self.exportable is not None else None
 
     def deployable_quantized(self) -> QuantizedDeployable | None:
-        """The integer student and its QDQ form (``student_int8.onnx``); None before conversion."""
-        return copy.deepcopy(self.exportable)
+        """The integer student and its QDQ form (``student_int8.onnx``); None before conversion. The
+        compiled runtime is shared, not copied (a copy would compile again, outside its fallback)."""
+        if self.exportable is None:
+            return None
+        return dataclasses.replace(copy.deepcopy(dataclasses.replace(self.exportable, runtime=None)), runtime=self.exportable.runtime)
 
     @torch.inference_mode()
     def convert_and_measure(self, prepared: nn.Module, test_loader: Any) -> QATReport:
@@ -308,27 +316,12 @@ class QuantizationAwareTraining(Callback):
         return report
 
 
-def _checkpoint_flow(ckpt_path: str | Path | None) -> str | None:
-    """The flow a checkpoint's QAT student was prepared with (``fx`` for one written before PT2E
-    was the default); None without a checkpoint file, or without QAT in it."""
-    if not ckpt_path or not Path(ckpt_path).is_file():
-        return None
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:  # noqa: BLE001  (Lightning names a corrupt checkpoint itself, next)
-        log.debug("qat: could not read %s for its quantization flow: %s", ckpt_path, err)
-        return None
-    for key, state in (checkpoint.get("callbacks") or {}).items():
-        if str(key).split("{")[0] == QuantizationAwareTraining.__qualname__:
-            return (state or {}).get("flow") or "fx"
-    return None
-
-
 class QuantTechnique(Technique):
     """``quant.bits=N``: quantization-aware training, then the converted integer student."""
 
     name, setting, deploy_rank, label_rank = "quant", "quant.bits", 50, 3
     callback_class = QuantizationAwareTraining
+    reshapes_student = True  # PT2E or FX: a resumed run must prepare the student as its checkpoint was
     checks = QUANT_CHECKS
 
     def enabled(self, cfg: DictConfig) -> bool:
