@@ -6,6 +6,7 @@ errors, 3 for a non-finite loss, 128 + signal number for a preemption).
 
 from __future__ import annotations
 
+import re
 import signal
 from pathlib import Path
 
@@ -41,3 +42,12 @@ class Preempted(Exception):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def first_line(err: BaseException) -> str:
+    """The innermost cause's first line, without terminal colours (the ONNX exporter's own first line
+    is a banner: "Failed to export the model with torch.export. This is step 1/3 ...")."""
+    while (err.__cause__ or err.__context__) is not None:
+        err = err.__cause__ or err.__context__  # type: ignore[assignment]
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]

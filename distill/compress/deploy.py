@@ -27,7 +27,6 @@ import copy
 import json
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
@@ -39,7 +38,7 @@ import torch
 from torch import nn
 
 from distill.compress.technique import QuantizedDeployable
-from distill.errors import ConfigError
+from distill.errors import ConfigError, first_line
 from distill.measure import latency
 from distill.measure.accuracy import loader_accuracy
 
@@ -234,15 +233,6 @@ def exported_params(path: str | Path) -> int:
     return int(sum(t.numel() for t in program.state_dict.values()))
 
 
-def _first_line(err: BaseException) -> str:
-    """The innermost cause's first line, without terminal colours (the ONNX exporter's own first line
-    is a banner: "Failed to export the model with torch.export. This is step 1/3 ...")."""
-    while (err.__cause__ or err.__context__) is not None:
-        err = err.__cause__ or err.__context__  # type: ignore[assignment]
-    text = re.sub(r"\x1b\[[0-9;]*m", "", str(err)).strip().splitlines()
-    return f"{type(err).__name__}: {text[0] if text else ''}"[:500]
-
-
 def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, test_loader: Iterable,
                      sample_shape: tuple[int, int, int], latency_batch: int, threads: int,
                      max_acc_drop: float, fp16: bool = False, device: str | None = "cpu", strict: bool = False,
@@ -303,10 +293,10 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
             if strict:
                 raise
             log.warning("export %s failed: %s (the other artifacts are still written; export.strict=true makes this fatal)",
-                        fmt, _first_line(err))
+                        fmt, first_line(err))
             loaded.pop(fmt, None)
             path.unlink(missing_ok=True)  # written but not loadable or measurable: not shipped
-            records[fmt] = ExportedArtifact(fmt, None, runtime, error=_first_line(err))
+            records[fmt] = ExportedArtifact(fmt, None, runtime, error=first_line(err))
             continue
         ref = records[reference]
         drop = 100 * (float(ref.acc) - acc)

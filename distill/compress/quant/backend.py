@@ -51,6 +51,7 @@ from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import X86Induct
 
 from distill.compress.prune.masks import bake
 from distill.compress.quant.graph import IntegerGraph
+from distill.errors import first_line
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,6 @@ def _prepare_pt2e(model: nn.Module, bits: int, per_channel: bool, example: torch
 
 
 def _prepare_fx(model: nn.Module, bits: int, per_channel: bool, example: torch.Tensor, backend: str) -> nn.Module:
-    set_engine(backend)
     return prepare_qat_fx(copy.deepcopy(model).train(), qconfig_mapping(bits, per_channel, backend), (example,))
 
 
@@ -238,9 +238,8 @@ def prepare_qat(model: nn.Module, bits: int, per_channel: bool, example_input: t
     except Exception as err:  # noqa: BLE001  (export or annotation failures have no common type)
         if flow == "pt2e":
             raise
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        log.warning("qat: PT2E cannot prepare this student (%s: %s); using torch.ao's FX flow (deprecated upstream)",
-                    type(err).__name__, first)
+        log.warning("qat: PT2E cannot prepare this student (%s); using torch.ao's FX flow (deprecated upstream)",
+                    first_line(err))
     return _prepare_fx(model, bits, per_channel, example_input, backend)
 
 
@@ -277,14 +276,6 @@ def convert(prepared: nn.Module, backend: str = "x86") -> nn.Module:
         return IntegerGraph(_drop_unused(convert_pt2e(model.graph_module)))
 
 
-def is_qdq_graph(model: nn.Module) -> bool:
-    """Whether ``model`` is a quantize/dequantize graph (PT2E's integer model, or FX's QDQ form)."""
-    if isinstance(model, IntegerGraph):
-        return True
-    return isinstance(model, fx.GraphModule) and any(
-        getattr(node.target, "namespace", None) == "quantized_decomposed" for node in model.graph.nodes)
-
-
 class _Inductor(nn.Module):
     """An integer graph compiled by Inductor with freezing (weights constant, so its int8 weight
     pass pre-packs them for oneDNN). The config is patched around every call, not passed as
@@ -307,26 +298,23 @@ def pytorch_runtime(integer: nn.Module, example: torch.Tensor) -> tuple[nn.Modul
     modules run their own int8 kernels eagerly; a quantize/dequantize graph is compiled by Inductor
     with freezing, which lowers it to oneDNN's int8 kernels on x86 (the X86 quantizer's deployment),
     or, when compiling fails (no C++ compiler, say), runs eagerly as float math on int8 weights."""
-    if not is_qdq_graph(integer):
+    if not isinstance(integer, IntegerGraph):  # FX's quantized modules
         return integer, torch.backends.quantized.engine
     compiled = _Inductor(integer)
     try:
         with torch.no_grad():
             compiled(example)  # compiles now: a failure is known here, not inside a timing loop
     except Exception as err:  # noqa: BLE001  (Inductor's failures have no common type)
-        log.warning("qat: torch.compile failed on the integer model (%s: %s); timing it eagerly",
-                    type(err).__name__, str(err).strip().splitlines()[0] if str(err).strip() else "")
+        log.warning("qat: torch.compile failed on the integer model (%s); timing it eagerly", first_line(err))
         return integer, "eager"
     return compiled, "inductor"
 
 
-def _all_fake_quant_types() -> tuple[type, ...]:
-    return (FakeQuantizeBase, ao_fake_quantize.FakeQuantizeBase)
+_FAKE_QUANTIZERS = (FakeQuantizeBase, ao_fake_quantize.FakeQuantizeBase)  # FX's and PT2E's
 
 
 def fake_quant_modules(model: nn.Module) -> Iterator[nn.Module]:
-    kinds = _all_fake_quant_types()
-    return (m for m in model.modules() if isinstance(m, kinds))
+    return (m for m in model.modules() if isinstance(m, _FAKE_QUANTIZERS))
 
 
 def set_fake_quant(model: nn.Module, enabled: bool) -> None:
