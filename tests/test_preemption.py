@@ -68,7 +68,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     "extra",
     [pytest.param([], id="one-process"),
      pytest.param(["strategy=ddp", "trainer.devices=2", "quant.bits=8", "prune.method=magnitude", "prune.amount=0.5",
-                   "prune.end_epoch=2"], id="ddp-qat-pruning")],
+                   "prune.end_epoch=2", "prune.importance=fisher"], id="ddp-qat-pruning")],  # gradient-scored masks
 )
 def test_sigkill_after_a_checkpoint_then_rerun_ends_bitwise_equal(tmp_path, request, extra):
     if extra:

@@ -199,7 +199,7 @@ def test_step_interval_counts_optimizer_steps_and_stops_at_end(monkeypatch, accu
     callback = Pruning("magnitude", 0.5, schedule="gradual", start_epoch=1, end_epoch=3, frequency=4, interval="step")
     events: list[int] = []
     trainer = SimpleNamespace(num_training_batches=8 * accumulate, accumulate_grad_batches=accumulate, global_step=0)
-    monkeypatch.setattr(callback, "prune_to", lambda sparsity: events.append(trainer.global_step))
+    monkeypatch.setattr(callback, "prune_to", lambda sparsity, *_: events.append(trainer.global_step))
     for step in range(6 * 8):  # six epochs of 8 optimizer steps
         trainer.global_step = step
         for batch in range(accumulate):

@@ -212,9 +212,11 @@ class MeasureConfig:
 
 @dataclass
 class PruneConfig:
-    """Pruning of the student (``prune.method=magnitude|structured``); see distill/compress/prune/callback.py."""
+    """Pruning of the student (``prune.method=unstructured|structured``); see distill/compress/prune/callback.py."""
 
-    method: str = "none"  # none | magnitude (unstructured L1) | structured (channels/neurons, Ln)
+    method: str = "none"  # none | unstructured (alias: magnitude) | structured (channels/neurons)
+    importance: str = "magnitude"  # unstructured: magnitude|taylor|fisher|snip|random; structured: magnitude|taylor|hessian|fpgm|random
+    importance_batches: int = 8  # taylor / fisher / snip / hessian: training batches whose gradients score a pruning event
     amount: float = 0.5  # final sparsity: fraction of weights (magnitude) or channels (structured)
     scope: str = "global"  # global (one threshold for all layers) | layer; structured: layer only
     schedule: str = "gradual"  # oneshot (at start_epoch) | gradual (Zhu & Gupta 2017)

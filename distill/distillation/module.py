@@ -114,10 +114,14 @@ class DistillationModule(L.LightningModule):
                 logits = torch.stack([logits, *(member(x) for member in self.ensemble)], dim=1)
         return logits if self.distill_loss.uses_teacher else None
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
-        # (x, y); or (x, y, the teacher's precomputed logits for x) when the data loader reads them from
-        # the cached table; or (x, y, {column: rows}) with the teacher's cached features, several
-        # teachers' logits or the samples' indices (distill/data/datasets.py: WithTeacherRows).
+    def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+        """The distillation loss of a training batch, its terms (``loss`` their weighted sum), the
+        student's logits and the labels; no logging, no side effect (a pruning criterion's
+        gradients come from it too, :mod:`distill.compress.prune.importance`).
+
+        ``batch``: (x, y); or (x, y, the teacher's precomputed logits for x) when the data loader reads
+        them from the cached table; or (x, y, {column: rows}) with the teacher's cached features,
+        several teachers' logits or the samples' indices (distill/data/datasets.py: WithTeacherRows)."""
         x, y, *extra = batch
         rows = (extra[0] if isinstance(extra[0], dict) else {"logits": extra[0]}) if extra else {}
         # The feature hooks keep their layers' outputs during these two forward passes only.
@@ -130,6 +134,10 @@ class DistillationModule(L.LightningModule):
             parts, weighted = self.features(None if self.teacher is not None else rows, index=rows.get("index"))
             terms.update(parts)
             terms["loss"] = terms["loss"] + weighted
+        return terms, logits, y
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor | None:
+        terms, logits, y = self.loss_terms(batch)
         if self._nonfinite_anywhere(terms["loss"]):
             # Stop now, before the optimizer step puts NaN into the weights (and into a
             # checkpoint); or, with loss.on_nonfinite=skip, drop this batch and count it.

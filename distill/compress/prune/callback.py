@@ -1,11 +1,16 @@
-"""Pruning as a Lightning callback (``prune.method=magnitude|structured``), on ``torch.nn.utils.prune``.
+"""Pruning as a Lightning callback (``prune.method=unstructured|structured``), on ``torch.nn.utils.prune``.
 
-- ``magnitude``: unstructured L1 pruning of weights, over all selected layers at once
-  (``scope=global``) or per layer (``scope=layer``).
+What is pruned first is what ``prune.importance`` scores lowest (:mod:`distill.compress.prune.importance`:
+magnitude, gradient (Taylor), Fisher / Hessian, SNIP, geometric median, random); the gradient
+criteria draw ``prune.importance_batches`` training batches at every pruning event.
+
+- ``unstructured`` (``magnitude``, its old name, still accepted): single weights, over all selected
+  layers at once (``scope=global``) or per layer (``scope=layer``), by ``torch.nn.utils.prune``'s
+  L1 pruning of the criterion's scores (its ``importance_scores``).
 - ``structured``: whole channels (conv) or neurons (linear), ``amount`` of each channel group:
   Torch-Pruning's dependency groups (:mod:`distill.compress.prune.groups`), so a residual stream or a
   depthwise block loses a channel in every layer that writes it, and the group's importance ranks
-  them (the layers' Ln norms). Every producer of a pruned channel (conv / linear rows and biases,
+  them (by default the layers' Ln norms). Every producer of a pruned channel (conv / linear rows and biases,
   BatchNorm scale and shift) is masked, so the channel is exactly zero wherever it reaches, and
   removing it physically after training (:mod:`distill.compress.prune.channel_removal`) keeps the
   outputs: the shrunk model is tested on the test split, and a difference from the masked model
@@ -52,6 +57,12 @@ from distill.compress.prune.groups import (
     group_scores,
     resolve,
 )
+from distill.compress.prune.importance import (
+    GRADIENT_CRITERIA,
+    Gradients,
+    collect_gradients,
+    weight_scores,
+)
 from distill.compress.prune.masks import bake, effective
 from distill.compress.prune.sparse_format import (
     SPARSE_ARTIFACT,
@@ -60,7 +71,7 @@ from distill.compress.prune.sparse_format import (
     save_sparse,
 )
 from distill.compress.quant import backend as quant_backend
-from distill.compress.settings import PRUNE_CHECKS, PRUNE_METHODS
+from distill.compress.settings import PRUNE_CHECKS, PRUNE_IMPORTANCE, PRUNE_METHODS
 from distill.compress.technique import (
     BuildContext,
     LoadedArtifact,
@@ -118,6 +129,7 @@ class PruneReport(TechniqueReport):
     sparse_artifact: str | None = None
     channels_pruned: dict[str, int] | None = None  # structured
     removal: ChannelRemoval | None = None  # structured, with prune.remove_channels
+    prune_importance: str = "magnitude"  # the criterion that chose them
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "removal" and (v is not None or k in ("prune_method",))}
@@ -142,7 +154,7 @@ class PruneReport(TechniqueReport):
 
     def describe(self) -> list[str]:
         lines = [
-            f"pruned ({self.prune_method}): sparsity {100 * self.sparsity:.2f} %, {self.nonzero_params:,} non-zero parameters, "
+            f"pruned ({self.prune_method}, by {self.prune_importance}): sparsity {100 * self.sparsity:.2f} %, {self.nonzero_params:,} non-zero parameters, "
             f"dense {self.size_bytes_dense:,} bytes"
             + (f", sparse file (bitmask + non-zero values) {self.size_bytes_sparse:,} bytes" if self.size_bytes_sparse else "")
         ]
@@ -209,19 +221,24 @@ class Pruning(Callback):
         output_dir: str | None = None,
         meta: dict[str, Any] | None = None,
         removal_tolerance: float = 1e-4,
+        importance: str = "magnitude",
+        importance_batches: int = 8,
+        seed: int = 0,
     ) -> None:
         if method not in METHODS or method == "none":
-            raise ValueError(f"prune.method={method!r}: choose from: magnitude, structured")
+            raise ValueError(f"prune.method={method!r}: choose from: unstructured (alias: magnitude), structured")
         if method == "structured" and scope != "layer":
             raise ValueError("prune.scope=global is not supported with prune.method=structured; use prune.scope=layer")
+        check_importance(method, importance, importance_batches, schedule, start_epoch)
         self.method, self.amount, self.scope = method, float(amount), scope
+        self.importance, self.importance_batches, self.seed = importance, int(importance_batches), int(seed)
         self.schedule, self.start_epoch = schedule, start_epoch
         self.end_epoch = end_epoch if end_epoch is not None else start_epoch
         self.frequency, self.interval = max(int(frequency), 1), interval
         self.layer_types = list(layers or ["Linear", "Conv2d"])
         self.norm = norm
         # Structured pruning never removes the classifier's outputs (the classes).
-        self.include_classifier = prune_classifier and method == "magnitude"
+        self.include_classifier = prune_classifier and method != "structured"
         self.remove_channels = remove_channels and method == "structured"
         self.sample_shape = sample_shape
         self.latency_batch_size, self.latency_threads = latency_batch_size, latency_threads
@@ -307,7 +324,7 @@ class Pruning(Callback):
         if self.interval == "epoch":
             epoch = trainer.current_epoch
             if self._is_event(epoch, self.start_epoch, self.end_epoch):
-                self.prune_to(self.target_sparsity(epoch))
+                self._event(trainer, pl_module, self.target_sparsity(epoch), event=epoch)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int) -> None:
         if self.interval == "step":
@@ -317,41 +334,111 @@ class Pruning(Callback):
             step, start, end = trainer.global_step, self.start_epoch * per_epoch, self.end_epoch * per_epoch
             if step != self._last_step_event and self._is_event(step, start, end):
                 self._last_step_event = step
-                self.prune_to(self.target_sparsity(step / per_epoch))
+                self._event(trainer, pl_module, self.target_sparsity(step / per_epoch), event=step)
 
     # -- masks ----------------------------------------------------------------------------------
 
+    def _scored_tensors(self) -> list[tuple[nn.Module, str]]:
+        if self.method == "structured":
+            return [(t.module, t.name) for _, tensors in self._groups for t in tensors if t.scored]
+        return [(m, "weight") for _, m in self._layers]
+
+    def _event(self, trainer: L.Trainer, pl_module: L.LightningModule, sparsity: float, event: int) -> None:
+        # No gradients are drawn for an event with nothing to prune (the first of a gradual schedule).
+        gradients = self._gradients(trainer, pl_module, event) if self.importance in GRADIENT_CRITERIA and sparsity > 0 else None
+        self.prune_to(sparsity, gradients, event)
+
+    def _gradients(self, trainer: L.Trainer, pl_module: L.LightningModule, event: int) -> Gradients:
+        """The gradients a gradient criterion scores this event with (None for the others):
+        ``importance_batches`` batches of the training set, a permutation seeded by the run's seed
+        and the event (the same batches after a resume), each rank its own equal share, loss and
+        precision as in a training step."""
+        # The loader's own iterator is not used: it is the fit loop's (a resumed run's sampler skips the
+        # batches already trained on at its first iterator). The samples are fetched as the loader
+        # would (a batched fetch where the dataset has one), in this process.
+        loader = trainer.train_dataloader
+        dataset = getattr(loader, "dataset", None)
+        size = getattr(loader, "batch_size", None) or getattr(getattr(loader, "batch_sampler", None), "batch_size", None)
+        if dataset is None or not size:
+            raise ValueError(f"prune.importance={self.importance}: the training data loader has no dataset / batch size to draw "
+                             "the gradient batches from")
+        world, rank = max(trainer.world_size, 1), trainer.global_rank
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed * 100_003 + event))
+        mine = order[rank::world][: (len(dataset) // world)]
+        count = max(min(self.importance_batches, len(mine) // size), 1)  # equal on every rank
+        collate = loader.collate_fn
+
+        def batches() -> Any:
+            for i in range(count):
+                index = mine[i * size:(i + 1) * size].tolist()
+                fetch = getattr(dataset, "__getitems__", None)
+                batch = collate(fetch(index) if fetch is not None else [dataset[j] for j in index])
+                yield trainer.strategy.batch_to_device(batch, pl_module.device)
+
+        def loss_of(batch: Any) -> torch.Tensor:
+            with trainer.precision_plugin.train_step_context():
+                return pl_module.loss_terms(batch)[0]["loss"]
+
+        reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
+        grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce, seed=self.seed + event)
+        log.info("prune: %s importance from the gradients of %d batch(es) of %d", self.importance, grads.batches, size)
+        return grads
+
     @torch.no_grad()
-    def prune_to(self, sparsity: float) -> None:
-        """Grow the masks so that the selected weights (or channels) reach ``sparsity``."""
+    def prune_to(self, sparsity: float, gradients: Gradients | None = None, event: int = 0) -> None:
+        """Grow the masks so that the selected weights (or channels) reach ``sparsity``, the lowest
+        scored by ``prune.importance`` first (``gradients``: for the gradient criteria)."""
         if sparsity <= 0:
             return
+        if self.importance in GRADIENT_CRITERIA and gradients is None:
+            raise ValueError(f"prune.importance={self.importance} needs the gradients of training batches")
         if self.method == "structured":
-            for group, tensors in self._groups:
-                self._prune_group(group, tensors, sparsity)
-        elif self.scope == "global":
+            for i, (group, tensors) in enumerate(self._groups):
+                self._prune_group(group, tensors, sparsity, gradients, seed=self._seed(event, i))
+            self._log_sparsity(sparsity)
+            return
+        scores = None
+        if self.importance != "magnitude":  # magnitude: torch's own L1 of the weights, as always
+            scores = {
+                (m, "weight"): weight_scores(self.importance, effective(m, "weight"),
+                                             gradients.of(m, "weight") if gradients is not None else None,
+                                             gradients.batches if gradients is not None else 1, seed=self._seed(event, i))
+                for i, (_, m) in enumerate(self._layers)
+            }
+        if self.scope == "global":
             total = sum(m.weight_mask.numel() for _, m in self._layers)
             pruned = sum(int((m.weight_mask == 0).sum()) for _, m in self._layers)
             extra = round(sparsity * total) - pruned
             if extra > 0:
-                prune.global_unstructured([(m, "weight") for _, m in self._layers], prune.L1Unstructured, amount=extra)
+                prune.global_unstructured([(m, "weight") for _, m in self._layers], prune.L1Unstructured, amount=extra,
+                                          importance_scores=scores)
         else:
             for _, module in self._layers:
                 mask = module.weight_mask
                 extra = round(sparsity * mask.numel()) - int((mask == 0).sum())
                 if extra > 0:
-                    prune.l1_unstructured(module, "weight", amount=extra)
+                    prune.l1_unstructured(module, "weight", amount=extra,
+                                          importance_scores=None if scores is None else scores[(module, "weight")])
+        self._log_sparsity(sparsity)
+
+    def _seed(self, event: int, index: int) -> int:
+        """The random criterion's seed for one layer or group at one event: the same on every rank."""
+        return (self.seed * 1_000_003 + event) * 10_007 + index
+
+    def _log_sparsity(self, sparsity: float) -> None:
         self.current_sparsity = self.sparsity()["global"]
         log.info("prune: %s sparsity %.4f (target %.4f)", self.method, self.current_sparsity, sparsity)
 
-    def _prune_group(self, group: ChannelGroup, tensors: list[GroupTensor], sparsity: float) -> None:
+    def _prune_group(self, group: ChannelGroup, tensors: list[GroupTensor], sparsity: float,
+                     gradients: Gradients | None = None, seed: int = 0) -> None:
         """Grow one group's pruned channels to ``sparsity`` of its channels, lowest importance first."""
         alive = self._alive(tensors)
         extra = round(sparsity * group.channels) - int((~alive).sum())
         extra = min(extra, int(alive.sum()) - 1)  # keep at least one channel
         if extra <= 0:
             return
-        scores = group_scores(tensors, group.channels, self.norm).masked_fill(~alive, float("inf"))
+        scores = group_scores(tensors, group.channels, self.norm, self.importance, gradients, alive, seed)
+        scores = scores.masked_fill(~alive, float("inf"))
         pruned = torch.zeros(group.channels, dtype=torch.bool)
         pruned[torch.argsort(scores, stable=True)[:extra]] = True
         pruned |= ~alive
@@ -422,6 +509,7 @@ class Pruning(Callback):
             nonzero_params=int(sum(int((p != 0).sum()) for p in dense.parameters())),
             size_bytes_dense=serialized_size_bytes(dense) if not qat else sum(v.numel() * v.element_size() for v in state.values()),
             channels_pruned=sparsity.get("channels_pruned"),
+            prune_importance=self.importance,
         )
         # The sparse file of the fp32 weights (for a QAT student, of its prepared model with fake
         # quantization off; it deploys its integer artifact, which a higher-ranked technique reports).
@@ -478,13 +566,21 @@ class Pruning(Callback):
 
     def state_dict(self) -> dict[str, Any]:
         # The masks themselves are model buffers (``*_mask``) inside the checkpoint's state dict.
-        return {"method": self.method, "amount": self.amount, "current_sparsity": self.current_sparsity}
+        # The gradient criteria keep no running sums between events (each event draws its batches,
+        # seeded, from the training set), so nothing else is needed to resume to the same masks.
+        return {"method": self.method, "importance": self.importance, "amount": self.amount,
+                "current_sparsity": self.current_sparsity}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict.get("method") not in (None, self.method):
             raise ValueError(
                 f"prune.method={self.method!r} but the checkpoint being resumed was pruned with "
                 f"prune.method={state_dict['method']!r}"
+            )
+        if state_dict.get("importance", "magnitude") != self.importance:
+            raise ValueError(
+                f"prune.importance={self.importance!r} but the checkpoint being resumed was pruned with "
+                f"prune.importance={state_dict.get('importance', 'magnitude')!r}"
             )
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
 
@@ -501,6 +597,10 @@ class PruneTechnique(Technique):
 
     def check(self, cfg: DictConfig, others: list[Technique]) -> None:
         pr = cfg.prune
+        try:
+            check_importance(pr.method, pr.importance, pr.importance_batches, pr.schedule, pr.start_epoch)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         if pr.method == "structured" and pr.scope != "layer":
             raise ConfigError("prune.scope=global is not supported with prune.method=structured: use prune.scope=layer")
         if pr.schedule == "gradual" and pr.end_epoch < pr.start_epoch:
@@ -522,7 +622,8 @@ class PruneTechnique(Technique):
             sample_shape=ctx.sample_shape, latency_batch_size=ctx.latency_batch_size, latency_threads=ctx.latency_threads,
             latency_device=ctx.latency_device,
             output_dir=ctx.output_dir, meta={"student": ctx.student_cfg, "data": ctx.data_cfg, "quant": _quant_meta(cfg)},
-            removal_tolerance=p.removal_tolerance,
+            removal_tolerance=p.removal_tolerance, importance=p.importance, importance_batches=p.importance_batches,
+            seed=int(cfg.get("seed") or 0),
         )
 
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
@@ -553,10 +654,28 @@ class PruneTechnique(Technique):
 
     def hparams(self, cfg: DictConfig) -> dict[str, Any]:
         on = cfg.prune.method != "none"
-        return {"prune_method": cfg.prune.method, "prune_amount": cfg.prune.amount if on else None}
+        return {"prune_method": cfg.prune.method, "prune_amount": cfg.prune.amount if on else None,
+                "prune_importance": cfg.prune.importance if on else None}
 
     def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
-        return f"prune{cfg.prune.amount:g}"
+        criterion = "" if cfg.prune.importance == "magnitude" else f"-{cfg.prune.importance}"
+        return f"prune{cfg.prune.amount:g}{criterion}"
+
+
+def check_importance(method: str, importance: str, batches: int, schedule: str, start_epoch: int) -> None:
+    """``prune.importance`` must be one of the method's criteria; SNIP is one-shot at initialisation."""
+    choices = PRUNE_IMPORTANCE.get(method)
+    if choices is None:
+        return
+    if importance not in choices:
+        known = sorted({c for cs in PRUNE_IMPORTANCE.values() for c in cs})
+        what = "does not apply to" if importance in known else "is not a criterion of"
+        raise ValueError(f"prune.importance={importance} {what} prune.method={method}; choose from: {', '.join(choices)}")
+    if int(batches) < 1:
+        raise ValueError(f"prune.importance_batches={batches} must be >= 1")
+    if importance == "snip" and (schedule != "oneshot" or start_epoch != 0):
+        raise ValueError("prune.importance=snip scores the weights at initialisation: it needs prune.schedule=oneshot "
+                         f"and prune.start_epoch=0 (got schedule={schedule}, start_epoch={start_epoch})")
 
 
 def _quant_meta(cfg: DictConfig) -> dict[str, Any] | None:

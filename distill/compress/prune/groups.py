@@ -15,8 +15,9 @@ tensor of a channel makes that channel exactly zero everywhere the group reaches
 input columns then multiply zeros, and removing the group
 (:func:`distill.compress.prune.channel_removal.remove_pruned_channels`) keeps the outputs.
 
-Importance of a group's channel (:func:`group_scores`), this package's rule: the Ln norm of its
-output row in each producing conv / linear layer, each layer's norms divided by their mean over the
+Importance of a group's channel (:func:`group_scores`), this package's rule: the criterion's score
+of its output row in each producing conv / linear layer (by default the row's Ln norm; the others
+in :mod:`distill.compress.prune.importance`), each layer's scores divided by their mean over the
 channels (so a layer of large weights does not outvote the others), averaged over the layers. (Like
 Torch-Pruning's ``GroupMagnitudeImportance``, a magnitude over the whole group, but normalised per
 layer before the mean rather than after, and over the producers only.) A group of one layer (a
@@ -36,6 +37,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distill.compress.prune.importance import Gradients, row_scores
 from distill.compress.prune.masks import effective
 
 # Module types whose output channels are masked by their (weight, bias) rows.
@@ -137,14 +139,23 @@ def resolve(model: nn.Module, group: ChannelGroup) -> list[GroupTensor]:
 
 
 @torch.no_grad()
-def group_scores(tensors: list[GroupTensor], channels: int, norm: float) -> torch.Tensor:
-    """Importance of each of the group's channels (see the module docstring); low is pruned first."""
+def group_scores(tensors: list[GroupTensor], channels: int, norm: float, criterion: str = "magnitude",
+                 gradients: Gradients | None = None, alive: torch.Tensor | None = None, seed: int = 0) -> torch.Tensor:
+    """Importance of each of the group's channels (see the module docstring) by ``criterion``
+    (:func:`distill.compress.prune.importance.row_scores`); low is pruned first."""
+    alive = torch.ones(channels, dtype=torch.bool) if alive is None else alive
     per_layer = []
-    for t in tensors:
+    for i, t in enumerate(tensors):
         if not t.scored:
             continue
+        index = list(t.index)
         w = effective(t.module, t.name).detach()
-        rows = w.flatten(1)[list(t.index)].norm(p=norm, dim=1).float().cpu()
+        grads = None
+        if gradients is not None:
+            total, squares = gradients.of(t.module, t.name)
+            grads = (total.flatten(1)[index], squares.flatten(1)[index])
+        rows = row_scores(criterion, w.flatten(1)[index], grads, alive, gradients.batches if gradients is not None else 1,
+                          norm=norm, seed=seed * 101 + i).float().cpu()
         per_layer.append(rows / rows.mean().clamp_min(1e-12))
     if not per_layer:
         return torch.zeros(channels)
