@@ -15,7 +15,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
 RUN = ["logger=csv", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
        "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
-       "quant.latency_batch_size=32"]
+       "quant.latency_batch_size=32", "measure.latency=off"]  # no test here is about timings
 
 
 def _train(tmp_path, name: str, *overrides: str) -> dict:

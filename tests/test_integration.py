@@ -169,6 +169,7 @@ def test_quantized_run_artifact_and_comparison(tmp_path):
     # A short real QAT run: summary keys, the packed artifact, evaluate.py on it, and runs= comparison.
     env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
     result = run_script("train.py", *SHORT_RUN, "student=cnn", "quant.bits=4", "quant.latency_batch_size=32",
+                        "export.formats=[]",  # the ONNX / torch.export files: tests/test_deploy.py
                         f"hydra.run.dir={tmp_path}/runs/q4", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "q4" / "summary.json").read_text())

@@ -4,6 +4,7 @@ must give, and the criteria's bad settings."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -49,7 +50,7 @@ def test_unstructured_scores_are_the_formulas(importance):
     cb, model = _pruned_linear(importance)
     grads = _gradients(cb, model)
     assert grads.batches == 2
-    scores = weight_scores(importance, model[0].weight, grads.of(model[0], "weight"), grads.batches)
+    scores = weight_scores(importance, model[0].weight, grads.of(model[0], "weight"))
     assert scores.flatten().tolist() == pytest.approx(EXPECTED[importance])
 
 
@@ -146,6 +147,18 @@ def test_fpgm_scores_are_the_sums_of_distances_and_it_prunes_the_geometric_media
             assert dead[0] in (2, 4)  # the smallest norms
 
 
+def test_structured_random_is_seeded_and_prunes_the_fraction_of_each_group():
+    pruned = []
+    for seed in (0, 0, 1, 2):
+        model = nn.Sequential(nn.Flatten(), nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 3))
+        cb = Pruning("structured", 0.5, scope="layer", schedule="oneshot", importance="random", seed=seed, sample_shape=(1, 2, 2))
+        cb.setup(None, SimpleNamespace(student=model), "fit")
+        cb.prune_to(0.5)
+        pruned.append(sorted(cb.pruned_channels()["1"]))
+        assert len(pruned[-1]) == 8
+    assert pruned[0] == pruned[1] and pruned[0] != pruned[2] and pruned[2] != pruned[3]
+
+
 def test_fpgm_measures_distances_among_live_filters_only():
     rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
     alive = torch.tensor([False, True, True])
@@ -155,7 +168,7 @@ def test_fpgm_measures_distances_among_live_filters_only():
 # --- bad settings ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    (["prune.method=unstructured", "prune.importance=obd"], "prune.importance"),
+    (["prune.method=unstructured", "prune.importance=obd"], "prune.importance=obd is not a criterion of prune.method=unstructured; choose from: magnitude, taylor, fisher, snip, random"),
     (["prune.method=unstructured", "prune.importance=fpgm"], "prune.importance=fpgm does not apply to prune.method=unstructured; choose from: magnitude, taylor, fisher, snip, random"),
     (["prune.method=structured", "prune.scope=layer", "prune.importance=fisher"], "prune.importance=fisher does not apply to prune.method=structured; choose from: magnitude, taylor, hessian, fpgm, random"),
     (["prune.method=unstructured", "prune.importance=taylor", "prune.importance_batches=0"], "prune.importance_batches"),
@@ -181,3 +194,15 @@ def test_a_run_prunes_by_the_gradients_of_its_distillation_loss(make_cfg, method
     student = summary["student"]
     assert student["prune_importance"] == importance and student["prune_method"] == method
     assert student["sparsity"] == pytest.approx(0.5, abs=0.01)
+    # The same run by magnitude prunes other weights: the criterion, not only its name, reached the masks.
+    from distill.compress.prune.sparse_format import decode
+
+    def masks(summary: dict) -> dict[str, torch.Tensor]:
+        state = decode(torch.load(Path(summary["run_dir"]) / "student_sparse.pt", weights_only=True)["state"])
+        return {k: v != 0 for k, v in state.items() if k.endswith("weight")}
+
+    ours = masks(summary)  # read before the next run writes its own file
+    theirs = masks(run(make_cfg(*FAST, "teacher=resnet18", "student=cnn", f"prune.method={method}", "prune.scope=layer",
+                                "prune.schedule=oneshot", "prune.amount=0.5", "measure.latency=off")))
+    assert ours.keys() == theirs.keys()
+    assert any(not torch.equal(ours[k], theirs[k]) for k in ours)

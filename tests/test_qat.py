@@ -91,11 +91,15 @@ def test_every_named_student_has_a_pinned_flow():
 @pytest.mark.parametrize("name", sorted(FLOWS))
 def test_callback_trains_converts_and_round_trips_every_student(name, tmp_path):
     bits = 4
-    module, qat, dm, trainer, _ = _fit(name, bits, tmp_path)
+    # Timed for the two small students only: compiling mobilenet_v3_small's integer graph with Inductor
+    # for the timing costs a minute here, and its timing is no part of what this test checks.
+    timed = name in ("mlp", "cnn")
+    module, qat, dm, trainer, _ = _fit(name, bits, tmp_path, latency_device="cpu" if timed else None)
     assert quant_backend.is_prepared(module.student)
     assert qat.flow_used == FLOWS[name] == quant_backend.flow_of(module.student)
     report = qat.convert_and_measure(module.student, dm.test_dataloader()).summary()
-    for key in ("acc_fp32", "acc_quant", "size_bytes_fp32", "size_bytes_quant", "compression", "latency_ms_fp32", "latency_ms_quant"):
+    for key in ("acc_fp32", "acc_quant", "size_bytes_fp32", "size_bytes_quant", "compression",
+                *(("latency_ms_fp32", "latency_ms_quant") if timed else ())):
         assert key in report
     assert report["flow"] == FLOWS[name]
     # The converted model holds b-bit integers only (FX: quantized tensors; PT2E: int8 weight constants).

@@ -17,7 +17,9 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 # A short run: the teacher is trained once per test (fresh cache) for one short epoch.
 RUN = ["teacher=resnet18", "teacher.epochs=1", "teacher.batch_size=128", "trainer.max_epochs=2",
        "trainer.limit_train_batches=4", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
-       "trainer.accelerator=cpu", "quant.latency_batch_size=32"]
+       "trainer.accelerator=cpu", "quant.latency_batch_size=32",
+       # nothing here is about latency or the exported files (each costs seconds per run: compiles, exports)
+       "measure.latency=off", "export.formats=[]"]
 
 
 def _summaries(sweep: Path) -> list[dict]:

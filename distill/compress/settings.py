@@ -10,11 +10,10 @@ from __future__ import annotations
 from distill.config.validate import Check, at_least, one_of
 
 PRUNE_METHODS = ("none", "unstructured", "magnitude", "structured")  # magnitude: unstructured's old name, kept
-PRUNE_IMPORTANCE = {  # the criteria of each method (distill/compress/prune/importance.py)
-    "unstructured": ("magnitude", "taylor", "fisher", "snip", "random"),
-    "magnitude": ("magnitude", "taylor", "fisher", "snip", "random"),
-    "structured": ("magnitude", "taylor", "hessian", "fpgm", "random"),
-}
+UNSTRUCTURED_CRITERIA = ("magnitude", "taylor", "fisher", "snip", "random")
+STRUCTURED_CRITERIA = ("magnitude", "taylor", "hessian", "fpgm", "random")
+# The criteria of each method (distill/compress/prune/importance.py); checked with the method (PruneTechnique.check).
+PRUNE_IMPORTANCE = {"unstructured": UNSTRUCTURED_CRITERIA, "magnitude": UNSTRUCTURED_CRITERIA, "structured": STRUCTURED_CRITERIA}
 PRUNE_LAYER_TYPES = ("Linear", "Conv2d")
 HALF_DTYPES = ("fp16", "bf16")
 
@@ -28,8 +27,6 @@ QUANT_CHECKS: list[Check] = [
 
 PRUNE_CHECKS: list[Check] = [
     ("prune.method", one_of(*PRUNE_METHODS), "one of: none, unstructured (alias: magnitude), structured"),
-    ("prune.importance", one_of(*sorted({c for cs in PRUNE_IMPORTANCE.values() for c in cs})),
-     "one of: " + ", ".join(sorted({c for cs in PRUNE_IMPORTANCE.values() for c in cs}))),
     ("prune.importance_batches", at_least(1), ">= 1"),
     ("prune.amount", lambda x: 0 <= x < 1, "in [0, 1)"),
     ("prune.scope", one_of("global", "layer"), "one of: global, layer"),

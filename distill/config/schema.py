@@ -217,7 +217,7 @@ class PruneConfig:
     method: str = "none"  # none | unstructured (alias: magnitude) | structured (channels/neurons)
     importance: str = "magnitude"  # unstructured: magnitude|taylor|fisher|snip|random; structured: magnitude|taylor|hessian|fpgm|random
     importance_batches: int = 8  # taylor / fisher / snip / hessian: training batches whose gradients score a pruning event
-    amount: float = 0.5  # final sparsity: fraction of weights (magnitude) or channels (structured)
+    amount: float = 0.5  # final sparsity: fraction of weights (unstructured) or channels (structured)
     scope: str = "global"  # global (one threshold for all layers) | layer; structured: layer only
     schedule: str = "gradual"  # oneshot (at start_epoch) | gradual (Zhu & Gupta 2017)
     start_epoch: int = 0
@@ -225,8 +225,8 @@ class PruneConfig:
     frequency: int = 1  # gradual: prune every `frequency` epochs (or steps, with interval=step)
     interval: str = "epoch"  # epoch | step
     layers: list[str] = field(default_factory=lambda: ["Linear", "Conv2d"])
-    norm: float = 2.0  # structured: the Ln norm that ranks channels
-    prune_classifier: bool = False  # magnitude: also prune the last Linear layer
+    norm: float = 2.0  # structured with importance=magnitude: the Ln norm that ranks channels
+    prune_classifier: bool = False  # unstructured: also prune the last Linear layer
     remove_channels: bool = True  # structured: physically remove the zeroed channels after training
     removal_tolerance: float = 1e-4  # structured: max |logit difference| of the removed vs masked model; above it, flagged
 

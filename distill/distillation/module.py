@@ -116,8 +116,9 @@ class DistillationModule(L.LightningModule):
 
     def loss_terms(self, batch: tuple[torch.Tensor, ...]) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
         """The distillation loss of a training batch, its terms (``loss`` their weighted sum), the
-        student's logits and the labels; no logging, no side effect (a pruning criterion's
-        gradients come from it too, :mod:`distill.compress.prune.importance`).
+        student's logits and the labels, with no logging (a pruning criterion's gradients come
+        from it too, :mod:`distill.compress.prune.importance`; stateful feature terms, CRD's memories,
+        are updated by it as by a training step).
 
         ``batch``: (x, y); or (x, y, the teacher's precomputed logits for x) when the data loader reads
         them from the cached table; or (x, y, {column: rows}) with the teacher's cached features,

@@ -70,7 +70,7 @@ def wandb_server_reachable(timeout: float = SERVER_TIMEOUT_S) -> bool:
 def run_identity(cfg: DictConfig, method: str = "kd", teacher_used: bool = True) -> dict[str, Any]:
     """W&B name, group and tags from the config (explicit ``logger.wandb.*`` settings win).
 
-    Name: ``<teacher>-<student>-<data>[-int<bits>][-<prune><amount>][-<method>]-T<temperature>-a<alpha>``
+    Name: ``<teacher>-<student>-<data>[-int<bits>][-<prune><amount>[-<criterion>]][-<method>]-T<temperature>-a<alpha>``
     (``method``: the loss label, named when it is not ``kd``; ``teacher_used``: whether the loss reads a teacher).
     Group: the multirun sweep directory's name, so the runs of one sweep sit together."""
     w = cfg.logger.wandb
@@ -78,12 +78,13 @@ def run_identity(cfg: DictConfig, method: str = "kd", teacher_used: bool = True)
     parts = [teacher, cfg.student.name, cfg.data.name]
     if cfg.quant.bits:
         parts.append(f"int{cfg.quant.bits}")
+    criterion = f"-{cfg.prune.importance}" if cfg.prune.importance != "magnitude" else ""
     if cfg.prune.method != "none":
-        parts.append(f"{cfg.prune.method}{cfg.prune.amount:g}")
+        parts.append(f"{cfg.prune.method}{cfg.prune.amount:g}{criterion}")
     parts += [method] if method != "kd" else []
     parts += [f"T{cfg.loss.temperature:g}", f"a{cfg.loss.alpha:g}"]
     tags = [f"teacher:{teacher}", f"student:{cfg.student.name}", f"bits:{cfg.quant.bits or 32}",
-            f"prune:{cfg.prune.method}" + (f"-{cfg.prune.amount:g}" if cfg.prune.method != "none" else ""),
+            f"prune:{cfg.prune.method}" + (f"-{cfg.prune.amount:g}{criterion}" if cfg.prune.method != "none" else ""),
             f"data:{cfg.data.name}", f"loss:{method}", *w.tags]
     group = w.group
     if group is None and HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:

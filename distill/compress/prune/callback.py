@@ -37,6 +37,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -344,15 +345,31 @@ class Pruning(Callback):
         return [(m, "weight") for _, m in self._layers]
 
     def _event(self, trainer: L.Trainer, pl_module: L.LightningModule, sparsity: float, event: int) -> None:
-        # No gradients are drawn for an event with nothing to prune (the first of a gradual schedule).
-        gradients = self._gradients(trainer, pl_module, event) if self.importance in GRADIENT_CRITERIA and sparsity > 0 else None
-        self.prune_to(sparsity, gradients, event)
+        # No gradients are drawn for an event with nothing to prune (the first of a gradual schedule,
+        # one whose rounding adds no weight); the masks are the same on every rank, so is the decision.
+        needs = self.importance in GRADIENT_CRITERIA and self._prunes_any(sparsity)
+        self.prune_to(sparsity, self._gradients(trainer, pl_module, event) if needs else None, event)
+
+    def _prunes_any(self, sparsity: float) -> bool:
+        """Whether growing the masks to ``sparsity`` would prune anything."""
+        if sparsity <= 0:
+            return False
+        if self.method == "structured":
+            for group, tensors in self._groups:
+                alive = self._alive(tensors)
+                if min(round(sparsity * group.channels) - int((~alive).sum()), int(alive.sum()) - 1) > 0:
+                    return True
+            return False
+        masks = [m.weight_mask for _, m in self._layers]
+        if self.scope == "global":
+            return round(sparsity * sum(m.numel() for m in masks)) - sum(int((m == 0).sum()) for m in masks) > 0
+        return any(round(sparsity * m.numel()) - int((m == 0).sum()) > 0 for m in masks)
 
     def _gradients(self, trainer: L.Trainer, pl_module: L.LightningModule, event: int) -> Gradients:
-        """The gradients a gradient criterion scores this event with (None for the others):
-        ``importance_batches`` batches of the training set, a permutation seeded by the run's seed
-        and the event (the same batches after a resume), each rank its own equal share, loss and
-        precision as in a training step."""
+        """The gradients a gradient criterion scores this event with: ``importance_batches``
+        batches of the training set (at most this rank's share of it), a permutation seeded by the
+        run's seed and the event (the same batches after a resume), each rank its own equal share,
+        batch path, loss and precision as in a training step."""
         # The loader's own iterator is not used: it is the fit loop's (a resumed run's sampler skips the
         # batches already trained on at its first iterator). The samples are fetched as the loader
         # would (a batched fetch where the dataset has one), in this process.
@@ -368,19 +385,27 @@ class Pruning(Callback):
         count = max(min(self.importance_batches, len(mine) // size), 1)  # equal on every rank
         collate = loader.collate_fn
 
-        def batches() -> Any:
+        def batches() -> Iterator[Any]:
             for i in range(count):
                 index = mine[i * size:(i + 1) * size].tolist()
                 fetch = getattr(dataset, "__getitems__", None)
                 batch = collate(fetch(index) if fetch is not None else [dataset[j] for j in index])
+                # The training loop's path to the device: the precision plugin's input conversion (a
+                # half-precision student gets half inputs), the module's transfer hooks, the strategy's move.
+                batch = trainer.precision_plugin.convert_input(batch)
+                batch = pl_module._on_before_batch_transfer(batch, 0)
                 yield trainer.strategy.batch_to_device(batch, pl_module.device)
 
         def loss_of(batch: Any) -> torch.Tensor:
             with trainer.precision_plugin.train_step_context():
                 return pl_module.loss_terms(batch)[0]["loss"]
 
+        # Callbacks' on_train_epoch_start runs before the module's, which sets the loss's epoch (its
+        # schedule, e.g. DKD's warm-up): set here too, or a resumed run would score with epoch 0's.
+        pl_module.distill_loss.epoch = trainer.current_epoch
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
-        grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce, seed=self.seed + event)
+        grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
+                                  seed=self._seed(event, 0), skip_nonfinite=bool(getattr(pl_module, "skip_nonfinite", False)))
         log.info("prune: %s importance from the gradients of %d batch(es) of %d", self.importance, grads.batches, size)
         return grads
 
@@ -399,12 +424,9 @@ class Pruning(Callback):
             return
         scores = None
         if self.importance != "magnitude":  # magnitude: torch's own L1 of the weights, as always
-            scores = {
-                (m, "weight"): weight_scores(self.importance, effective(m, "weight"),
-                                             gradients.of(m, "weight") if gradients is not None else None,
-                                             gradients.batches if gradients is not None else 1, seed=self._seed(event, i))
-                for i, (_, m) in enumerate(self._layers)
-            }
+            scores = {(m, "weight"): weight_scores(self.importance, effective(m, "weight"),
+                                                   gradients and gradients.of(m, "weight"), seed=self._seed(event, i))
+                      for i, (_, m) in enumerate(self._layers)}
         if self.scope == "global":
             total = sum(m.weight_mask.numel() for _, m in self._layers)
             pruned = sum(int((m.weight_mask == 0).sum()) for _, m in self._layers)
@@ -422,8 +444,9 @@ class Pruning(Callback):
         self._log_sparsity(sparsity)
 
     def _seed(self, event: int, index: int) -> int:
-        """The random criterion's seed for one layer or group at one event: the same on every rank."""
-        return (self.seed * 1_000_003 + event) * 10_007 + index
+        """The seed of one layer's or group's random scores (and of an event's gradient passes) at one
+        event: the same on every rank and after a resume; within torch.Generator's 64-bit range."""
+        return ((self.seed * 1_000_003 + event) * 10_007 + index) % 2**62
 
     def _log_sparsity(self, sparsity: float) -> None:
         self.current_sparsity = self.sparsity()["global"]
@@ -572,15 +595,16 @@ class Pruning(Callback):
                 "current_sparsity": self.current_sparsity}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict.get("method") not in (None, self.method):
+        if _canonical(state_dict.get("method") or self.method) != _canonical(self.method):
             raise ValueError(
                 f"prune.method={self.method!r} but the checkpoint being resumed was pruned with "
                 f"prune.method={state_dict['method']!r}"
             )
-        if state_dict.get("importance", "magnitude") != self.importance:
+        saved = state_dict.get("importance", "magnitude")  # a checkpoint from before the criteria: magnitude
+        if saved != self.importance:
             raise ValueError(
                 f"prune.importance={self.importance!r} but the checkpoint being resumed was pruned with "
-                f"prune.importance={state_dict.get('importance', 'magnitude')!r}"
+                f"prune.importance={saved!r}"
             )
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
 
@@ -623,7 +647,7 @@ class PruneTechnique(Technique):
             latency_device=ctx.latency_device,
             output_dir=ctx.output_dir, meta={"student": ctx.student_cfg, "data": ctx.data_cfg, "quant": _quant_meta(cfg)},
             removal_tolerance=p.removal_tolerance, importance=p.importance, importance_batches=p.importance_batches,
-            seed=int(cfg.get("seed") or 0),
+            seed=int(cfg.seed),
         )
 
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
@@ -664,9 +688,9 @@ class PruneTechnique(Technique):
 
 def check_importance(method: str, importance: str, batches: int, schedule: str, start_epoch: int) -> None:
     """``prune.importance`` must be one of the method's criteria; SNIP is one-shot at initialisation."""
-    choices = PRUNE_IMPORTANCE.get(method)
-    if choices is None:
+    if method not in PRUNE_IMPORTANCE:  # none
         return
+    choices = PRUNE_IMPORTANCE[method]
     if importance not in choices:
         known = sorted({c for cs in PRUNE_IMPORTANCE.values() for c in cs})
         what = "does not apply to" if importance in known else "is not a criterion of"
@@ -676,6 +700,10 @@ def check_importance(method: str, importance: str, batches: int, schedule: str, 
     if importance == "snip" and (schedule != "oneshot" or start_epoch != 0):
         raise ValueError("prune.importance=snip scores the weights at initialisation: it needs prune.schedule=oneshot "
                          f"and prune.start_epoch=0 (got schedule={schedule}, start_epoch={start_epoch})")
+
+
+def _canonical(method: str) -> str:
+    return "unstructured" if method == "magnitude" else method  # the alias: the same method
 
 
 def _quant_meta(cfg: DictConfig) -> dict[str, Any] | None:

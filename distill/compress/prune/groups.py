@@ -156,7 +156,8 @@ def group_scores(tensors: list[GroupTensor], channels: int, norm: float, criteri
             grads = (total.flatten(1)[index], squares.flatten(1)[index])
         rows = row_scores(criterion, w.flatten(1)[index], grads, alive, gradients.batches if gradients is not None else 1,
                           norm=norm, seed=seed * 101 + i).float().cpu()
-        per_layer.append(rows / rows.mean().clamp_min(1e-12))
+        # Divided by the mean over the live channels (a pruned one's score, FPGM's say, is no measure of the layer's scale)
+        per_layer.append(rows / rows[alive].mean().clamp_min(1e-12))
     if not per_layer:
         return torch.zeros(channels)
     return torch.stack(per_layer).mean(dim=0)

@@ -9,8 +9,10 @@ Unstructured (one score per weight; ``prune.method=unstructured``, alias ``magni
 
 - ``magnitude``: ``|w|`` (L1; Han et al. 2015). The default: what the package always did.
 - ``taylor``: ``|w · Σ_b g_b|``, the first-order Taylor estimate of the loss change when ``w`` is
-  removed (Molchanov et al., "Importance Estimation for Neural Network Pruning", CVPR 2019; as
-  Torch-Pruning's ``TaylorImportance``: gradients summed over the batches, then ``|w · g|``).
+  removed (Molchanov et al., "Pruning Convolutional Neural Networks for Resource Efficient
+  Inference", ICLR 2017, and "Importance Estimation for Neural Network Pruning", CVPR 2019, whose
+  per-batch ``(w · g_b)²`` is ``2 ×`` the ``fisher`` score below); in Torch-Pruning's ``TaylorImportance``
+  form: gradients summed over the batches, then ``|w · g|``.
 - ``fisher``: ``½ Σ_b (w · g_b)²``, Optimal Brain Damage's saliency ``½ h w²`` with the diagonal of the
   Hessian estimated by the empirical Fisher of the batch gradients (LeCun et al. 1989).
 - ``snip``: ``|w · Σ_b g_b|`` at initialisation, one-shot before any training (Lee et al., "SNIP:
@@ -44,8 +46,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-UNSTRUCTURED_CRITERIA = ("magnitude", "taylor", "fisher", "snip", "random")
-STRUCTURED_CRITERIA = ("magnitude", "taylor", "hessian", "fpgm", "random")
+from distill.compress.settings import STRUCTURED_CRITERIA, UNSTRUCTURED_CRITERIA
+
 GRADIENT_CRITERIA = frozenset({"taylor", "fisher", "snip", "hessian"})
 
 
@@ -72,6 +74,8 @@ def _buffers_kept(model: nn.Module) -> Iterator[None]:
     finally:
         with torch.no_grad():
             for name, buf in model.named_buffers():
+                if buf.shape != saved[name].shape:  # a QAT observer's first forward sizes its (empty) range
+                    buf.resize_(saved[name].shape)
                 buf.copy_(saved[name])
 
 
@@ -82,6 +86,7 @@ def collect_gradients(
     batches: Iterable[object],
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
+    skip_nonfinite: bool = False,
 ) -> Gradients:
     """Σ_b g_b and Σ_b g_b² of ``loss_of(batch)`` for each masked tensor ``module.<name>`` (with respect
     to its ``<name>_orig`` parameter: ``mask ⊙ ∂L/∂w``, and a pruned weight scores 0 whatever its gradient).
@@ -89,38 +94,49 @@ def collect_gradients(
     ``torch.autograd.grad``, not ``backward``: no ``.grad`` is touched, so neither the optimizer's
     state nor DDP's or DeepSpeed's gradient hooks see these passes. Under data parallelism
     ``reduce_mean`` all-reduces each batch's gradients (one collective per batch), so every rank
-    scores the same gradients and grows the same masks. Dropout draws from a generator seeded by
-    ``seed`` (the global random state is left as it was), and buffers are restored afterwards."""
+    scores the same gradients and grows the same masks. The global random state is forked and
+    seeded by ``seed`` for these passes (dropout, mixing), then restored, and so are the buffers.
+    Non-finite gradients raise, or, with ``skip_nonfinite`` (``loss.on_nonfinite=skip``), drop that
+    batch; decided after the all-reduce, so the same on every rank."""
     params = [getattr(module, name + "_orig") for module, name in tensors]
     total = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
     squares = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
-    count = 0
-    devices = [params[0].device] if params and params[0].is_cuda else []
+    count = skipped = 0
+    devices = sorted({p.device.index or 0 for p in params if p.is_cuda})
     with torch.random.fork_rng(devices=devices), _buffers_kept(model), torch.enable_grad(), torch.inference_mode(False):
         torch.manual_seed(seed)
         for batch in batches:
             loss = loss_of(batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
             grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float() for p, g in zip(params, grads, strict=True)]
+            flat = torch.cat([g.flatten() for g in grads])
             if reduce_mean is not None:
-                flat = reduce_mean(torch.cat([g.flatten() for g in grads]))
+                flat = reduce_mean(flat)
                 grads = [part.view_as(p) for part, p in zip(flat.split([p.numel() for p in params]), params, strict=True)]
+            # Checked after the all-reduce: a NaN on one rank is a NaN on all, and every rank stops here.
+            if not bool(torch.isfinite(flat).all()):
+                if skip_nonfinite:
+                    skipped += 1
+                    continue
+                raise FloatingPointError(f"prune.importance: the gradients of importance batch {count + skipped + 1} are not "
+                                         "finite (a NaN or infinite loss); no mask was changed")
             for p, g in zip(params, grads, strict=True):
                 total[id(p)] += g
                 squares[id(p)] += g * g
             count += 1
     if count == 0:
-        raise ValueError("prune.importance: no training batch to compute the gradients from")
+        raise FloatingPointError(f"prune.importance: no finite gradients in {skipped} importance batch(es); no mask was changed"
+                                 if skipped else "prune.importance: no training batch to compute the gradients from")
     return Gradients(total, squares, count)
 
 
 def random_scores(shape: torch.Size | tuple[int, ...], seed: int) -> torch.Tensor:
     """Uniform scores in [0, 1) from a generator of its own (the same on every rank and after a resume)."""
-    return torch.rand(shape, generator=torch.Generator().manual_seed(seed))
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed % 2**63))
 
 
 def weight_scores(criterion: str, weight: torch.Tensor, grads: tuple[torch.Tensor, torch.Tensor] | None,
-                  batches: int = 1, seed: int = 0) -> torch.Tensor:
+                  seed: int = 0) -> torch.Tensor:
     """One score per weight (unstructured criteria; see the module docstring), low pruned first."""
     w = weight.detach().float()
     if criterion == "magnitude":
@@ -134,8 +150,6 @@ def weight_scores(criterion: str, weight: torch.Tensor, grads: tuple[torch.Tenso
         return (w * total).abs()
     if criterion == "fisher":
         return 0.5 * w * w * squares
-    if criterion == "hessian":  # per weight, as the structured rows sum it
-        return w * w * squares / batches
     raise ValueError(f"prune.importance={criterion!r}: choose from: {', '.join(UNSTRUCTURED_CRITERIA)}")
 
 
