@@ -159,6 +159,19 @@ def test_structured_random_is_seeded_and_prunes_the_fraction_of_each_group():
     assert pruned[0] == pruned[1] and pruned[0] != pruned[2] and pruned[2] != pruned[3]
 
 
+def test_a_gradual_event_that_adds_no_channel_draws_no_gradients_and_is_no_error():
+    # 50 % of 5 channels rounds to 2 at both 0.45 and 0.5: the second event prunes nothing, needs no gradients.
+    model = _points_net()
+    cb = Pruning("structured", 0.5, scope="layer", schedule="gradual", end_epoch=2, importance="taylor", sample_shape=(1, 1, 2))
+    cb.setup(None, SimpleNamespace(student=model), "fit")
+    grads = collect_gradients(lambda x: model(x).square().sum(), model, cb._scored_tensors(), [torch.randn(4, 1, 1, 2)])
+    cb.prune_to(0.45, grads)
+    assert len(cb.pruned_channels()["1"]) == 2
+    assert not cb._prunes_any(0.5)
+    cb.prune_to(0.5, None)
+    assert len(cb.pruned_channels()["1"]) == 2
+
+
 def test_fpgm_measures_distances_among_live_filters_only():
     rows = torch.tensor([[0.0, 0.0], [1.0, 0.0], [5.0, 0.0]])
     alive = torch.tensor([False, True, True])

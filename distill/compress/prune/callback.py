@@ -413,7 +413,7 @@ class Pruning(Callback):
     def prune_to(self, sparsity: float, gradients: Gradients | None = None, event: int = 0) -> None:
         """Grow the masks so that the selected weights (or channels) reach ``sparsity``, the lowest
         scored by ``prune.importance`` first (``gradients``: for the gradient criteria)."""
-        if sparsity <= 0:
+        if not self._prunes_any(sparsity):  # e.g. a gradual step whose rounding adds no weight or channel
             return
         if self.importance in GRADIENT_CRITERIA and gradients is None:
             raise ValueError(f"prune.importance={self.importance} needs the gradients of training batches")
