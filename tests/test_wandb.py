@@ -61,7 +61,7 @@ def test_run_name_and_tags_come_from_the_config():
     cfg = OmegaConf.create({
         "task_name": "train", "teacher": {"name": "resnet50"}, "student": {"name": "cnn"}, "data": {"name": "digits"},
         "loss": {"temperature": 2.0, "alpha": 0.5}, "quant": {"bits": 4},
-        "prune": {"method": "magnitude", "amount": 0.7},
+        "prune": {"method": "magnitude", "amount": 0.7, "importance": "magnitude"},
         "logger": {"wandb": {"name": None, "group": None, "tags": ["mine"]}},
     })
     ident = run_identity(cfg)  # outside Hydra: no sweep, no group
