@@ -355,15 +355,16 @@ class Pruning(Callback):
         if sparsity <= 0:
             return False
         if self.method == "structured":
-            for group, tensors in self._groups:
-                alive = self._alive(tensors)
-                if min(round(sparsity * group.channels) - int((~alive).sum()), int(alive.sum()) - 1) > 0:
-                    return True
-            return False
+            return any(self._group_shortfall(group, tensors, sparsity) > 0 for group, tensors in self._groups)
         masks = [m.weight_mask for _, m in self._layers]
         if self.scope == "global":
-            return round(sparsity * sum(m.numel() for m in masks)) - sum(int((m == 0).sum()) for m in masks) > 0
-        return any(round(sparsity * m.numel()) - int((m == 0).sum()) > 0 for m in masks)
+            return _shortfall(masks, sparsity) > 0
+        return any(_shortfall([m], sparsity) > 0 for m in masks)
+
+    def _group_shortfall(self, group: ChannelGroup, tensors: list[GroupTensor], sparsity: float) -> int:
+        """The group's channels still to prune to reach ``sparsity`` (at least one channel stays)."""
+        alive = self._alive(tensors)
+        return min(round(sparsity * group.channels) - int((~alive).sum()), int(alive.sum()) - 1)
 
     def _gradients(self, trainer: L.Trainer, pl_module: L.LightningModule, event: int) -> Gradients:
         """The gradients a gradient criterion scores this event with: ``importance_batches``
@@ -428,16 +429,13 @@ class Pruning(Callback):
                                                    gradients and gradients.of(m, "weight"), seed=self._seed(event, i))
                       for i, (_, m) in enumerate(self._layers)}
         if self.scope == "global":
-            total = sum(m.weight_mask.numel() for _, m in self._layers)
-            pruned = sum(int((m.weight_mask == 0).sum()) for _, m in self._layers)
-            extra = round(sparsity * total) - pruned
+            extra = _shortfall([m.weight_mask for _, m in self._layers], sparsity)
             if extra > 0:
                 prune.global_unstructured([(m, "weight") for _, m in self._layers], prune.L1Unstructured, amount=extra,
                                           importance_scores=scores)
         else:
             for _, module in self._layers:
-                mask = module.weight_mask
-                extra = round(sparsity * mask.numel()) - int((mask == 0).sum())
+                extra = _shortfall([module.weight_mask], sparsity)
                 if extra > 0:
                     prune.l1_unstructured(module, "weight", amount=extra,
                                           importance_scores=None if scores is None else scores[(module, "weight")])
@@ -456,8 +454,7 @@ class Pruning(Callback):
                      gradients: Gradients | None = None, seed: int = 0) -> None:
         """Grow one group's pruned channels to ``sparsity`` of its channels, lowest importance first."""
         alive = self._alive(tensors)
-        extra = round(sparsity * group.channels) - int((~alive).sum())
-        extra = min(extra, int(alive.sum()) - 1)  # keep at least one channel
+        extra = self._group_shortfall(group, tensors, sparsity)
         if extra <= 0:
             return
         scores = group_scores(tensors, group.channels, self.norm, self.importance, gradients, alive, seed)
@@ -700,6 +697,11 @@ def check_importance(method: str, importance: str, batches: int, schedule: str, 
     if importance == "snip" and (schedule != "oneshot" or start_epoch != 0):
         raise ValueError("prune.importance=snip scores the weights at initialisation: it needs prune.schedule=oneshot "
                          f"and prune.start_epoch=0 (got schedule={schedule}, start_epoch={start_epoch})")
+
+
+def _shortfall(masks: list[torch.Tensor], sparsity: float) -> int:
+    """The weights still to prune for ``masks``, together, to reach ``sparsity``."""
+    return round(sparsity * sum(m.numel() for m in masks)) - sum(int((m == 0).sum()) for m in masks)
 
 
 def _canonical(method: str) -> str:
