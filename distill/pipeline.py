@@ -31,7 +31,12 @@ from torch import nn
 from distill.checks import validate
 from distill.compress.deploy import ExportedArtifact, export_artifacts
 from distill.compress.prune.masks import bake
-from distill.compress.registry import Compression, build_compression, technique_hparams
+from distill.compress.registry import (
+    Compression,
+    build_compression,
+    check_student,
+    technique_hparams,
+)
 from distill.compress.technique import BuildContext, StudentFigures
 from distill.config.redaction import redacted_container
 from distill.data.datamodules import BaseDataModule, build_datamodule
@@ -144,6 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(int(cfg.seed), workers=True)
     datamodule = load_data(cfg)
+    check_student(cfg, datamodule.shape)  # e.g. prune.m against the student's layers: before the teacher trains
     stages, mark = {"setup": time.perf_counter() - start}, time.perf_counter()  # where the run's time goes (summary)
 
     def lap(name: str) -> None:

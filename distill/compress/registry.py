@@ -30,6 +30,7 @@ from distill.compress.technique import (
 )
 from distill.errors import ConfigError
 from distill.measure.record import DeployedModel, Latency
+from distill.models.registry import build_student
 
 # Callback order: low-rank replaces layers before QAT prepares the student (in its setup()), then
 # pruning masks the replaced modules; the 16-bit export sees the final student.
@@ -67,6 +68,17 @@ def check_techniques(cfg: DictConfig) -> None:
                           "weight across ranks; use deepspeed_stage_2 or ddp")
     for technique in on:
         technique.check(cfg, [t for t in on if t is not technique])
+
+
+def check_student(cfg: DictConfig, shape: dict[str, int]) -> None:
+    """The enabled techniques' checks of the student's layers (e.g. prune.m against each layer's
+    input size), on a student built for them: before the teacher is trained."""
+    on = enabled_techniques(cfg)
+    if not any(type(t).check_student is not Technique.check_student for t in on):
+        return
+    student = build_student(cfg.student, **shape)
+    for technique in on:
+        technique.check_student(cfg, student, [t for t in on if t is not technique])
 
 
 @dataclass

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from distill.config.validate import Check, at_least, one_of
 
-PRUNE_METHODS = ("none", "unstructured", "magnitude", "structured")  # magnitude: unstructured's old name, kept
+PRUNE_METHODS = ("none", "unstructured", "magnitude", "structured", "nm")  # magnitude: unstructured's old name, kept
 UNSTRUCTURED_CRITERIA = ("magnitude", "taylor", "fisher", "snip", "random")
 STRUCTURED_CRITERIA = ("magnitude", "taylor", "hessian", "fpgm", "random")
 # The criteria of each method (distill/compress/prune/importance.py); checked with the method (PruneTechnique.check).
-PRUNE_IMPORTANCE = {"unstructured": UNSTRUCTURED_CRITERIA, "magnitude": UNSTRUCTURED_CRITERIA, "structured": STRUCTURED_CRITERIA}
+PRUNE_IMPORTANCE = {"unstructured": UNSTRUCTURED_CRITERIA, "magnitude": UNSTRUCTURED_CRITERIA, "structured": STRUCTURED_CRITERIA,
+                    "nm": UNSTRUCTURED_CRITERIA}
 PRUNE_LAYER_TYPES = ("Linear", "Conv2d")
 HALF_DTYPES = ("fp16", "bf16")
 
@@ -26,7 +27,10 @@ QUANT_CHECKS: list[Check] = [
 ]
 
 PRUNE_CHECKS: list[Check] = [
-    ("prune.method", one_of(*PRUNE_METHODS), "one of: none, unstructured (alias: magnitude), structured"),
+    ("prune.method", one_of(*PRUNE_METHODS), "one of: none, unstructured (alias: magnitude), structured, nm"),
+    ("prune.n", at_least(1), ">= 1 (the weights kept in every group of prune.m)"),
+    ("prune.m", at_least(2), ">= 2"),
+    ("prune.exclude", lambda xs: all(isinstance(x, str) and x for x in xs), "a list of layer paths (fnmatch patterns)"),
     ("prune.importance_batches", at_least(1), ">= 1"),
     ("prune.amount", lambda x: 0 <= x < 1, "in [0, 1)"),
     ("prune.scope", one_of("global", "layer"), "one of: global, layer"),

@@ -212,9 +212,9 @@ class MeasureConfig:
 
 @dataclass
 class PruneConfig:
-    """Pruning of the student (``prune.method=unstructured|structured``); see distill/compress/prune/callback.py."""
+    """Pruning of the student (``prune.method=unstructured|structured|nm``); see distill/compress/prune/callback.py."""
 
-    method: str = "none"  # none | unstructured (alias: magnitude) | structured (channels/neurons)
+    method: str = "none"  # none | unstructured (alias: magnitude) | structured (channels/neurons) | nm (N:M semi-structured)
     importance: str = "magnitude"  # unstructured: magnitude|taylor|fisher|snip|random; structured: magnitude|taylor|hessian|fpgm|random
     importance_batches: int = 8  # taylor / fisher / snip / hessian: training batches whose gradients score a pruning event
     amount: float = 0.5  # final sparsity: fraction of weights (unstructured) or channels (structured)
@@ -229,6 +229,9 @@ class PruneConfig:
     prune_classifier: bool = False  # unstructured: also prune the last Linear layer
     remove_channels: bool = True  # structured: physically remove the zeroed channels after training
     removal_tolerance: float = 1e-4  # structured: max |logit difference| of the removed vs masked model; above it, flagged
+    n: int = 2  # nm: the weights kept in every group of m consecutive input weights (2:4: NVIDIA's sparse tensor cores)
+    m: int = 4  # nm: the group size
+    exclude: list[str] = field(default_factory=list)  # layer paths (fnmatch patterns) never pruned, e.g. [features.0]
 
 
 @dataclass

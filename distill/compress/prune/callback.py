@@ -7,6 +7,8 @@ criteria draw ``prune.importance_batches`` training batches at every pruning eve
 - ``unstructured`` (``magnitude``, its old name, still accepted): single weights, over all selected
   layers at once (``scope=global``) or per layer (``scope=layer``), by ``torch.nn.utils.prune``'s
   L1 pruning of the criterion's scores (its ``importance_scores``).
+- ``nm``: N:M semi-structured (``prune.n`` kept of every ``prune.m`` consecutive input weights;
+  :mod:`distill.compress.prune.nm`), one-shot at ``start_epoch``, by the unstructured criteria.
 - ``structured``: whole channels (conv) or neurons (linear), ``amount`` of each channel group:
   Torch-Pruning's dependency groups (:mod:`distill.compress.prune.groups`), so a residual stream or a
   depthwise block loses a channel in every layer that writes it, and the group's importance ranks
@@ -35,6 +37,7 @@ The callback must come after the QAT callback (which replaces the student in its
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import math
 from collections.abc import Iterator
@@ -65,6 +68,7 @@ from distill.compress.prune.importance import (
     weight_scores,
 )
 from distill.compress.prune.masks import bake, effective
+from distill.compress.prune.nm import follows, misfit, nm_mask
 from distill.compress.prune.sparse_format import (
     SPARSE_ARTIFACT,
     decode,
@@ -131,6 +135,9 @@ class PruneReport(TechniqueReport):
     channels_pruned: dict[str, int] | None = None  # structured
     removal: ChannelRemoval | None = None  # structured, with prune.remove_channels
     prune_importance: str = "magnitude"  # the criterion that chose them
+    nm_pattern: str | None = None  # nm: "2:4" (N kept of every M consecutive input weights)
+    nm_pattern_ok: bool | None = None  # nm: every pruned layer's weights follow it (checked on the trained weights)
+    nm_layers_ok: dict[str, bool] | None = None
 
     def summary(self) -> dict[str, Any]:
         out = {k: v for k, v in asdict(self).items() if k != "removal" and (v is not None or k in ("prune_method",))}
@@ -159,6 +166,11 @@ class PruneReport(TechniqueReport):
             f"dense {self.size_bytes_dense:,} bytes"
             + (f", sparse file (bitmask + non-zero values) {self.size_bytes_sparse:,} bytes" if self.size_bytes_sparse else "")
         ]
+        if self.nm_pattern is not None:
+            bad = [p for p, ok in (self.nm_layers_ok or {}).items() if not ok]
+            lines.append(f"N:M pattern {self.nm_pattern}: " + (f"followed by all {len(self.nm_layers_ok or {})} pruned layers"
+                         if self.nm_pattern_ok else f"NOT followed by {', '.join(bad)}")
+                         + " (dense speed on CPU: sparse tensor cores need a GPU)")
         if self.removal is not None:
             r = self.removal
             timing = "" if r.speedup_batch is None else (
@@ -184,15 +196,31 @@ def gradual_sparsity(t: float, start: float, end: float, final: float, initial: 
     return final + (initial - final) * (1.0 - progress) ** 3
 
 
-def prunable_layers(model: nn.Module, layer_types: list[str], include_classifier: bool) -> list[tuple[str, nn.Module]]:
-    """The (path, module) pairs to prune, in module order; the last Linear is the classifier."""
+def prunable_layers(model: nn.Module, layer_types: list[str], include_classifier: bool,
+                    exclude: list[str] | None = None) -> list[tuple[str, nn.Module]]:
+    """The (path, module) pairs to prune, in module order; the last Linear is the classifier;
+    ``exclude``: fnmatch patterns of layer paths left dense."""
     unknown = set(layer_types) - set(LAYER_TYPES)
     if unknown:
         raise ValueError(f"prune.layers: unknown layer type(s) {sorted(unknown)}; choose from: {', '.join(LAYER_TYPES)}")
     types = tuple(LAYER_TYPES[t] for t in layer_types)
-    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, types)]
+    layers = [(p, m) for p, m in model.named_modules() if isinstance(m, types) and not excluded(p, exclude)]
     classifier = _classifier(model)
     return [(p, m) for p, m in layers if include_classifier or p != classifier]
+
+
+def excluded(path: str, patterns: list[str] | None) -> bool:
+    return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns or ())
+
+
+def nm_misfits(layers: list[tuple[str, nn.Module]], m: int) -> list[str]:
+    """Why each layer that cannot take an N:M pattern of group size ``m`` cannot (empty: all can)."""
+    return [why for path, module in layers if (why := misfit(path, module, m)) is not None]
+
+
+def nm_misfit_error(misfits: list[str], m: int) -> str:
+    return (f"prune.method=nm: {'; '.join(misfits)}. Leave such layers dense with prune.exclude=[<path>, ...] "
+            f"(fnmatch patterns), or choose a prune.m that divides their input size")
 
 
 def _classifier(model: nn.Module) -> str | None:
@@ -225,11 +253,20 @@ class Pruning(Callback):
         importance: str = "magnitude",
         importance_batches: int = 8,
         seed: int = 0,
+        n: int = 2,
+        m: int = 4,
+        exclude: list[str] | None = None,
     ) -> None:
         if method not in METHODS or method == "none":
-            raise ValueError(f"prune.method={method!r}: choose from: unstructured (alias: magnitude), structured")
+            raise ValueError(f"prune.method={method!r}: choose from: unstructured (alias: magnitude), structured, nm")
         if method == "structured" and scope != "layer":
             raise ValueError("prune.scope=global is not supported with prune.method=structured; use prune.scope=layer")
+        self.n, self.m = int(n), int(m)
+        if method == "nm":
+            check_nm(self.n, self.m)
+            # An N:M pattern has no intermediate sparsity: it is applied once, at start_epoch, and kept.
+            schedule, amount = "oneshot", 1.0 - self.n / self.m
+        self.exclude = list(exclude or [])
         check_importance(method, importance, importance_batches, schedule, start_epoch)
         self.method, self.amount, self.scope = method, float(amount), scope
         self.importance, self.importance_batches, self.seed = importance, int(importance_batches), int(seed)
@@ -270,9 +307,11 @@ class Pruning(Callback):
         if self.method == "structured":
             self._setup_groups(trainer, student)
             return
-        self._layers = prunable_layers(student, self.layer_types, self.include_classifier)
+        self._layers = prunable_layers(student, self.layer_types, self.include_classifier, self.exclude)
         if not self._layers:
-            raise ValueError(f"prune.layers={self.layer_types}: the student has no such layers to prune")
+            raise ValueError(f"prune.layers={self.layer_types} (prune.exclude={self.exclude}): the student has no such layers to prune")
+        if self.method == "nm" and (misfits := nm_misfits(self._layers, self.m)):
+            raise ValueError(nm_misfit_error(misfits, self.m))
         for _, module in self._layers:
             self._reparametrize(module, "weight")
 
@@ -286,7 +325,8 @@ class Pruning(Callback):
                 raise ValueError("structured pruning of a QAT-prepared student needs the QAT callback's float student")
         roots = tuple(LAYER_TYPES[t] for t in self.layer_types)
         classifier = _classifier(float_student)
-        groups = channel_groups(float_student, torch.zeros(1, *self.sample_shape), roots, [classifier] if classifier else [])
+        ignored = [p for p, _ in float_student.named_modules() if p and (p == classifier or excluded(p, self.exclude))]
+        groups = channel_groups(float_student, torch.zeros(1, *self.sample_shape), roots, ignored)
         layers: dict[str, nn.Module] = {}
         for group in groups:
             tensors = resolve(student, group)
@@ -357,6 +397,8 @@ class Pruning(Callback):
         if self.method == "structured":
             return any(self._group_shortfall(group, tensors, sparsity) > 0 for group, tensors in self._groups)
         masks = [m.weight_mask for _, m in self._layers]
+        if self.method == "nm":
+            return not all(follows(mask, self.n, self.m) for mask in masks)
         if self.scope == "global":
             return _shortfall(masks, sparsity) > 0
         return any(_shortfall([m], sparsity) > 0 for m in masks)
@@ -421,6 +463,15 @@ class Pruning(Callback):
         if self.method == "structured":
             for i, (group, tensors) in enumerate(self._groups):
                 self._prune_group(group, tensors, sparsity, gradients, seed=self._seed(event, i))
+            self._log_sparsity(sparsity)
+            return
+        if self.method == "nm":
+            for i, (_, module) in enumerate(self._layers):
+                scores = weight_scores(self.importance, effective(module, "weight"), gradients and gradients.of(module, "weight"),
+                                       seed=self._seed(event, i))
+                # Weights pruned already (none, for the one N:M event) go first; the mask multiplies the identity one.
+                scores = scores.masked_fill(module.weight_mask == 0, float("-inf"))
+                prune.custom_from_mask(module, "weight", nm_mask(scores, self.n, self.m))
             self._log_sparsity(sparsity)
             return
         scores = None
@@ -531,6 +582,11 @@ class Pruning(Callback):
             channels_pruned=sparsity.get("channels_pruned"),
             prune_importance=self.importance,
         )
+        if self.method == "nm":  # checked on the weights the run deploys (masks baked in)
+            modules = dict(dense.named_modules())
+            report.nm_pattern = f"{self.n}:{self.m}"
+            report.nm_layers_ok = {p: follows(modules[p].weight, self.n, self.m) for p, _ in self._layers}
+            report.nm_pattern_ok = all(report.nm_layers_ok.values())
         # The sparse file of the fp32 weights (for a QAT student, of its prepared model with fake
         # quantization off; it deploys its integer artifact, which a higher-ranked technique reports).
         if self.output_dir is not None:
@@ -588,8 +644,9 @@ class Pruning(Callback):
         # The masks themselves are model buffers (``*_mask``) inside the checkpoint's state dict.
         # The gradient criteria keep no running sums between events (each event draws its batches,
         # seeded, from the training set), so nothing else is needed to resume to the same masks.
-        return {"method": self.method, "importance": self.importance, "amount": self.amount,
-                "current_sparsity": self.current_sparsity}
+        state = {"method": self.method, "importance": self.importance, "amount": self.amount,
+                 "current_sparsity": self.current_sparsity}
+        return {**state, "n": self.n, "m": self.m} if self.method == "nm" else state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if _canonical(state_dict.get("method") or self.method) != _canonical(self.method):
@@ -603,11 +660,14 @@ class Pruning(Callback):
                 f"prune.importance={self.importance!r} but the checkpoint being resumed was pruned with "
                 f"prune.importance={saved!r}"
             )
+        if self.method == "nm" and (state_dict.get("n"), state_dict.get("m")) != (self.n, self.m):
+            raise ValueError(f"prune.n={self.n} prune.m={self.m} but the checkpoint being resumed was pruned "
+                             f"{state_dict.get('n')}:{state_dict.get('m')}")
         self.current_sparsity = float(state_dict.get("current_sparsity", 0.0))
 
 
 class PruneTechnique(Technique):
-    """``prune.method=magnitude|structured``: masks grown on a schedule, then the sparse or shrunk student."""
+    """``prune.method=unstructured|structured|nm``: masks grown on a schedule, then the sparse or shrunk student."""
 
     name, setting, deploy_rank, label_rank = "prune", "prune.method", 10, 1
     callback_class = Pruning
@@ -618,21 +678,35 @@ class PruneTechnique(Technique):
 
     def check(self, cfg: DictConfig, others: list[Technique]) -> None:
         pr = cfg.prune
+        schedule = "oneshot" if pr.method == "nm" else pr.schedule  # N:M: applied once, at start_epoch
         try:
-            check_importance(pr.method, pr.importance, pr.importance_batches, pr.schedule, pr.start_epoch)
+            if pr.method == "nm":
+                check_nm(pr.n, pr.m)
+            check_importance(pr.method, pr.importance, pr.importance_batches, schedule, pr.start_epoch)
         except ValueError as err:
             raise ConfigError(str(err)) from None
         if pr.method == "structured" and pr.scope != "layer":
             raise ConfigError("prune.scope=global is not supported with prune.method=structured: use prune.scope=layer")
-        if pr.schedule == "gradual" and pr.end_epoch < pr.start_epoch:
+        if schedule == "gradual" and pr.end_epoch < pr.start_epoch:
             raise ConfigError(f"prune.end_epoch={pr.end_epoch} must be >= prune.start_epoch={pr.start_epoch}")
         epochs = epochs_bound(cfg)
-        last = pr.end_epoch if pr.schedule == "gradual" else pr.start_epoch
+        last = pr.end_epoch if schedule == "gradual" else pr.start_epoch
         if epochs is not None and last >= epochs:
             raise ConfigError(
-                f"prune.{'end_epoch' if pr.schedule == 'gradual' else 'start_epoch'}={last} must be < "
+                f"prune.{'end_epoch' if schedule == 'gradual' else 'start_epoch'}={last} must be < "
                 f"trainer.max_epochs={epochs}, or the target sparsity is never reached"
             )
+
+    def check_student(self, cfg: DictConfig, student: nn.Module, others: list[Technique]) -> None:
+        pr = cfg.prune
+        if any(t.name == "lowrank" for t in others):  # the layers pruned are its factors: checked in the callback's setup
+            return
+        layers = prunable_layers(student, list(pr.layers), pr.prune_classifier and pr.method != "structured", list(pr.exclude))
+        if not layers:
+            raise ConfigError(f"prune.layers={list(pr.layers)} (prune.exclude={list(pr.exclude)}): the student "
+                              f"{cfg.student.name} has no such layers to prune")
+        if pr.method == "nm" and (misfits := nm_misfits(layers, pr.m)):
+            raise ConfigError(nm_misfit_error(misfits, pr.m))
 
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> Pruning:
         p = cfg.prune
@@ -644,7 +718,7 @@ class PruneTechnique(Technique):
             latency_device=ctx.latency_device,
             output_dir=ctx.output_dir, meta={"student": ctx.student_cfg, "data": ctx.data_cfg, "quant": _quant_meta(cfg)},
             removal_tolerance=p.removal_tolerance, importance=p.importance, importance_batches=p.importance_batches,
-            seed=int(cfg.seed),
+            seed=int(cfg.seed), n=p.n, m=p.m, exclude=list(p.exclude),
         )
 
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
@@ -674,13 +748,15 @@ class PruneTechnique(Technique):
                               "fp32 (pruned, sparse file)", nonzero, path.stat().st_size)
 
     def hparams(self, cfg: DictConfig) -> dict[str, Any]:
-        on = cfg.prune.method != "none"
-        return {"prune_method": cfg.prune.method, "prune_amount": cfg.prune.amount if on else None,
-                "prune_importance": cfg.prune.importance if on else None}
+        p = cfg.prune
+        on, nm = p.method != "none", p.method == "nm"
+        return {"prune_method": p.method, "prune_amount": (1 - p.n / p.m if nm else p.amount) if on else None,
+                "prune_importance": p.importance if on else None, "prune_nm": f"{p.n}:{p.m}" if nm else None}
 
     def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
-        criterion = "" if cfg.prune.importance == "magnitude" else f"-{cfg.prune.importance}"
-        return f"prune{cfg.prune.amount:g}{criterion}"
+        p = cfg.prune
+        criterion = "" if p.importance == "magnitude" else f"-{p.importance}"
+        return f"nm{p.n}:{p.m}{criterion}" if p.method == "nm" else f"prune{p.amount:g}{criterion}"
 
 
 def check_importance(method: str, importance: str, batches: int, schedule: str, start_epoch: int) -> None:
@@ -697,6 +773,13 @@ def check_importance(method: str, importance: str, batches: int, schedule: str, 
     if importance == "snip" and (schedule != "oneshot" or start_epoch != 0):
         raise ValueError("prune.importance=snip scores the weights at initialisation: it needs prune.schedule=oneshot "
                          f"and prune.start_epoch=0 (got schedule={schedule}, start_epoch={start_epoch})")
+
+
+def check_nm(n: int, m: int) -> None:
+    """N weights kept of every M: 1 <= N < M (N = M would prune nothing)."""
+    if not 1 <= int(n) < int(m):
+        raise ValueError(f"prune.n={n} prune.m={m}: N:M keeps N of every M weights, so it needs 1 <= prune.n < prune.m "
+                         "(e.g. prune.n=2 prune.m=4)")
 
 
 def _shortfall(masks: list[torch.Tensor], sparsity: float) -> int:
