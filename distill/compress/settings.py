@@ -51,7 +51,12 @@ LOWRANK_CHECKS: list[Check] = [
     ("lowrank.min_rank", at_least(1), ">= 1"),
 ]
 
+SHARING_METHODS = ("kmeans", "filters")
+FILTER_METRICS = ("euclidean", "cosine")
+
 SHARING_CHECKS: list[Check] = [
+    ("sharing.method", one_of(*SHARING_METHODS), "one of: kmeans, filters"),
+    ("sharing.metric", one_of(*FILTER_METRICS), "one of: euclidean, cosine"),
     ("sharing.bits", lambda x: x is None or 1 <= x <= 8, "an integer in [1, 8], or null (off)"),
     ("sharing.start_epoch", at_least(0), ">= 0"),
 ]

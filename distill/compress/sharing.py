@@ -1,4 +1,6 @@
-"""Weight sharing (Han et al., "Deep Compression", ICLR 2016): ``sharing.bits=b``.
+"""Weight sharing (Han et al., "Deep Compression", ICLR 2016): ``sharing.bits=b``; and the technique's
+callback for both forms of sharing (``sharing.method=kmeans`` here, ``filters`` in
+:mod:`distill.compress.filter_sharing`).
 
 At the start of epoch ``sharing.start_epoch`` each Linear and Conv2d weight of the student is
 clustered by 1-D k-means (scikit-learn, linear initialisation between the layer's min and max, as
@@ -29,6 +31,13 @@ from sklearn.cluster import KMeans
 from torch import nn
 from torch.nn.utils import parametrize
 
+from distill.compress.filter_sharing import (
+    FilterSharingReport,
+    encode_filter_shared,
+    filter_shared_modules,
+    load_filter_shared,
+    share_filters,
+)
 from distill.compress.packing import (
     pack_codes,
     read_xz_payload,
@@ -56,6 +65,8 @@ from distill.runtime.checkpoint_io import saved_callback_state
 
 log = logging.getLogger(__name__)
 FORMAT = "distill.shared-weights-student/1"
+FILTERS_FORMAT = "distill.filter-shared-student/1"
+ARTIFACT = "student_shared.pt.xz"
 
 
 class SharedWeight(nn.Module):
@@ -120,16 +131,29 @@ def save_shared(path: str | Path, model: nn.Module, bits: int, meta: dict[str, A
     return atomic_write(path, lambda fh: fh.write(data))
 
 
+def save_filter_shared(path: str | Path, model: nn.Module, metric: str, threshold: float, meta: dict[str, Any]) -> Path:
+    """The trained filter-shared student: unique filters, packed indices and scales, xz-compressed."""
+    layers, rest = encode_filter_shared(model)
+    data = xz_compress(torch_bytes({"format": FILTERS_FORMAT, "metric": metric, "threshold": threshold, "layers": layers,
+                                    "rest": rest, **meta}))
+    return atomic_write(path, lambda fh: fh.write(data))
+
+
 def _read_payload(path: str | Path) -> dict[str, Any]:
     payload = read_xz_payload(path, what="shared-weight student")
-    if payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a shared-weight student artifact (expected format {FORMAT})")
+    if payload.get("format") not in (FORMAT, FILTERS_FORMAT):
+        raise CheckpointError(f"{path} is not a shared-weight student artifact (expected format {FORMAT} or {FILTERS_FORMAT})")
     return payload
 
 
 def load_shared(path: str | Path, model: nn.Module, payload: dict[str, Any] | None = None) -> nn.Module:
     """Put the artifact's weights into ``model`` (the student's architecture, freshly built)."""
     payload = payload if payload is not None else _read_payload(path)
+    if payload["format"] == FILTERS_FORMAT:
+        try:
+            return load_filter_shared(model, payload["layers"], payload["rest"])
+        except (KeyError, ValueError, RuntimeError) as err:
+            raise CheckpointError(f"filter-shared student {path} is damaged or does not match its config: {err}") from err
     state = dict(payload["rest"])
     for name, entry in payload["layers"].items():
         count = int(np.prod(entry["shape"]))
@@ -163,12 +187,18 @@ class SharingReport(TechniqueReport):
 
 
 class WeightSharing(Callback):
-    def __init__(self, bits: int, start_epoch: int, output_dir: str | Path, meta: dict[str, Any]) -> None:
+    """Shares the student's weights at ``start_epoch``: k-means codebooks (``method="kmeans"``, ``bits``)
+    or whole filters tied by similarity (``method="filters"``, ``metric``, ``threshold``)."""
+
+    def __init__(self, bits: int | None, start_epoch: int, output_dir: str | Path, meta: dict[str, Any],
+                 method: str = "kmeans", metric: str = "euclidean", threshold: float | None = None) -> None:
         self.bits, self.start_epoch, self.output_dir, self.meta = bits, start_epoch, Path(output_dir), meta
+        self.method, self.metric, self.threshold = method, metric, threshold
         self.layers: list[str] | None = None
+        self.filters_unique: dict[str, int] | None = None  # filters: unique filters per layer, once shared
         self.resume_from: str | None = None  # the checkpoint this run resumes, if any
         self._student: nn.Module | None = None
-        self.report: SharingReport | None = None
+        self.report: SharingReport | FilterSharingReport | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._student = pl_module.student
@@ -176,19 +206,39 @@ class WeightSharing(Callback):
             return
         # (Lightning sets trainer.ckpt_path only after the setup hooks: the pipeline passes it.)
         saved = saved_callback_state(self.resume_from, self.state_key)
-        if saved.get("layers") is not None:  # resuming after the clustering: same parametrization, values from the checkpoint
-            self.layers = share_weights(pl_module.student, self.bits, saved["layers"], placeholders=True,
-                                        codebook_sizes=saved.get("codebook_sizes"))
+        if saved.get("layers") is not None:  # resuming after the sharing: same parametrization, values from the checkpoint
+            self._check_resumed(saved)
+            self.layers = rebuild_shared(pl_module.student, saved)
+            self.filters_unique = saved.get("filters_unique")
+
+    def _check_resumed(self, saved: dict[str, Any]) -> None:
+        ours = (self.method, self.bits) if self.method == "kmeans" else (self.method, self.metric, self.threshold)
+        theirs = (saved.get("method", "kmeans"), saved.get("bits")) if saved.get("method", "kmeans") == "kmeans" else \
+            (saved["method"], saved.get("metric"), saved.get("threshold"))
+        if ours != theirs:
+            raise ValueError(f"sharing: this run shares by {ours} but the checkpoint being resumed was shared by {theirs}")
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.layers is not None or trainer.current_epoch < self.start_epoch:
             return
-        self.layers = share_weights(pl_module.student, self.bits)
-        log.info("sharing: %d layers clustered into %d shared values each", len(self.layers), 2**self.bits)
-        # New parameters (the codebooks) for the optimizer.
+        if self.method == "filters":
+            assert self.threshold is not None
+            self.filters_unique = share_filters(pl_module.student, self.metric, self.threshold)
+            self.layers = list(self.filters_unique)
+            log.info("sharing: filters tied by %s (threshold %g): %s", self.metric, self.threshold,
+                     ", ".join(f"{name} {k}/{pl_module.student.get_submodule(name).weight.shape[0]}"
+                               for name, k in self.filters_unique.items()))
+        else:
+            assert self.bits is not None
+            self.layers = share_weights(pl_module.student, self.bits)
+            log.info("sharing: %d layers clustered into %d shared values each", len(self.layers), 2**self.bits)
+        # New parameters (the codebooks, the shared filters and scales) for the optimizer.
         rebuild_optimizer(trainer)
 
     def state_dict(self) -> dict[str, Any]:
+        if self.method == "filters":
+            return {"method": "filters", "layers": self.layers, "metric": self.metric, "threshold": self.threshold,
+                    "filters_unique": self.filters_unique}
         sizes = None
         if self.layers is not None and self._student is not None:
             sizes = {name: int(p.codebook.numel()) for name, p in _shared_modules(self._student).items()}
@@ -198,13 +248,35 @@ class WeightSharing(Callback):
         if not trainer.is_global_zero or self.layers is None:
             return
         student = copy.deepcopy(pl_module.student).cpu().eval()
-        path = save_shared(self.output_dir / "student_shared.pt.xz", student, self.bits, self.meta)
+        if self.method == "filters":
+            assert self.threshold is not None and self.filters_unique is not None
+            path = save_filter_shared(self.output_dir / ARTIFACT, student, self.metric, self.threshold, self.meta)
+            modules = filter_shared_modules(student)
+            shared_values = sum(p.numel() for m in modules.values() for p in m.parameters())
+            plain = sum(v.numel() for k, v in student.named_parameters() if ".parametrizations.weight." not in k)
+            self.report = FilterSharingReport(
+                sharing_method="filters", sharing_metric=self.metric, sharing_threshold=float(self.threshold),
+                filters_unique=dict(self.filters_unique),
+                filters_total={name: int(m.index.numel()) for name, m in modules.items()},
+                stored_params=shared_values + plain, size_bytes_shared=path.stat().st_size, shared_artifact=str(path))
+            return
+        assert self.bits is not None
+        path = save_shared(self.output_dir / ARTIFACT, student, self.bits, self.meta)
         self.report = SharingReport(sharing_bits=self.bits, sharing_layers=len(self.layers),
                                     size_bytes_shared=path.stat().st_size, shared_artifact=str(path))
 
 
+def rebuild_shared(student: nn.Module, state: dict[str, Any]) -> list[str]:
+    """The shared structure a checkpoint's callback ``state`` records, with placeholder values (the
+    checkpoint's weights load into it)."""
+    if state.get("method", "kmeans") == "filters":
+        return list(share_filters(student, state["metric"], state["threshold"], state["layers"], groups=state["filters_unique"]))
+    return share_weights(student, state["bits"], state["layers"], placeholders=True, codebook_sizes=state.get("codebook_sizes"))
+
+
 class SharingTechnique(Technique):
-    """``sharing.bits=b``: k-means codebooks of 2^b shared values per layer, fine-tuned."""
+    """``sharing.bits=b``: k-means codebooks of 2^b shared values per layer; ``sharing.method=filters``:
+    similar output filters tied to one; fine-tuned."""
 
     name, setting, deploy_rank, label_rank = "sharing", "sharing.bits", 30, 2
     callback_class = WeightSharing
@@ -212,36 +284,69 @@ class SharingTechnique(Technique):
     checks = SHARING_CHECKS
 
     def enabled(self, cfg: DictConfig) -> bool:
-        return cfg.sharing.bits is not None
+        sh = cfg.sharing
+        return sh.bits is not None or sh.get("method", "kmeans") == "filters"
 
     def check(self, cfg: DictConfig, others: list[Technique]) -> None:
         sh = cfg.sharing
+        filters = sh.method == "filters"
+        what = "sharing.method=filters" if filters else f"sharing.bits={sh.bits}"
+        if filters:
+            check_filter_threshold(sh.bits, sh.metric, sh.threshold)
+        elif sh.threshold is not None:
+            raise ConfigError(f"sharing.threshold={sh.threshold:g} applies to sharing.method=filters, not to k-means "
+                              "(sharing.bits); set sharing.method=filters or leave sharing.threshold=null")
         clashing = [t.setting for t in others if t.name in ("quant", "prune", "lowrank")]
         if clashing:
-            raise ConfigError(f"sharing.bits={sh.bits} with {', '.join(clashing)}: combining them is not supported; choose one")
+            raise ConfigError(f"{what} with {', '.join(clashing)}: combining them is not supported; choose one")
         if not one_process(cfg):
-            raise ConfigError("sharing.bits needs one process (the codebooks join the optimizer mid-run)")
+            raise ConfigError(f"{'sharing.method=filters' if filters else 'sharing.bits'} needs one process "
+                              "(the shared values join the optimizer mid-run)")
         epochs = epochs_bound(cfg)
         if epochs is not None and sh.start_epoch >= epochs:
             raise ConfigError(f"sharing.start_epoch={sh.start_epoch} must be < trainer.max_epochs={epochs}, or the weights are never shared")
 
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> WeightSharing:
-        return WeightSharing(cfg.sharing.bits, cfg.sharing.start_epoch, ctx.output_dir, {"student": ctx.student_cfg, "data": ctx.data_cfg})
+        sh = cfg.sharing
+        return WeightSharing(sh.bits, sh.start_epoch, ctx.output_dir, {"student": ctx.student_cfg, "data": ctx.data_cfg},
+                             method=sh.method, metric=sh.metric, threshold=sh.threshold)
 
     def rebuild(self, student: nn.Module, cfg: DictConfig, state: dict[str, Any], example: torch.Tensor) -> nn.Module:
         if state.get("layers"):
-            share_weights(student, state["bits"], state["layers"], placeholders=True, codebook_sizes=state.get("codebook_sizes"))
+            rebuild_shared(student, state)
         return student
 
     def load_artifact(self, path: Path, payload: dict[str, Any], data_overrides: dict[str, Any]) -> LoadedArtifact | None:
-        if payload.get("format") != FORMAT:
+        if payload.get("format") not in (FORMAT, FILTERS_FORMAT):
             return None
         model, datamodule = load_shared_student(path, payload, data_overrides)
+        kind = f"{payload['bits']}-bit shared weights" if payload["format"] == FORMAT else \
+            f"shared filters ({payload['metric']}, threshold {payload['threshold']:g})"
         return LoadedArtifact(model, datamodule, payload["student"]["name"], payload["data"]["name"],
-                              f"{payload['bits']}-bit shared weights", count_parameters(model), path.stat().st_size)
+                              kind, count_parameters(model), path.stat().st_size)
 
     def hparams(self, cfg: DictConfig) -> dict[str, Any]:
-        return {"sharing_bits": cfg.sharing.bits}
+        sh = cfg.sharing
+        filters = sh.get("method", "kmeans") == "filters"
+        return {"sharing_bits": sh.bits, "sharing_method": sh.get("method", "kmeans") if self.enabled(cfg) else None,
+                "sharing_metric": sh.metric if filters else None, "sharing_threshold": sh.threshold if filters else None}
 
     def tag(self, cfg: DictConfig, report: TechniqueReport | None) -> str:
-        return f"shared{cfg.sharing.bits}b"
+        sh = cfg.sharing
+        if sh.get("method", "kmeans") == "filters":
+            return f"filters-{sh.metric}{sh.threshold:g}"
+        return f"shared{sh.bits}b"
+
+
+def check_filter_threshold(bits: int | None, metric: str, threshold: float | None) -> None:
+    """sharing.method=filters: a threshold in its metric's range, and no k-means setting."""
+    if bits is not None:
+        raise ConfigError(f"sharing.bits={bits} is k-means sharing's setting; sharing.method=filters groups whole filters "
+                          "by sharing.threshold (leave sharing.bits=null)")
+    if threshold is None:
+        raise ConfigError("sharing.method=filters needs sharing.threshold: the largest distance between two filters of a "
+                          "group (sharing.metric=euclidean, >= 0) or their least cosine similarity (cosine, in (0, 1])")
+    if metric == "cosine" and not 0 < threshold <= 1:
+        raise ConfigError(f"sharing.threshold={threshold:g} with sharing.metric=cosine is a similarity: it must be in (0, 1]")
+    if metric == "euclidean" and threshold < 0:
+        raise ConfigError(f"sharing.threshold={threshold:g} with sharing.metric=euclidean is a distance: it must be >= 0")

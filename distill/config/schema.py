@@ -247,9 +247,13 @@ class LowRankConfig:
 
 @dataclass
 class SharingConfig:
-    """Weight sharing by k-means (``sharing.bits``); see distill/compress/sharing.py."""
+    """Weight sharing: by k-means (``sharing.bits``; distill/compress/sharing.py) or whole filters by
+    similarity (``sharing.method=filters``; distill/compress/filter_sharing.py)."""
 
+    method: str = "kmeans"  # kmeans (on with sharing.bits) | filters (on by itself; needs sharing.threshold)
     bits: int | None = None
+    metric: str = "euclidean"  # filters: euclidean | cosine
+    threshold: float | None = None  # filters: euclidean: the largest distance within a group (>= 0); cosine: the least similarity, in (0, 1]
     start_epoch: int = 20
 
 
