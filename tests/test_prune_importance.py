@@ -219,3 +219,13 @@ def test_a_run_prunes_by_the_gradients_of_its_distillation_loss(make_cfg, method
                                 "prune.schedule=oneshot", "prune.amount=0.5", "measure.latency=off")))
     assert ours.keys() == theirs.keys()
     assert any(not torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_scaled_loss_gives_the_unscaled_gradients():
+    """Under fp16 mixed precision the importance passes scale the loss as the GradScaler does (no
+    underflow in half precision) and divide the scale back out."""
+    cb, model = _pruned_linear("taylor")
+    plain = _gradients(cb, model)
+    scaled = collect_gradients(lambda x: model(x).sum() * 2.0**16, model, cb._scored_tensors(), BATCHES, loss_scale=2.0**16)
+    key = id(model[0].weight_orig)
+    assert torch.equal(scaled.total[key], plain.total[key]) and torch.equal(scaled.squares[key], plain.squares[key])

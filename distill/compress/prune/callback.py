@@ -439,16 +439,23 @@ class Pruning(Callback):
                 batch = pl_module._on_before_batch_transfer(batch, 0)
                 yield trainer.strategy.batch_to_device(batch, pl_module.device)
 
+        # Under fp16 mixed precision the training loop scales the loss (GradScaler) so that small
+        # gradients do not underflow in half precision; the importance passes do the same, and divide
+        # the scale back out of the gradients.
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
         def loss_of(batch: Any) -> torch.Tensor:
             with trainer.precision_plugin.train_step_context():
-                return pl_module.loss_terms(batch)[0]["loss"]
+                return pl_module.loss_terms(batch)[0]["loss"] * scale
 
         # Callbacks' on_train_epoch_start runs before the module's, which sets the loss's epoch (its
         # schedule, e.g. DKD's warm-up): set here too, or a resumed run would score with epoch 0's.
         pl_module.distill_loss.epoch = trainer.current_epoch
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
         grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
-                                  seed=self._seed(event, 0), skip_nonfinite=bool(getattr(pl_module, "skip_nonfinite", False)))
+                                  seed=self._seed(event, 0), skip_nonfinite=bool(getattr(pl_module, "skip_nonfinite", False)),
+                                  loss_scale=scale)
         log.info("prune: %s importance from the gradients of %d batch(es) of %d", self.importance, grads.batches, size)
         return grads
 

@@ -87,6 +87,7 @@ def collect_gradients(
     reduce_mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
     seed: int = 0,
     skip_nonfinite: bool = False,
+    loss_scale: float = 1.0,
 ) -> Gradients:
     """Σ_b g_b and Σ_b g_b² of ``loss_of(batch)`` for each masked tensor ``module.<name>`` (with respect
     to its ``<name>_orig`` parameter: ``mask ⊙ ∂L/∂w``, and a pruned weight scores 0 whatever its gradient).
@@ -97,7 +98,9 @@ def collect_gradients(
     scores the same gradients and grows the same masks. The global random state is forked and
     seeded by ``seed`` for these passes (dropout, mixing), then restored, and so are the buffers.
     Non-finite gradients raise, or, with ``skip_nonfinite`` (``loss.on_nonfinite=skip``), drop that
-    batch; decided after the all-reduce, so the same on every rank."""
+    batch; decided after the all-reduce, so the same on every rank. ``loss_scale``: the factor
+    ``loss_of`` multiplied its loss by (a GradScaler's, under fp16 mixed precision), divided out of
+    the gradients."""
     params = [getattr(module, name + "_orig") for module, name in tensors]
     total = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
     squares = {id(p): torch.zeros_like(p, dtype=torch.float32) for p in params}
@@ -108,7 +111,8 @@ def collect_gradients(
         for batch in batches:
             loss = loss_of(batch)
             grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float() for p, g in zip(params, grads, strict=True)]
+            grads = [torch.zeros_like(p, dtype=torch.float32) if g is None else g.detach().float() / loss_scale
+                     for p, g in zip(params, grads, strict=True)]
             flat = torch.cat([g.flatten() for g in grads])
             if reduce_mean is not None:
                 flat = reduce_mean(flat)
