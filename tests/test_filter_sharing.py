@@ -30,23 +30,25 @@ def _groups(labels) -> set[frozenset[int]]:
 
 def test_euclidean_groups_every_pair_within_the_threshold_and_no_more():
     # Two tight pairs, a lone filter, and a chain 0 - 0.15 - 0.3 whose ends are 0.3 apart: with
-    # threshold 0.2 a chain may not become one group (complete linkage), though each link is within it.
-    w = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.2], [10.0, 0.0],
+    # threshold 0.25 a chain may not become one group (complete linkage), though each link is within it.
+    w = torch.tensor([[0.0, 0.0], [0.1, 0.0], [5.0, 5.0], [5.0, 5.25], [10.0, 0.0],
                       [20.0, 0.0], [20.15, 0.0], [20.3, 0.0]])
-    labels = group_filters(w, "euclidean", 0.2)  # [5.0, 5.2] is exactly 0.2 from [5.0, 5.0]: within
+    labels = group_filters(w, "euclidean", 0.25)  # [5.0, 5.25] is exactly 0.25 (in binary too) from [5.0, 5.0]: within
     groups = _groups(labels)
     assert {frozenset({0, 1}), frozenset({2, 3}), frozenset({4})} <= groups
     chain = [g for g in groups if g & {5, 6, 7}]
     assert sorted(len(g) for g in chain) == [1, 2]
     for g in groups:
         for i, j in itertools.combinations(g, 2):
-            assert torch.dist(w[i], w[j]) <= 0.2 + 1e-6
+            assert torch.dist(w[i], w[j]) <= 0.25 + 1e-6
     assert _groups(group_filters(w, "euclidean", 0.0)) == {frozenset({i}) for i in range(8)}
 
 
 def test_cosine_groups_by_direction_and_a_zero_filter_keeps_its_own_group():
     w = torch.tensor([[1.0, 0.0], [3.0, 0.01], [0.0, 1.0], [0.0, -2.0], [0.0, 0.0], [0.02, 4.0]])
     assert _groups(group_filters(w, "cosine", 0.99)) == {frozenset({0, 1}), frozenset({2, 5}), frozenset({3}), frozenset({4})}
+    # 1: the same direction only (their float distance is ~1e-16, not 0)
+    assert _groups(group_filters(torch.tensor([[1.0, 3.0], [2.0, 6.0], [3.0, 1.0]]), "cosine", 1.0)) == {frozenset({0, 1}), frozenset({2})}
 
 
 def test_euclidean_ties_to_the_mean_and_cosine_to_scaled_unit_filters():
@@ -54,10 +56,11 @@ def test_euclidean_ties_to_the_mean_and_cosine_to_scaled_unit_filters():
     shared, index, scale = tie(w, group_filters(w, "euclidean", 3.0), "euclidean")
     assert scale is None and shared[index[0]].tolist() == [2.0, 3.0] and shared[index[2]].tolist() == [10.0, 0.0]
     # Parallel filters (one direction, norms 1, 2, 5): each is its scale times the shared unit filter, exactly.
-    w = torch.tensor([[0.6, 0.8], [1.2, 1.6], [3.0, 4.0]])
+    w = torch.tensor([[0.6, 0.8], [1.2, 1.6], [3.0, 4.0], [0.0, 0.0]])
     shared, index, scale = tie(w, group_filters(w, "cosine", 0.999), "cosine")
-    assert shared.shape[0] == 1 and torch.allclose(shared[0], torch.tensor([0.6, 0.8]))
-    assert torch.allclose(scale, torch.tensor([1.0, 2.0, 5.0]))
+    assert shared.shape[0] == 2 and torch.allclose(shared[index[0]], torch.tensor([0.6, 0.8]))
+    # A zero filter: shared filter 0 with scale 1, so both can still learn (with scale 0 neither would).
+    assert torch.allclose(scale, torch.tensor([1.0, 2.0, 5.0, 1.0])) and not shared[index[3]].any()
 
 
 def test_tied_filters_train_as_one_and_each_scale_has_its_own_gradient():
@@ -125,6 +128,8 @@ def test_a_damaged_artifact_is_a_named_error(make_cfg, tmp_path):
     (["sharing.method=filters", "sharing.metric=cosine", "sharing.threshold=0"], "sharing.threshold=0 with sharing.metric=cosine is a similarity: it must be in (0, 1]"),
     (["sharing.method=filters", "sharing.metric=cosine", "sharing.threshold=1.5"], "sharing.threshold=1.5 with sharing.metric=cosine"),
     (["sharing.method=filters", "sharing.threshold=-1"], "sharing.threshold=-1 with sharing.metric=euclidean is a distance: it must be >= 0"),
+    (["sharing.method=filters", "sharing.threshold=nan"], "sharing.threshold=nan with sharing.metric=euclidean"),
+    (["sharing.threshold=0.5"], "sharing.threshold=0.5 applies to sharing.method=filters, which is off"),
     (["sharing.method=filters", "sharing.threshold=1", "sharing.bits=4"], "sharing.bits=4 is k-means sharing's setting"),
     (["sharing.method=filters", "sharing.metric=l1", "sharing.threshold=1"], "sharing.metric"),
     (["sharing.method=clusters"], "sharing.method"),

@@ -79,3 +79,13 @@ def test_a_2_4_pruned_layer_runs_on_sparse_tensor_cores():
             timings[name] = start.elapsed_time(end) / 50
     print(f"4096x4096 fp16 linear, batch 4096: dense {timings['dense']:.3f} ms, 2:4 {timings['2:4']:.3f} ms "
           f"({timings['dense'] / timings['2:4']:.2f}x)")
+
+
+def test_importance_gradients_under_fp16_mixed_precision_use_the_grad_scaler(make_cfg):
+    """16-mixed on a GPU has a GradScaler: a gradient criterion's passes scale the loss by it (and divide it out)."""
+    from distill.pipeline import run
+
+    summary = run(make_cfg(*FAST, "teacher=resnet18", "student=cnn", "prune.method=unstructured", "prune.importance=snip",
+                           "prune.schedule=oneshot", "prune.amount=0.5", "prune.importance_batches=2", "measure.latency=off",
+                           "trainer.accelerator=gpu", "trainer.devices=1", "trainer.precision=16-mixed"))
+    assert summary["student"]["sparsity"] == pytest.approx(0.5, abs=0.01)

@@ -229,3 +229,25 @@ def test_a_scaled_loss_gives_the_unscaled_gradients():
     scaled = collect_gradients(lambda x: model(x).sum() * 2.0**16, model, cb._scored_tensors(), BATCHES, loss_scale=2.0**16)
     key = id(model[0].weight_orig)
     assert torch.equal(scaled.total[key], plain.total[key]) and torch.equal(scaled.squares[key], plain.squares[key])
+
+
+def test_an_overflowing_loss_scale_is_retaken_unscaled(caplog):
+    """Under fp16 mixed precision (a GradScaler: Lightning has one on CUDA only) the importance passes
+    scale the loss by its scale; one that overflows (the untuned first scale at an epoch-0 event, here
+    forced to 2^127) makes them take the gradients again unscaled, not fail the run."""
+    import contextlib
+
+    cb, model = _pruned_linear("taylor")
+    data = [(x[0], torch.tensor(0)) for x in BATCHES]
+    scaler = SimpleNamespace(get_scale=lambda: 2.0**127, is_enabled=lambda: True)
+    plugin = SimpleNamespace(scaler=scaler, convert_input=lambda b: b, train_step_context=contextlib.nullcontext)
+    trainer = SimpleNamespace(train_dataloader=torch.utils.data.DataLoader(data, batch_size=1), world_size=1, global_rank=0,
+                              precision_plugin=plugin, strategy=SimpleNamespace(batch_to_device=lambda b, d: b), current_epoch=0)
+    module = SimpleNamespace(student=model, device="cpu", distill_loss=SimpleNamespace(epoch=0),
+                             _on_before_batch_transfer=lambda b, i: b, loss_terms=lambda batch: ({"loss": model(batch[0]).sum()},))
+    cb.importance_batches = 2
+    with caplog.at_level("WARNING", logger="distill.compress.prune.callback"):
+        grads = cb._gradients(trainer, module, event=0)
+    assert "overflowed at loss scale 1.70141e+38; taken again unscaled" in caplog.text
+    key = id(model[0].weight_orig)
+    assert grads.total[key].tolist() == [[2.0, 0.0, 0.0, 3.0]]  # Σ_b g_b of the two batches, unscaled

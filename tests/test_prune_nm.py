@@ -122,6 +122,9 @@ def test_a_layer_m_does_not_divide_is_named_before_the_teacher_trains(make_cfg):
     assert "prune.exclude" in message
     check_student(make_cfg("student=cnn", "prune.method=nm", "prune.exclude=[features.0]"),
                   {"num_classes": 10, "channels": 1, "image_size": 8})  # no error
+    with pytest.raises(ConfigError, match=r"prune.exclude: 'featurs.0' matches no layer of the student; its Linear / Conv2d layers: features.0, "):
+        check_student(make_cfg("student=cnn", "prune.method=nm", "prune.exclude=[featurs.0]"),
+                      {"num_classes": 10, "channels": 1, "image_size": 8})
     with pytest.raises(ConfigError, match=r"layer 'net.1' \(Linear, in_features 64\) is not divisible by prune.m=3"):
         check_student(make_cfg("student=mlp", "prune.method=nm", "prune.n=1", "prune.m=3"),
                       {"num_classes": 10, "channels": 1, "image_size": 8})
@@ -139,3 +142,10 @@ def test_a_run_reports_the_pattern_check(make_cfg):
     assert student["prune_method"] == "nm" and student["nm_pattern"] == "2:4" and student["nm_pattern_ok"] is True
     assert student["sparsity"] == pytest.approx(0.5)
     assert summary["hparams"]["prune_nm"] == "2:4" and summary["hparams"]["prune_amount"] == 0.5
+
+
+def test_the_early_student_check_leaves_the_random_state_alone(make_cfg):
+    """The teacher is built (and trained) after the check: its initial weights must not depend on it."""
+    before = torch.get_rng_state()
+    check_student(make_cfg("student=cnn", "prune.method=nm", "prune.exclude=[features.0]"), {"num_classes": 10, "channels": 1, "image_size": 8})
+    assert torch.equal(torch.get_rng_state(), before)

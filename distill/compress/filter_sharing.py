@@ -8,7 +8,7 @@ so that every two filters of a group are within the threshold:
 
 - ``euclidean``: ``‖F_i − F_j‖₂ ≤ τ`` (τ ≥ 0, in the weights' units);
 - ``cosine``: ``cos(F_i, F_j) ≥ τ`` (τ in (0, 1]; a filter of zero norm has no direction and keeps
-  a group of its own).
+  a group of its own, scale 1, free to learn).
 
 Each group ``g`` is then tied to one shared filter ``S_g`` (Son, Nah & Lee, "Clustering Convolutional
 Kernels to Compress Deep Neural Networks", ECCV 2018, share kernels by cluster; here whole filters,
@@ -75,11 +75,12 @@ def group_filters(weight: torch.Tensor, metric: str, threshold: float) -> np.nda
         live, distance = np.ones(len(rows), dtype=bool), threshold
     if live.sum() < 2:
         return labels
-    # scikit-learn merges below its threshold; "within τ" includes τ itself.
-    found = AgglomerativeClustering(n_clusters=None, distance_threshold=float(np.nextafter(distance, np.inf)),
+    # scikit-learn merges below its threshold; "within τ" includes τ itself, and the float64 distance
+    # of two equal filters may be 1e-16 rather than 0 (cosine): a tolerance far below any filter's scale.
+    found = AgglomerativeClustering(n_clusters=None, distance_threshold=float(distance) + 1e-12,
                                     linkage="complete", metric=metric).fit(rows[live]).labels_
     labels[live] = found + (len(rows) if (~live).any() else 0)
-    _, compact = np.unique(labels, return_inverse=True)  # 0..groups-1, in order of first appearance's label
+    _, compact = np.unique(labels, return_inverse=True)  # 0..groups-1 (in the order of the labels' values)
     return compact
 
 
@@ -98,6 +99,9 @@ def tie(weight: torch.Tensor, labels: np.ndarray, metric: str) -> tuple[torch.Te
     shared = torch.zeros(groups, flat.shape[1], device=w.device).index_add_(0, index, unit) / counts[:, None]
     mine = shared[index]
     scale = (flat * mine).sum(dim=1) / (mine * mine).sum(dim=1).clamp_min(1e-30)
+    # A zero filter (its own group, shared filter 0) gets scale 1: with scale 0 too, neither would
+    # ever get a gradient, and the filter would stay dead.
+    scale = torch.where(norms.squeeze(1) > 0, scale, torch.ones_like(scale))
     return shared.reshape(groups, *w.shape[1:]).to(weight.dtype), index, scale.to(weight.dtype)
 
 

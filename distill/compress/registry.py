@@ -68,6 +68,9 @@ def check_techniques(cfg: DictConfig) -> None:
                           "weight across ranks; use deepspeed_stage_2 or ddp")
     for technique in on:
         technique.check(cfg, [t for t in on if t is not technique])
+    for technique in TECHNIQUES.values():
+        if technique not in on:
+            technique.check_disabled(cfg)
 
 
 def check_student(cfg: DictConfig, shape: dict[str, int]) -> None:
@@ -76,7 +79,8 @@ def check_student(cfg: DictConfig, shape: dict[str, int]) -> None:
     on = enabled_techniques(cfg)
     if not any(type(t).check_student is not Technique.check_student for t in on):
         return
-    student = build_student(cfg.student, **shape)
+    with torch.random.fork_rng():  # building it draws from the global RNG: the teacher built next must not see that
+        student = build_student(cfg.student, **shape)
     for technique in on:
         technique.check_student(cfg, student, [t for t in on if t is not technique])
 

@@ -152,7 +152,7 @@ def load_shared(path: str | Path, model: nn.Module, payload: dict[str, Any] | No
     if payload["format"] == FILTERS_FORMAT:
         try:
             return load_filter_shared(model, payload["layers"], payload["rest"])
-        except (KeyError, ValueError, RuntimeError) as err:
+        except (KeyError, ValueError, RuntimeError, TypeError, AttributeError, IndexError) as err:
             raise CheckpointError(f"filter-shared student {path} is damaged or does not match its config: {err}") from err
     state = dict(payload["rest"])
     for name, entry in payload["layers"].items():
@@ -306,6 +306,12 @@ class SharingTechnique(Technique):
         if epochs is not None and sh.start_epoch >= epochs:
             raise ConfigError(f"sharing.start_epoch={sh.start_epoch} must be < trainer.max_epochs={epochs}, or the weights are never shared")
 
+    def check_disabled(self, cfg: DictConfig) -> None:
+        sh = cfg.get("sharing")
+        if sh is not None and sh.get("threshold") is not None:
+            raise ConfigError(f"sharing.threshold={sh.threshold:g} applies to sharing.method=filters, which is off "
+                              f"(sharing.method={sh.get('method', 'kmeans')}); set sharing.method=filters")
+
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> WeightSharing:
         sh = cfg.sharing
         return WeightSharing(sh.bits, sh.start_epoch, ctx.output_dir, {"student": ctx.student_cfg, "data": ctx.data_cfg},
@@ -321,7 +327,7 @@ class SharingTechnique(Technique):
             return None
         model, datamodule = load_shared_student(path, payload, data_overrides)
         kind = f"{payload['bits']}-bit shared weights" if payload["format"] == FORMAT else \
-            f"shared filters ({payload['metric']}, threshold {payload['threshold']:g})"
+            f"shared filters ({payload.get('metric')}, threshold {payload.get('threshold')})"
         return LoadedArtifact(model, datamodule, payload["student"]["name"], payload["data"]["name"],
                               kind, count_parameters(model), path.stat().st_size)
 
@@ -348,5 +354,5 @@ def check_filter_threshold(bits: int | None, metric: str, threshold: float | Non
                           "group (sharing.metric=euclidean, >= 0) or their least cosine similarity (cosine, in (0, 1])")
     if metric == "cosine" and not 0 < threshold <= 1:
         raise ConfigError(f"sharing.threshold={threshold:g} with sharing.metric=cosine is a similarity: it must be in (0, 1]")
-    if metric == "euclidean" and threshold < 0:
+    if metric == "euclidean" and not threshold >= 0:  # NaN too
         raise ConfigError(f"sharing.threshold={threshold:g} with sharing.metric=euclidean is a distance: it must be >= 0")

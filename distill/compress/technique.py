@@ -166,6 +166,10 @@ class Technique(ABC):
     def check(self, cfg: DictConfig, others: list[Technique]) -> None:  # noqa: B027 (optional: most have combination checks)
         """Combination checks, when enabled; ``others``: the other enabled techniques."""
 
+    def check_disabled(self, cfg: DictConfig) -> None:  # noqa: B027 (optional)
+        """When off: settings of its own that only mean something when on (a typo'd switch would
+        otherwise leave them silently unused). The default: none."""
+
     def check_student(self, cfg: DictConfig, student: nn.Module, others: list[Technique]) -> None:  # noqa: B027 (optional)
         """Checks of the student's layers (a freshly built student, before the teacher is trained or
         any data is read for training), when enabled. The default: none."""

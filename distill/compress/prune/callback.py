@@ -213,6 +213,18 @@ def excluded(path: str, patterns: list[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns or ())
 
 
+def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
+    """The ``prune.exclude`` patterns that match no module of ``model`` (a typo would leave its layer pruned)."""
+    paths = [p for p, _ in model.named_modules() if p]
+    return [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(p, pattern) for p in paths)]
+
+
+def unmatched_error(patterns: list[str], model: nn.Module) -> str:
+    layers = [p for p, m in model.named_modules() if isinstance(m, tuple(LAYER_TYPES.values()))]
+    return (f"prune.exclude: {', '.join(repr(p) for p in patterns)} matches no layer of the student; its Linear / Conv2d "
+            f"layers: {', '.join(layers[:20])}{' …' if len(layers) > 20 else ''}")
+
+
 def nm_misfits(layers: list[tuple[str, nn.Module]], m: int) -> list[str]:
     """Why each layer that cannot take an N:M pattern of group size ``m`` cannot (empty: all can)."""
     return [why for path, module in layers if (why := misfit(path, module, m)) is not None]
@@ -265,6 +277,8 @@ class Pruning(Callback):
         if method == "nm":
             check_nm(self.n, self.m)
             # An N:M pattern has no intermediate sparsity: it is applied once, at start_epoch, and kept.
+            log.info("prune: N:M %d:%d, one-shot at epoch %d (sparsity %.4f; prune.schedule and prune.amount do not apply)",
+                     self.n, self.m, start_epoch, 1.0 - self.n / self.m)
             schedule, amount = "oneshot", 1.0 - self.n / self.m
         self.exclude = list(exclude or [])
         check_importance(method, importance, importance_batches, schedule, start_epoch)
@@ -307,6 +321,9 @@ class Pruning(Callback):
         if self.method == "structured":
             self._setup_groups(trainer, student)
             return
+        unmatched = unmatched_patterns(student, self.exclude)
+        if unmatched:
+            raise ValueError(unmatched_error(unmatched, student))
         self._layers = prunable_layers(student, self.layer_types, self.include_classifier, self.exclude)
         if not self._layers:
             raise ValueError(f"prune.layers={self.layer_types} (prune.exclude={self.exclude}): the student has no such layers to prune")
@@ -453,9 +470,20 @@ class Pruning(Callback):
         # schedule, e.g. DKD's warm-up): set here too, or a resumed run would score with epoch 0's.
         pl_module.distill_loss.epoch = trainer.current_epoch
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
-        grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
-                                  seed=self._seed(event, 0), skip_nonfinite=bool(getattr(pl_module, "skip_nonfinite", False)),
-                                  loss_scale=scale)
+        skip = bool(getattr(pl_module, "skip_nonfinite", False))
+        try:
+            grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
+                                      seed=self._seed(event, 0), skip_nonfinite=skip, loss_scale=scale)
+        except FloatingPointError:
+            if scale == 1.0:
+                raise
+            # The scale overflowed (the GradScaler's first, untuned 65536 at an epoch-0 event, say): where
+            # training would halve it and skip the step, these passes are redone unscaled (every rank alike:
+            # the check follows the all-reduce).
+            log.warning("prune: importance gradients overflowed at loss scale %g; taken again unscaled", scale)
+            scale = 1.0
+            grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
+                                      seed=self._seed(event, 0), skip_nonfinite=skip)
         log.info("prune: %s importance from the gradients of %d batch(es) of %d", self.importance, grads.batches, size)
         return grads
 
@@ -708,6 +736,8 @@ class PruneTechnique(Technique):
         pr = cfg.prune
         if any(t.name == "lowrank" for t in others):  # the layers pruned are its factors: checked in the callback's setup
             return
+        if unmatched := unmatched_patterns(student, list(pr.exclude)):
+            raise ConfigError(unmatched_error(unmatched, student))
         layers = prunable_layers(student, list(pr.layers), pr.prune_classifier and pr.method != "structured", list(pr.exclude))
         if not layers:
             raise ConfigError(f"prune.layers={list(pr.layers)} (prune.exclude={list(pr.exclude)}): the student "
