@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -11,15 +14,37 @@ from distill.data.datamodules import build_datamodule
 from .conftest import run_script
 
 # A hung collective fails the test in minutes, not at CI's limit.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_group("distributed")]  # one shared teacher cache
 
 RUN = ["logger=csv", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
        "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
-       "quant.latency_batch_size=32", "measure.latency=off"]  # no test here is about timings
+       "quant.latency_batch_size=32",
+       "measure.latency=off", "export.formats=[]"]  # no test here is about timings or exported files (tests/test_deploy.py)
+
+# The trained teachers every run of this module shares (one per process count: a 2-process teacher is
+# trained by the first multi-process run, in about 15 s, and reused by the others). The tests about
+# the teacher's own training and caches keep caches of their own.
+_SHARED_CACHE: list[Path] = []
 
 
-def _train(tmp_path, name: str, *overrides: str) -> dict:
-    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+@pytest.fixture(scope="module", autouse=True)
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    _SHARED_CACHE.append(tmp_path_factory.mktemp("teachers"))
+    yield _SHARED_CACHE[-1]
+    _SHARED_CACHE.pop()
+
+
+def _own_cache(tmp_path: Path) -> Path:
+    """A cache of this test's own holding the shared trained teachers only (not their output or feature tables)."""
+    cache = tmp_path / "cache" / "teachers"
+    cache.mkdir(parents=True, exist_ok=True)
+    for entry in (_SHARED_CACHE[-1] / "teachers").glob("*.pt"):
+        shutil.copy2(entry, cache / entry.name)
+    return tmp_path / "cache"
+
+
+def _train(tmp_path, name: str, *overrides: str, cache: Path | None = None) -> dict:
+    env = {"DISTILL_CACHE_DIR": str(cache or _SHARED_CACHE[-1])}
     result = run_script("train.py", *RUN, *overrides, f"hydra.run.dir={tmp_path}/{name}", cwd=tmp_path, env=env, timeout=900)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     return json.loads((tmp_path / name / "summary.json").read_text())
@@ -100,7 +125,7 @@ def test_deepspeed_zero2_with_qat_and_pruning_keeps_every_rank_identical(tmp_pat
 def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(tmp_path):
     """Rank 1 alone sees a NaN batch: the decision is collective, so the run stops with status 3 and
     the named error, not with gloo's "Connection closed by peer" (or, under NCCL, a 30-minute hang)."""
-    env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
+    env = {"DISTILL_CACHE_DIR": str(_SHARED_CACHE[-1])}
     result = run_script("train.py", *RUN, "strategy=ddp", "trainer.devices=2", "loss.alpha=0",
                         "+callbacks.poison._target_=tests.poison_callback.PoisonBatch", "+callbacks.poison.step=2",
                         "+callbacks.poison.rank=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env, timeout=300)
@@ -199,7 +224,8 @@ def test_feature_and_relation_terms_train_under_ddp(tmp_path, teacher):
     live teacher, and log the terms' epoch means."""
     live = ["teacher.precompute_outputs=false"] if teacher == "live" else []
     ddp = _train(tmp_path, "features", "strategy=ddp", "trainer.devices=2", "student=cnn", "loss=dkd", "loss.hint.weight=1",
-                 "loss.rkd.weight=1", "loss.crd.weight=0.8", "loss.crd.nce_k=64", "trainer.max_epochs=1", *live)
+                 "loss.rkd.weight=1", "loss.crd.weight=0.8", "loss.crd.nce_k=64", "trainer.max_epochs=1", *live,
+                 cache=_own_cache(tmp_path))  # its feature tables counted below
     assert ddp["hparams"]["loss"] == "dkd" and ddp["hparams"]["rkd_weight"] == 1.0 and ddp["hparams"]["crd_weight"] == 0.8
     assert ddp["teacher_outputs"] == ("live" if live else "precomputed (computed)")
     header = (tmp_path / "features" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")

@@ -45,6 +45,7 @@ def test_experiment_runs_one_batch(make_cfg, tmp_path, name):
     from distill.pipeline import run
 
     cfg = make_cfg(f"experiment={name}", *_stand_in(name, tmp_path), "trainer.fast_dev_run=1", "trainer.enable_progress_bar=false",
-                   "logger=csv", "trainer.accelerator=cpu", "teacher.batch_size=8", "data.batch_size=8", "quant.latency_batch_size=2")
+                   "logger=csv", "trainer.accelerator=cpu", "teacher.batch_size=8", "data.batch_size=8", "quant.latency_batch_size=2",
+                   "export.formats=[]", "measure.latency=off")  # that each pinned run composes and runs, not its files
     summary = run(cfg)
     assert summary["teacher"]["source"] == "trained" and 0 <= summary["student"]["test_acc"] <= 1

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 # A small teacher keeps these runs quick; the default (resnet50) is exercised in test_default_teacher.
 QUICK = [*FAST, "teacher=resnet18"]
 SHORT_RUN = ["logger=csv", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=3",
-             "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false"]
+             "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
+             "export.formats=[]"]  # the ONNX / torch.export files: tests/test_deploy.py and the structured-pruning run below
 
 
 @pytest.mark.parametrize("student", ["mlp", "cnn", "resnet18", "mobilenet_v3_small"])
@@ -169,7 +170,6 @@ def test_quantized_run_artifact_and_comparison(tmp_path):
     # A short real QAT run: summary keys, the packed artifact, evaluate.py on it, and runs= comparison.
     env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
     result = run_script("train.py", *SHORT_RUN, "student=cnn", "quant.bits=4", "quant.latency_batch_size=32",
-                        "export.formats=[]",  # the ONNX / torch.export files: tests/test_deploy.py
                         f"hydra.run.dir={tmp_path}/runs/q4", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((tmp_path / "runs" / "q4" / "summary.json").read_text())
@@ -208,7 +208,8 @@ def test_evaluate_needs_a_checkpoint_or_runs(tmp_path):
 def test_structured_pruning_run_removes_channels(tmp_path):
     env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
     # measure.latency=off: nothing is timed, and no latency figure is reported anywhere.
-    result = run_script("train.py", *SHORT_RUN, "student=cnn", "prune.method=structured", "prune.scope=layer",
+    with_files = [a for a in SHORT_RUN if not a.startswith("export.formats=")]  # the default formats: checked below
+    result = run_script("train.py", *with_files, "student=cnn", "prune.method=structured", "prune.scope=layer",
                         "prune.amount=0.5", "prune.schedule=oneshot", "measure.latency=off",
                         f"hydra.run.dir={tmp_path}/run", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -256,7 +257,7 @@ def test_every_method_trains_and_logs_its_terms(make_cfg, tmp_path):
     its unweighted terms as epoch means in metrics.csv, its weights in the summary, and the teacher's
     logits and features read from the cache (without augmentation the teacher never runs in training)."""
     for index, (overrides, terms, hparams) in enumerate(METHODS):
-        cfg = make_cfg(*SHORT_RUN, *overrides, f"hydra.run.dir={tmp_path}/m{index}")
+        cfg = make_cfg(*SHORT_RUN, *overrides, "measure.latency=off", f"hydra.run.dir={tmp_path}/m{index}")  # about terms, not timings
         cfg.paths.output_dir = str(tmp_path / f"m{index}")
         summary = run(cfg)
         assert hparams.items() <= summary["hparams"].items(), (overrides, summary["hparams"])

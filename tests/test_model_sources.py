@@ -191,7 +191,7 @@ def test_train_py_with_a_hugging_face_teacher_used_as_is_and_a_hugging_face_data
     env = {"DISTILL_CACHE_DIR": str(tmp_path / "cache")}
     args = ["teacher=hf", f"teacher.repo={tmp_path / 'model'}", "data=hf", f"data.name={tmp_path / 'data'}", "data.image_key=img",
             "data.label_key=digit", "student=mlp", "trainer.max_epochs=2", "logger=csv", "measure.latency=off",
-            "trainer.enable_progress_bar=false"]
+            "export.formats=[]", "trainer.enable_progress_bar=false"]
     first = run_script("train.py", *args, f"hydra.run.dir={tmp_path}/one", cwd=tmp_path, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
     log = first.stdout + first.stderr

@@ -15,6 +15,8 @@ import torch
 
 from .conftest import ROOT, run_script
 
+pytestmark = pytest.mark.xdist_group("slurm")  # its module's reference run, and the SLURM cluster test_sweeps.py uses too
+
 # A run long enough to be interrupted mid-way: a CNN student, 4 epochs of 12 batches.
 RUN = ["logger=csv", "student=cnn", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=4",
        "trainer.limit_train_batches=12", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",

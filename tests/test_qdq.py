@@ -21,6 +21,8 @@ from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.qdq import QDQModels, qdq_models
 from distill.compress.technique import QuantizedDeployable
 
+pytestmark = pytest.mark.xdist_group("qdq")  # its module fixture converts and exports a trained student per flow
+
 
 class Net(nn.Module):
     def __init__(self, bn: bool = True) -> None:

@@ -12,7 +12,7 @@ import yaml
 from .conftest import run_script
 
 # A hung collective or job fails the test in minutes, not at CI's limit.
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200), pytest.mark.xdist_group("slurm")]  # one cluster, one worker
 
 # A short run: the teacher is trained once per test (fresh cache) for one short epoch.
 RUN = ["teacher=resnet18", "teacher.epochs=1", "teacher.batch_size=128", "trainer.max_epochs=2",
