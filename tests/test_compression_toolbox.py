@@ -129,7 +129,7 @@ def test_lowrank_teacher_init_and_half_export_run_end_to_end(tmp_path):
     run = ["logger=csv", "student=resnet18", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=2",
            "trainer.limit_train_batches=3", "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false",
            "quant.latency_batch_size=16", "student.init=teacher", "lowrank.rank_ratio=0.5", "lowrank.start_epoch=1",
-           "export.dtype=bf16", "export.formats=[]", f"hydra.run.dir={tmp_path}/run"]  # the ONNX files: tests/test_deploy.py
+           "export.dtype=bf16", f"hydra.run.dir={tmp_path}/run"]
     result = run_script("train.py", *run, cwd=tmp_path, env={"DISTILL_CACHE_DIR": str(tmp_path / "cache")})
     assert result.returncode == 0, result.stderr[-3000:]
     s = json.loads((tmp_path / "run" / "summary.json").read_text())["student"]

@@ -19,7 +19,10 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(900), pytest.mark.xdist_grou
 RUN = ["logger=csv", "teacher=resnet18", "teacher.epochs=1", "trainer.max_epochs=2", "trainer.limit_train_batches=4",
        "trainer.limit_val_batches=2", "trainer.enable_progress_bar=false", "trainer.accelerator=cpu",
        "quant.latency_batch_size=32",
-       "measure.latency=off", "export.formats=[]"]  # no test here is about timings or exported files (tests/test_deploy.py)
+       "measure.latency=off", "export.formats=[]"]  # no timings; files only where a test says (WITH_FILES)
+# The default files (student.onnx, its int8 form, student.pt2), for the runs that check a multi-process
+# run's export: rank 0 writes them (under ZeRO-3 after every rank gathers the weights).
+WITH_FILES = ["export.formats=[onnx,torch_export]", "export.strict=true"]
 
 # The trained teachers every run of this module shares (one per process count: a 2-process teacher is
 # trained by the first multi-process run, in about 15 s, and reused by the others). The tests about
@@ -64,6 +67,14 @@ def single(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     return {"compress": _train(base, "compress", *COMPRESS), "learn": _train(base, "learn", *LEARN)}
 
 
+def _assert_files_written(summary: dict, formats: set[str]) -> None:
+    artifacts = {a["format"]: a for a in summary["artifacts"] if a["path"] is not None or a.get("error")}
+    assert formats <= set(artifacts), artifacts
+    for fmt in formats:
+        assert artifacts[fmt]["error"] is None and Path(artifacts[fmt]["path"]).is_file(), artifacts[fmt]
+        assert abs(artifacts[fmt]["acc_drop"]) <= 0.5, artifacts[fmt]  # the file is the tested model
+
+
 def _assert_identical_on_every_rank(run_dir) -> None:
     # Both ranks ended with the same quantization parameters and pruning masks (gathered and compared).
     log = (run_dir / "train.log").read_text()
@@ -84,8 +95,9 @@ def test_ddp_two_processes_with_qat_and_pruning(tmp_path, single):
 
 def test_ddp_two_processes_with_pt2e_qat(tmp_path):
     # QAT alone takes torchao's PT2E flow (with pruning it is FX, above): an exported graph under DDP.
-    ddp = _train(tmp_path, "ddp", "quant.bits=8", "strategy=ddp", "trainer.devices=2")
+    ddp = _train(tmp_path, "ddp", "quant.bits=8", "strategy=ddp", "trainer.devices=2", *WITH_FILES)
     assert ddp["student"]["flow"] == "pt2e"
+    _assert_files_written(ddp, {"onnx", "onnx_int8", "torch_export"})
     assert "qat: scales and zero points identical on 2 ranks" in (tmp_path / "ddp" / "train.log").read_text()
     ev = run_script("evaluate.py", f"ckpt_path={ddp['student']['best_checkpoint']}", f"hydra.run.dir={tmp_path}/eval", cwd=tmp_path)
     assert ev.returncode == 0, ev.stderr[-3000:]
@@ -164,7 +176,8 @@ def test_zero3_test_accuracy_on_an_odd_sized_split_is_exact(tmp_path, make_cfg):
     dm.setup()
     assert len(dm.test_set) == 129  # digits: 65 + 64 samples on 2 ranks, 2 batches of 64 on rank 0 and 1 on rank 1
     ds = _train(tmp_path, "zero3", "strategy=deepspeed_stage_3", "trainer.devices=2", "loss.alpha=0",
-                "trainer.max_epochs=1", "trainer.limit_train_batches=4", *odd)
+                "trainer.max_epochs=1", "trainer.limit_train_batches=4", *odd, *WITH_FILES)
+    _assert_files_written(ds, {"onnx", "torch_export"})  # of the gathered weights
     acc = ds["student"]["test_acc"]
     assert 0 < acc < 1 and round(acc * 129) == pytest.approx(acc * 129, abs=1e-4)  # a count out of 129 samples
     # ZeRO-3 tests the final weights, which last.ckpt holds; evaluate.py consolidates its shards on one process.
