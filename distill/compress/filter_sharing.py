@@ -41,8 +41,7 @@ from distill.compress.packing import pack_codes, unpack_codes
 from distill.compress.technique import StudentFigures, TechniqueReport
 from distill.measure.record import DeployedModel
 
-METRICS = ("euclidean", "cosine")
-FORMAT = "distill.filter-shared-student/1"
+FORMAT = "distill.filter-shared-student/1"  # the artifact's format (written by distill.compress.sharing)
 
 
 class SharedFilters(nn.Module):

@@ -31,6 +31,7 @@ from sklearn.cluster import KMeans
 from torch import nn
 from torch.nn.utils import parametrize
 
+from distill.compress.filter_sharing import FORMAT as FILTERS_FORMAT
 from distill.compress.filter_sharing import (
     FilterSharingReport,
     encode_filter_shared,
@@ -65,7 +66,6 @@ from distill.runtime.checkpoint_io import saved_callback_state
 
 log = logging.getLogger(__name__)
 FORMAT = "distill.shared-weights-student/1"
-FILTERS_FORMAT = "distill.filter-shared-student/1"
 ARTIFACT = "student_shared.pt.xz"
 
 

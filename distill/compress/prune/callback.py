@@ -213,26 +213,25 @@ def excluded(path: str, patterns: list[str] | None) -> bool:
     return any(fnmatch.fnmatchcase(path, pattern) for pattern in patterns or ())
 
 
-def unmatched_patterns(model: nn.Module, patterns: list[str]) -> list[str]:
-    """The ``prune.exclude`` patterns that match no module of ``model`` (a typo would leave its layer pruned)."""
+def checked_layers(model: nn.Module, method: str, layer_types: list[str], include_classifier: bool,
+                   exclude: list[str], m: int) -> list[tuple[str, nn.Module]]:
+    """:func:`prunable_layers`, or a ValueError naming what is wrong:
+    an ``exclude`` pattern that matches no module (a typo would leave its layer pruned), no layer
+    left, a layer whose input size ``m`` does not divide (N:M)."""
     paths = [p for p, _ in model.named_modules() if p]
-    return [pattern for pattern in patterns if not any(fnmatch.fnmatchcase(p, pattern) for p in paths)]
-
-
-def unmatched_error(patterns: list[str], model: nn.Module) -> str:
-    layers = [p for p, m in model.named_modules() if isinstance(m, tuple(LAYER_TYPES.values()))]
-    return (f"prune.exclude: {', '.join(repr(p) for p in patterns)} matches no layer of the student; its Linear / Conv2d "
-            f"layers: {', '.join(layers[:20])}{' …' if len(layers) > 20 else ''}")
-
-
-def nm_misfits(layers: list[tuple[str, nn.Module]], m: int) -> list[str]:
-    """Why each layer that cannot take an N:M pattern of group size ``m`` cannot (empty: all can)."""
-    return [why for path, module in layers if (why := misfit(path, module, m)) is not None]
-
-
-def nm_misfit_error(misfits: list[str], m: int) -> str:
-    return (f"prune.method=nm: {'; '.join(misfits)}. Leave such layers dense with prune.exclude=[<path>, ...] "
-            f"(fnmatch patterns), or choose a prune.m that divides their input size")
+    unmatched = [pattern for pattern in exclude if not any(excluded(p, [pattern]) for p in paths)]
+    if unmatched:
+        convs = [p for p, mod in model.named_modules() if isinstance(mod, tuple(LAYER_TYPES.values()))]
+        raise ValueError(f"prune.exclude: {', '.join(repr(p) for p in unmatched)} matches no layer of the student; its "
+                         f"Linear / Conv2d layers: {', '.join(convs[:20])}{' …' if len(convs) > 20 else ''}")
+    layers = prunable_layers(model, layer_types, include_classifier, exclude)
+    if not layers:
+        raise ValueError(f"prune.layers={layer_types} (prune.exclude={exclude}): the student has no such layers to prune")
+    misfits = [why for path, module in layers if (why := misfit(path, module, m)) is not None] if method == "nm" else []
+    if misfits:
+        raise ValueError(f"prune.method=nm: {'; '.join(misfits)}. Leave such layers dense with prune.exclude=[<path>, ...] "
+                         f"(fnmatch patterns), or choose a prune.m that divides their input size")
+    return layers
 
 
 def _classifier(model: nn.Module) -> str | None:
@@ -321,14 +320,7 @@ class Pruning(Callback):
         if self.method == "structured":
             self._setup_groups(trainer, student)
             return
-        unmatched = unmatched_patterns(student, self.exclude)
-        if unmatched:
-            raise ValueError(unmatched_error(unmatched, student))
-        self._layers = prunable_layers(student, self.layer_types, self.include_classifier, self.exclude)
-        if not self._layers:
-            raise ValueError(f"prune.layers={self.layer_types} (prune.exclude={self.exclude}): the student has no such layers to prune")
-        if self.method == "nm" and (misfits := nm_misfits(self._layers, self.m)):
-            raise ValueError(nm_misfit_error(misfits, self.m))
+        self._layers = checked_layers(student, self.method, self.layer_types, self.include_classifier, self.exclude, self.m)
         for _, module in self._layers:
             self._reparametrize(module, "weight")
 
@@ -461,19 +453,22 @@ class Pruning(Callback):
         # the scale back out of the gradients.
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         scale = float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
-
-        def loss_of(batch: Any) -> torch.Tensor:
-            with trainer.precision_plugin.train_step_context():
-                return pl_module.loss_terms(batch)[0]["loss"] * scale
-
         # Callbacks' on_train_epoch_start runs before the module's, which sets the loss's epoch (its
         # schedule, e.g. DKD's warm-up): set here too, or a resumed run would score with epoch 0's.
         pl_module.distill_loss.epoch = trainer.current_epoch
         reduce = (lambda t: trainer.strategy.reduce(t, reduce_op="mean")) if world > 1 else None
         skip = bool(getattr(pl_module, "skip_nonfinite", False))
+
+        def gather(scale: float) -> Gradients:
+            def loss_of(batch: Any) -> torch.Tensor:
+                with trainer.precision_plugin.train_step_context():
+                    return pl_module.loss_terms(batch)[0]["loss"] * scale
+
+            return collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
+                                     seed=self._seed(event, 0), skip_nonfinite=skip, loss_scale=scale)
+
         try:
-            grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
-                                      seed=self._seed(event, 0), skip_nonfinite=skip, loss_scale=scale)
+            grads = gather(scale)
         except FloatingPointError:
             if scale == 1.0:
                 raise
@@ -481,9 +476,7 @@ class Pruning(Callback):
             # training would halve it and skip the step, these passes are redone unscaled (every rank alike:
             # the check follows the all-reduce).
             log.warning("prune: importance gradients overflowed at loss scale %g; taken again unscaled", scale)
-            scale = 1.0
-            grads = collect_gradients(loss_of, pl_module.student, self._scored_tensors(), batches(), reduce,
-                                      seed=self._seed(event, 0), skip_nonfinite=skip)
+            grads = gather(1.0)
         log.info("prune: %s importance from the gradients of %d batch(es) of %d", self.importance, grads.batches, size)
         return grads
 
@@ -734,16 +727,15 @@ class PruneTechnique(Technique):
 
     def check_student(self, cfg: DictConfig, student: nn.Module, others: list[Technique]) -> None:
         pr = cfg.prune
+        # The callback's own checks of the layers it will prune, made now (its setup repeats them on
+        # the student it is given).
         if any(t.name == "lowrank" for t in others):  # the layers pruned are its factors: checked in the callback's setup
             return
-        if unmatched := unmatched_patterns(student, list(pr.exclude)):
-            raise ConfigError(unmatched_error(unmatched, student))
-        layers = prunable_layers(student, list(pr.layers), pr.prune_classifier and pr.method != "structured", list(pr.exclude))
-        if not layers:
-            raise ConfigError(f"prune.layers={list(pr.layers)} (prune.exclude={list(pr.exclude)}): the student "
-                              f"{cfg.student.name} has no such layers to prune")
-        if pr.method == "nm" and (misfits := nm_misfits(layers, pr.m)):
-            raise ConfigError(nm_misfit_error(misfits, pr.m))
+        try:
+            checked_layers(student, pr.method, list(pr.layers), pr.prune_classifier and pr.method != "structured",
+                           list(pr.exclude), pr.m)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
 
     def callback(self, cfg: DictConfig, ctx: BuildContext) -> Pruning:
         p = cfg.prune
