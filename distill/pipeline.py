@@ -408,7 +408,8 @@ def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output
                             _latency_batch(cfg, datamodule.shape), _threads(cfg), float(cfg.export.max_acc_drop),
                             fp16=cfg.export.dtype == "fp16", device=_latency_device(cfg), strict=bool(cfg.export.strict),
                             meta={"student": resolved["student"], "data": resolved["data"], "format": "distill-export-1"},
-                            quantized=quantized, eval_samples=cfg.export.eval_samples)
+                            quantized=quantized, eval_samples=cfg.export.eval_samples,
+                            align_int8_channels=bool(cfg.export.align_int8_channels))
 
 
 def _device(cfg: DictConfig) -> str:

@@ -16,7 +16,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
-from distill.compress.deploy import OnnxRuntimeModel, export_artifacts, save_onnx
+from distill.compress.deploy import OnnxRuntimeModel, export_artifacts, read_rewrites, save_onnx
 from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.qdq import QDQModels, qdq_models
 from distill.compress.technique import QuantizedDeployable
@@ -29,9 +29,11 @@ class Net(nn.Module):
         super().__init__()
         # bn=False where the test is not about BatchNorm: PT2E's conversion of a conv-BN student
         # takes tens of seconds here (torchao exports its conv-BN fold patterns on every call).
-        self.features = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8) if bn else nn.Identity(),
+        # 16 output channels in the first conv: the least ONNX Runtime's fast int8 conv kernels take,
+        # so the shipped file pads its single input channel to 4 (distill/compress/quant/channels.py)
+        self.features = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16) if bn else nn.Identity(),
                                       nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 16, 3, padding=1), nn.ReLU())
+                                      nn.Conv2d(16, 16, 3, padding=1), nn.ReLU())
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 5))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +91,9 @@ class Int8:
     prepared: nn.Module
     integer: nn.Module  # its integer model (converted once: PT2E's conversion is the slow step)
     forms: QDQModels
-    path: Path  # student_int8.onnx
+    path: Path  # student_int8.onnx, as a run ships it (its first conv given 4 input channels)
     fp32_path: Path  # student.onnx
+    plain_path: Path  # student_int8.onnx as the exporter wrote it (export.align_int8_channels=false)
 
 
 @pytest.fixture(scope="module", params=FLOWS)
@@ -99,8 +102,8 @@ def int8(request, tmp_path_factory) -> Int8:
     integer = quant_backend.convert(prepared)
     forms = qdq_models(prepared, _data(32, 99), 8, integer=integer if request.param == "pt2e" else None, float_student=Net())
     out = tmp_path_factory.mktemp("qdq")
-    return Int8(prepared, integer, forms, save_onnx(forms.qdq, _data(2, 0), out / "student_int8.onnx"),
-                save_onnx(forms.fp32, _data(2, 0), out / "student.onnx"))
+    return Int8(prepared, integer, forms, save_onnx(forms.qdq, _data(2, 0), out / "student_int8.onnx", align_channels=True),
+                save_onnx(forms.fp32, _data(2, 0), out / "student.onnx"), save_onnx(forms.qdq, _data(2, 0), out / "plain_int8.onnx"))
 
 
 def test_the_file_carries_the_learned_scales_and_int8_weights(int8):
@@ -111,13 +114,22 @@ def test_the_file_carries_the_learned_scales_and_int8_weights(int8):
     inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     # every Conv / Gemm weight is an int8 tensor read through DequantizeLinear; no float weight is left
     int8_weights = [a for a in inits.values() if a.dtype == np.int8 and a.ndim >= 2]
-    assert sorted(a.shape for a in int8_weights) == sorted([(8, 1, 3, 3), (16, 8, 3, 3), (32, 16), (5, 32)])
-    assert not [a for a in inits.values() if a.dtype == np.float32 and a.ndim >= 2]
+    assert sorted(a.shape for a in int8_weights) == sorted([(16, 4, 3, 3), (16, 16, 3, 3), (32, 16), (5, 32)])
+    # no float weight is left: the one float matrix spreads the image over the first conv's 4 input channels
+    [spread] = [k for k, a in inits.items() if a.dtype == np.float32 and a.ndim >= 2]
+    np.testing.assert_array_equal(inits[spread], [[1, 0, 0, 0]])
     # the activation scales in the file are those QAT learned (its fake quantizers')
     scales = {round(float(inits[n.input[1]]), 6) for n in graph.node if n.op_type == "QuantizeLinear"}
     assert scales == _activation_scales(prepared)
     stored = {p: sum(numpy_helper.to_array(i).nbytes for i in onnx.load(str(p)).graph.initializer) for p in (path, fp32_path)}
     assert stored[path] < 0.5 * stored[fp32_path]  # the weights' bytes (this tiny net's graph is larger than them)
+
+
+def test_the_first_conv_padded_to_4_input_channels_gives_the_exported_outputs_exactly(int8):
+    assert read_rewrites(int8.path) == ("node_conv2d: input channels 1 -> 4",) and read_rewrites(int8.plain_path) == ()
+    shipped, plain = OnnxRuntimeModel(int8.path, threads=1), OnnxRuntimeModel(int8.plain_path, threads=1)
+    for x in (_data(256, 12), _data(256, 13) * 3):  # inside and beyond the trained ranges
+        assert torch.equal(shipped(x), plain(x))
 
 
 def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, tmp_path):
@@ -211,6 +223,7 @@ def test_export_records_the_int8_file_against_the_integer_model(int8, tmp_path):
     assert by["pytorch_int8"].acc == 1.0 and by["onnx_int8"].acc >= 0.95
     assert by["onnx_int8"].acc_drop == pytest.approx(100 * (1.0 - by["onnx_int8"].acc))
     assert by["onnx_int8"].latency_ms > 0 and by["pytorch_int8"].latency_ms > 0
+    assert by["onnx_int8"].rewrites == ("node_conv2d: input channels 1 -> 4",)  # export_artifacts aligns by default
     assert not (tmp_path / "student.onnx").exists() and (tmp_path / "student_int8.onnx").exists()
 
     failed = QuantizedDeployable(integer=integer, bits=8, qdq=None, fp32=None, error="NotImplementedError: Conv3d")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.compress.quant.channels import align_input_channels
 from distill.compress.technique import QuantizedDeployable
 from distill.errors import ConfigError, first_line
 from distill.measure import latency
@@ -67,6 +68,7 @@ class ExportedArtifact:
     flagged: bool = False  # acc_drop > export.max_acc_drop
     test_samples: int | None = None  # the test samples its accuracy is measured on (export.eval_samples)
     whole_split: bool = True  # False: on the first export.eval_samples only (not comparable with the run's own accuracy)
+    rewrites: tuple[str, ...] = ()  # graph changes beyond the exporter's, each keeping the outputs (export.align_int8_channels)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -144,11 +146,15 @@ def _batch_dim(example: torch.Tensor) -> tuple[dict[int, Any], ...]:
 
 
 META_KEY = "distill"  # the run's student and data config (JSON): ONNX metadata_props, a .pt2's extra file distill.json
+REWRITES_KEY = "distill.rewrites"  # what the export changed in the graph beyond the exporter's output (JSON list)
 
 
-def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = ONNX_OPSET, meta: dict[str, Any] | None = None) -> Path:
+def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = ONNX_OPSET, meta: dict[str, Any] | None = None,
+              align_channels: bool = False) -> Path:
     """``model`` as ONNX with a dynamic batch axis (``input`` -> ``logits``), checked by ``onnx.checker``;
-    ``meta`` (the run's student and data config) in the model's metadata, for ``evaluate.py``."""
+    ``meta`` (the run's student and data config) in the model's metadata, for ``evaluate.py``.
+    ``align_channels`` (the int8 file): the first convs' input channels padded to a multiple of 4
+    (:mod:`distill.compress.quant.channels`), each change listed in the metadata (:func:`read_rewrites`)."""
     import onnx  # deferred: only runs that export ONNX need it
 
     for chatty in ("onnx_ir", "onnxscript"):  # an INFO line per deduplicated or unfolded constant otherwise
@@ -164,8 +170,14 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
         for node in proto.graph.node:
             del node.metadata_props[:]
         _global_average_pools(proto)
-        if meta is not None:
-            onnx.helper.set_model_props(proto, {META_KEY: json.dumps(meta, default=str)})
+        props = {META_KEY: json.dumps(meta, default=str)} if meta is not None else {}
+        rewrites = align_input_channels(proto) if align_channels else []
+        if rewrites:
+            log.info("%s: %s (zero weights: the same outputs; ONNX Runtime's int8 conv kernels take channels in fours)",
+                     path.name, "; ".join(rewrites))
+            props[REWRITES_KEY] = json.dumps(rewrites)
+        if props:
+            onnx.helper.set_model_props(proto, props)
         onnx.save(proto, str(tmp))
         onnx.checker.check_model(str(tmp), full_check=True)
 
@@ -219,6 +231,17 @@ def read_meta(path: str | Path) -> dict[str, Any] | None:
     return json.loads(extra[f"{META_KEY}.json"]) if extra[f"{META_KEY}.json"] else None
 
 
+def read_rewrites(path: str | Path) -> tuple[str, ...]:
+    """The graph rewrites an ONNX file's export made (:data:`REWRITES_KEY`; none for other files)."""
+    path = Path(path)
+    if path.suffix != ".onnx":
+        return ()
+    import onnx  # deferred
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return tuple(json.loads(props[REWRITES_KEY])) if REWRITES_KEY in props else ()
+
+
 def exported_params(path: str | Path) -> int:
     """The parameter count stored in an exported file: its ONNX initializers' (weights, biases, scales
     and zero points; not int64 shapes), or the program's parameters and buffers."""
@@ -237,13 +260,16 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
                      sample_shape: tuple[int, int, int], latency_batch: int, threads: int,
                      max_acc_drop: float, fp16: bool = False, device: str | None = "cpu", strict: bool = False,
                      name: str = "student", meta: dict[str, Any] | None = None,
-                     quantized: QuantizedDeployable | None = None, eval_samples: int | None = None) -> list[ExportedArtifact]:
+                     quantized: QuantizedDeployable | None = None, eval_samples: int | None = None,
+                     align_int8_channels: bool = True) -> list[ExportedArtifact]:
     """Write ``model`` (an fp32 module) in each of ``formats``, load each file back and measure it.
     The first record is the PyTorch model itself (eager, ``format="pytorch"``), measured on the same
     split and timed interleaved with the files, the reference of every fp32 and fp16 ``acc_drop``.
     With ``quantized`` (a QAT run), ``onnx`` / ``onnx_int8`` also write ``<name>_int8.onnx`` (its QDQ
     form), whose reference is the integer model in PyTorch (``format="pytorch_int8"``, timed too).
-    ``eval_samples``: every accuracy (references included) on the first N test samples only."""
+    ``eval_samples``: every accuracy (references included) on the first N test samples only.
+    ``align_int8_channels``: the int8 file's first convs padded to a multiple of 4 input channels
+    (:mod:`distill.compress.quant.channels`; the record's ``rewrites`` say which)."""
     model = model.cpu().eval()
     sampler = getattr(test_loader, "sampler", None)  # what the loader yields (a shard or subset included)
     samples = len(sampler) if sampler is not None else None  # type: ignore[arg-type]
@@ -274,7 +300,7 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
                                                    test_samples=samples, whole_split=whole)
         qdq, why = quantized.qdq, quantized.error or "no QDQ form of the quantized student"
         jobs.append(("onnx_int8", out_dir / f"{name}_int8.onnx",
-                     (lambda p: save_onnx(qdq, example, p, meta=meta)) if qdq is not None else _fail(why), "pytorch_int8"))
+                     (lambda p: save_onnx(qdq, example, p, meta=meta, align_channels=align_int8_channels)) if qdq is not None else _fail(why), "pytorch_int8"))
     if "torch_export" in formats:
         jobs.append(("torch_export", out_dir / f"{name}.pt2", lambda p: save_program(model, example, p, meta=meta), "pytorch"))
     for fmt, path, write, reference in jobs:
@@ -303,7 +329,7 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
         bits = quantized.bits if fmt == "onnx_int8" and quantized is not None else 16 if fmt == "onnx_fp16" else 32
         records[fmt] = ExportedArtifact(fmt, str(path), runtime, acc, path.stat().st_size, opset=ONNX_OPSET if fmt != "torch_export" else None,
                                         acc_drop=drop, flagged=abs(drop) > max_acc_drop, latency_threads=threads, test_samples=samples,
-                                        whole_split=whole, bits=bits)
+                                        whole_split=whole, bits=bits, rewrites=read_rewrites(path))
         if records[fmt].flagged:
             log.warning("export %s: accuracy %.2f %% in %s, %.2f points from %s's (export.max_acc_drop=%g)",
                         fmt, 100 * acc, runtime, -drop, ref.runtime, max_acc_drop)

@@ -279,6 +279,9 @@ class ExportConfig:
     strict: bool = False  # true: a failed export fails the run (else it is recorded and the others written)
     max_acc_drop: float = 0.5  # points: an artifact further from the PyTorch model's accuracy is flagged
     eval_samples: int | None = None  # each file's accuracy on the first N test samples (null: the whole split)
+    # student_int8.onnx: a first conv's input channels padded to a multiple of 4 (zero weights, the same
+    # outputs) for ONNX Runtime's int8 conv kernels (distill/compress/quant/channels.py); false: as exported
+    align_int8_channels: bool = True
 
 
 @dataclass

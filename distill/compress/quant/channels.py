@@ -1,0 +1,95 @@
+"""The int8 ONNX file's first convolutions given a multiple of 4 input channels, for ONNX Runtime's int8 kernels.
+
+ONNX Runtime runs an int8 convolution (``DQ -> Conv -> Q``, int8 weights of zero point 0) with its
+fast kernels (MLAS's symmetric "indirect" convolution, VNNI / AVX2 / NEON dot products over groups
+of 4 input channels) only when the input channels are a multiple of 4 and the output channels at
+least 16 and a multiple of 8 (``MlasConvSymPackWSize`` in onnxruntime/core/mlas/lib/convsym.cpp);
+any other conv falls back to im2col and a general integer GEMM. A model's first conv reads the
+image: 1 channel (grayscale) or 3 (RGB), never a multiple of 4. The digits cnn's first conv (1 -> 32
+channels) took 2.1-3.5 ms of the int8 file's 6.5-8.7 ms at batch 1024, no faster than in fp32;
+with 4 input channels it takes 0.7-0.9 ms (ONNX Runtime's profiler, this machine, 2 threads).
+
+:func:`align_input_channels` pads such a conv: its int8 weight gains zero input channels up to the
+next multiple of 4 (the per-output-channel scales are unchanged), and its float input is widened
+before its QuantizeLinear by ``Transpose`` (to channels-last) -> ``MatMul`` with ``[I | 0]`` ->
+``Transpose`` (back). The added channels hold 0 and meet zero weights, so every output is the same
+bit for bit (tested). A ``MatMul`` rather than a ``Pad``: ONNX Runtime runs its int8 convs
+channels-last and cancels the closing Transpose against its own, while a ``Pad`` of the channel axis
+leaves a transpose of the widened tensor (0.9-2 ms here) and one of the last axis is slow (1.7 ms).
+
+Only convs whose input is a graph input (through Q -> DQ) are padded: a conv deeper in the network
+reads another layer's output, whose own output channels would have to grow instead (not done).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+
+MULTIPLE = 4  # MLAS's int8 conv kernels take input channels in groups of 4
+
+
+def align_input_channels(proto: Any, multiple: int = MULTIPLE) -> list[str]:
+    """Pad (in place) the input channels of each int8 conv that reads a graph input to a multiple of
+    ``multiple``; returns one line per padded conv (``"<node>: input channels 1 -> 4"``)."""
+    import onnx  # deferred: only runs that export ONNX need it
+    from onnx import helper, numpy_helper  # deferred
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+    initializers = {i.name: i for i in graph.initializer}
+    inputs = {i.name: i for i in graph.input}
+    done: list[str] = []
+    for conv in list(graph.node):
+        if conv.op_type != "Conv" or any(a.name == "group" and a.i != 1 for a in conv.attribute):
+            continue
+        x_dq, w_dq = producer.get(conv.input[0]), producer.get(conv.input[1])
+        x_q = producer.get(x_dq.input[0]) if x_dq is not None and x_dq.op_type == "DequantizeLinear" else None
+        if x_q is None or x_q.op_type != "QuantizeLinear" or x_q.input[0] not in inputs:
+            continue
+        if consumers[x_q.output[0]] != [x_dq] or consumers[x_dq.output[0]] != [conv]:
+            continue  # the quantized input is read elsewhere too: widening it would change that reader
+        scale = initializers.get(x_q.input[1])
+        if scale is None or numpy_helper.to_array(scale).size != 1:
+            continue  # a per-channel activation scale would need widening too
+        weight = initializers.get(w_dq.input[0]) if w_dq is not None and w_dq.op_type == "DequantizeLinear" else None
+        if weight is None or weight.data_type != onnx.TensorProto.INT8 or len(consumers[weight.name]) != 1:
+            continue
+        zero_point = initializers.get(w_dq.input[2]) if len(w_dq.input) > 2 else None
+        if zero_point is not None and np.any(numpy_helper.to_array(zero_point)):
+            continue  # asymmetric weights: not the kernels this is for
+        source = inputs[x_q.input[0]]
+        if source.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(source.type.tensor_type.shape.dim) != 4:
+            continue
+        w = numpy_helper.to_array(weight)
+        cout, cin = int(w.shape[0]), int(w.shape[1])
+        wide = -(-cin // multiple) * multiple
+        if wide == cin or cout < 16 or cout % 8:
+            continue  # already aligned, or too few output channels for those kernels to apply
+        padded = np.zeros((cout, wide, *w.shape[2:]), dtype=w.dtype)
+        padded[:, :cin] = w
+        weight.CopyFrom(numpy_helper.from_array(padded, weight.name))
+        spread = np.zeros((cin, wide), dtype=np.float32)
+        spread[np.arange(cin), np.arange(cin)] = 1.0
+        stem = f"{conv.name or conv.output[0]}_align"
+        graph.initializer.append(numpy_helper.from_array(spread, f"{stem}_spread"))
+        nodes = [
+            helper.make_node("Transpose", [source.name], [f"{stem}_nhwc"], name=f"{stem}_nhwc", perm=[0, 2, 3, 1]),
+            helper.make_node("MatMul", [f"{stem}_nhwc", f"{stem}_spread"], [f"{stem}_wide_nhwc"], name=f"{stem}_widen"),
+            helper.make_node("Transpose", [f"{stem}_wide_nhwc"], [f"{stem}_wide"], name=f"{stem}_nchw", perm=[0, 3, 1, 2]),
+        ]
+        x_q.input[0] = f"{stem}_wide"
+        at = list(graph.node).index(x_q)
+        for offset, node in enumerate(nodes):
+            graph.node.insert(at + offset, node)
+        stale = {weight.name, x_q.output[0], x_dq.output[0], w_dq.output[0]}  # their channel count changed
+        for info in [v for v in graph.value_info if v.name in stale]:
+            graph.value_info.remove(info)
+        done.append(f"{conv.name or conv.output[0]}: input channels {cin} -> {wide}")
+    return done
