@@ -5,11 +5,13 @@ and 1024), one ``train.py`` run per row (the teacher cached), figures from each 
     python bench/deploy.py              # prints the README's table and ratios, writes bench/deploy.json
                                         # and ONNX Runtime's per-node kernel times of the cnn's fp32 and int8 files
 
-Rows: the ``mlp`` and ``cnn`` students with 8-bit QAT, and the ``cnn`` with 50 % structured pruning
-(channels removed; no QAT: the channel-removed model is made from the fp32 student). Every file's
+Rows: the ``mlp`` and ``cnn`` students with 8-bit QAT, the ``cnn`` with 50 % structured pruning
+(channels removed from the fp32 student), and the same pruning under 8-bit QAT (the channels cut out
+of the int8 and fp32 files' models, distill/compress/quant/qdq.py ``remove_channels``). Every file's
 latency is timed inside its run, interleaved with the PyTorch models (``distill/compress/deploy.py``).
-The pruned CNN's speed-up is timed here, its ``student.onnx`` and the dense CNN's interleaved in this
-process, against its MAC reduction (``macs_before / macs_after`` in its summary).
+Then, in this process, the files are timed again interleaved over more rounds (a burst of load on a
+shared machine can tip a run's three): each int8 file against its fp32 file, and the pruned CNN's
+``student.onnx`` against the dense CNN's, against its MAC reduction (``macs_before / macs_after``).
 """
 
 from __future__ import annotations
@@ -28,7 +30,10 @@ PLAN: dict[str, list[str]] = {
     "mlp, int8 QAT": ["student=mlp", "quant.bits=8"],
     "cnn, int8 QAT": ["student=cnn", "quant.bits=8"],
     "cnn, 50 % structured": ["student=cnn", "prune.method=structured", "prune.scope=layer", "prune.amount=0.5"],
+    "cnn, 50 % structured, int8 QAT": ["student=cnn", "quant.bits=8", "prune.method=structured", "prune.scope=layer",
+                                       "prune.amount=0.5"],
 }
+ROUNDS = 7  # of the interleaved re-timing in this process
 COLUMNS = (("pytorch", "fp32 PyTorch"), ("onnx", "fp32 ONNX Runtime"), ("pytorch_int8", "int8 PyTorch"),
            ("onnx_int8", "int8 ONNX Runtime"), ("onnx_fp16", "fp16 ONNX Runtime"))
 
@@ -42,16 +47,15 @@ def run(name: str, overrides: list[str], work: Path) -> dict[str, Any]:
     return json.loads((out / "summary.json").read_text())
 
 
-def pruned_speedup(dense: Path, pruned: Path, threads: int) -> tuple[float, float]:
-    """The dense and channel-removed ``student.onnx`` timed interleaved here: (batch 1, batch 1024) ratios."""
+def retime(files: dict[str, Path], threads: int) -> dict[str, tuple[float, float]]:
+    """``files`` (ONNX) timed interleaved in this process over :data:`ROUNDS` rounds: (ms at batch 1, at batch 1024)."""
     sys.path.insert(0, str(ROOT))
     # deferred: after the runs, in this process
     from distill.compress.deploy import OnnxRuntimeModel  # deferred
     from distill.measure import latency  # deferred
 
-    lat = latency.measure_many({"dense": OnnxRuntimeModel(dense, threads), "pruned": OnnxRuntimeModel(pruned, threads)},
-                               (1, 8, 8), 1024, threads, rounds=5)
-    return lat["dense"].ms / lat["pruned"].ms, lat["dense"].ms_batch / lat["pruned"].ms_batch
+    lat = latency.measure_many({k: OnnxRuntimeModel(p, threads) for k, p in files.items()}, (1, 8, 8), 1024, threads, rounds=ROUNDS)
+    return {k: (v.ms, v.ms_batch) for k, v in lat.items()}
 
 
 def profile(path: Path, threads: int, calls: int = 30) -> list[tuple[str, float]]:
@@ -91,14 +95,18 @@ def main() -> None:
             files = {a["format"]: a for a in summary["artifacts"]}
             rows[name] = {"overrides": PLAN[name], "student_acc": summary["student"]["test_acc"], "files": files,
                           "macs_before": summary["student"].get("macs_before"), "macs_after": summary["student"].get("macs_after")}
-        dense, pruned = (Path(summaries[n]["run_dir"]) / "student.onnx" for n in ("cnn, int8 QAT", "cnn, 50 % structured"))
         threads = rows["cnn, int8 QAT"]["files"]["onnx"]["latency_threads"]
-        speed_1, speed_batch = pruned_speedup(dense, pruned, threads)
+        files = {f"{name}: {f}": Path(summary["run_dir"]) / f for name, summary in summaries.items()
+                 for f in ("student.onnx", "student_int8.onnx") if (Path(summary["run_dir"]) / f).exists()}
+        retimed = retime(files, threads)
+        dense, pruned = retimed["cnn, int8 QAT: student.onnx"], retimed["cnn, 50 % structured: student.onnx"]
+        speed_1, speed_batch = dense[0] / pruned[0], dense[1] / pruned[1]
         macs = rows["cnn, 50 % structured"]
         cnn_dir = Path(summaries["cnn, int8 QAT"]["run_dir"])
         profiles = {f: profile(cnn_dir / f, threads) for f in ("student.onnx", "student_int8.onnx")}
-        result = {"rows": rows, "pruned_speedup_b1": speed_1, "pruned_speedup_b1024": speed_batch,
-                  "pruned_mac_reduction": macs["macs_before"] / macs["macs_after"], "cnn_profile_ms": profiles}
+        result = {"rows": rows, "retimed_ms": retimed, "retime_rounds": ROUNDS, "pruned_speedup_b1": speed_1,
+                  "pruned_speedup_b1024": speed_batch, "pruned_mac_reduction": macs["macs_before"] / macs["macs_after"],
+                  "cnn_profile_ms": profiles}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| student | file | runtime | test acc | bytes | ms, batch 1 | ms, batch 1024 |")
     print("|---|---|---|---|---|---|---|")
@@ -117,6 +125,11 @@ def main() -> None:
             print(f"{name}: int8 / fp32 in ONNX Runtime: {f['onnx']['latency_ms'] / f['onnx_int8']['latency_ms']:.2f}x at batch 1, "
                   f"{f['onnx']['latency_ms_batch'] / f['onnx_int8']['latency_ms_batch']:.2f}x at batch 1024; "
                   f"int8 accuracy ONNX Runtime - PyTorch: {100 * (f['onnx_int8']['acc'] - f['pytorch_int8']['acc']):+.2f} points")
+    for name in summaries:
+        fp32, int8 = retimed.get(f"{name}: student.onnx"), retimed.get(f"{name}: student_int8.onnx")
+        if fp32 and int8:
+            print(f"{name}, re-timed here over {ROUNDS} interleaved rounds: int8 {int8[0]:.3f} / {int8[1]:.2f} ms, "
+                  f"fp32 {fp32[0]:.3f} / {fp32[1]:.2f} ms (batch 1 / 1024): {fp32[0] / int8[0]:.2f}x / {fp32[1] / int8[1]:.2f}x")
     for f, nodes in profiles.items():
         print(f"cnn {f}, ONNX Runtime's kernel time per call at batch 1024: "
               + ", ".join(f"{name} {ms:.2f} ms" for name, ms in nodes[:6]))

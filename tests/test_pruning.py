@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import copy
+
 import lightning as L
+import numpy as np
+import onnx
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from omegaconf import OmegaConf
+from onnx import numpy_helper
+from torch import nn
 
+from distill.compress.deploy import OnnxRuntimeModel, export_artifacts
 from distill.compress.prune.callback import Pruning, gradual_sparsity
-from distill.compress.prune.channel_removal import count_macs, remove_pruned_channels
-from distill.compress.prune.masks import effective
+from distill.compress.prune.channel_removal import KeptChannels, count_macs, remove_pruned_channels
+from distill.compress.prune.masks import bake, effective
 from distill.compress.prune.sparse_format import decode, encode, save_sparse
 from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.callback import QuantizationAwareTraining
+from distill.compress.quant.qdq import QDQConv2d
 from distill.distillation.losses.kd import KDLoss
 from distill.distillation.module import DistillationModule
 from distill.models.registry import build_student
@@ -98,8 +106,18 @@ def test_removing_pruned_channels_keeps_the_outputs(student):
     callback.prune_to(0.5)
     model.eval()
     example = torch.zeros(1, 1, 8, 8)
-    shrunk, removed = remove_pruned_channels(model, example, callback.pruned_channels())
+    cut = remove_pruned_channels(model, example, callback.pruned_channels())
+    shrunk, removed = cut.model, cut.removed
     assert removed and all(n > 0 for n in removed.values())
+    # what each weight layer kept, in its original indices: the shrunk weights are exactly those rows and columns
+    baked, modules = bake(copy.deepcopy(model)), dict(shrunk.named_modules())
+    assert set(cut.kept) >= set(removed)
+    for name, layer in baked.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            kept = cut.kept.get(name, KeptChannels())
+            want = layer.weight[list(kept.out)] if kept.out is not None else layer.weight
+            want = want[:, list(kept.in_)] if kept.in_ is not None else want
+            assert torch.equal(modules[name].weight, want), name
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=1e-5)
@@ -225,7 +243,8 @@ def test_residual_and_depthwise_students_keep_their_outputs_after_removal(studen
     model.eval()
     pruned = callback.pruned_channels()
     assert all(len(v) > 0 for v in pruned.values())
-    shrunk, removed = remove_pruned_channels(model, torch.zeros(1, 1, 8, 8), pruned)
+    cut = remove_pruned_channels(model, torch.zeros(1, 1, 8, 8), pruned)
+    shrunk, removed = cut.model, cut.removed
     assert removed
     with torch.no_grad():
         assert float((shrunk(x) - model(x)).abs().max()) < 1e-4
@@ -235,19 +254,25 @@ def test_residual_and_depthwise_students_keep_their_outputs_after_removal(studen
     assert 2.0 < ratio < 5.0, ratio
 
 
-def test_structured_pruning_of_a_qat_student_masks_its_fused_batchnorm(tmp_path):
-    """With QAT the student is FX-prepared (conv and BatchNorm fused); the groups are found on the
-    QAT callback's float copy and every producer, the fused BatchNorm's shift included, is masked
-    (its scale is not: the fused conv divides by it), and training stays finite."""
+def _qat_structured(tmp_path, latency_device: str | None = "cpu"):
+    """A cnn student FX-prepared for 8-bit QAT, half of each conv's channels pruned after its first epoch."""
     dm = _digits()
     module = DistillationModule(_student("cnn"), None, KDLoss(1.0, 0.0), OPTIM, 10)
-    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path, flow="fx")
+    qat = QuantizationAwareTraining(bits=8, shape=dm.shape, output_dir=tmp_path, flow="fx", latency_device=latency_device)
     # Pruned after an epoch of training: the BatchNorm statistics are the data's by then, not zero.
     pruning = Pruning("structured", 0.5, scope="layer", schedule="oneshot", start_epoch=1, sample_shape=(1, 8, 8))
     trainer = L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", logger=False,
                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                         callbacks=[qat, pruning])
     trainer.fit(module, datamodule=dm)
+    return module, qat, pruning, dm, trainer
+
+
+def test_structured_pruning_of_a_qat_student_masks_its_fused_batchnorm(tmp_path):
+    """With QAT the student is FX-prepared (conv and BatchNorm fused); the groups are found on the
+    QAT callback's float copy and every producer, the fused BatchNorm's shift included, is masked
+    (its scale is not: the fused conv divides by it), and training stays finite."""
+    module, _, _, dm, trainer = _qat_structured(tmp_path)
     fused = [m for m in module.student.modules() if isinstance(getattr(m, "bn", None), torch.nn.BatchNorm2d)]
     assert fused
     for conv in fused:
@@ -266,3 +291,36 @@ def test_structured_pruning_of_a_qat_student_masks_its_fused_batchnorm(tmp_path)
         dead = ~conv.weight_mask.flatten(1).any(dim=1)
         assert torch.all(out[:, dead] == 0)
     assert torch.isfinite(torch.tensor(trainer.callback_metrics["train/loss"].item()))
+
+
+def test_a_structured_pruned_qat_student_deploys_int8_and_fp32_files_without_the_channels(tmp_path):
+    """The QAT callback cuts the pruned channels out of the deployable forms (Torch-Pruning on the
+    fp32 form, the same rows and columns of the integer weights and their scales): the files hold
+    the smaller network and compute what the masked network's files do."""
+    module, qat, pruning, dm, _ = _qat_structured(tmp_path, latency_device=None)
+    pruned = pruning.channels_to_remove()
+    assert pruned is not None and set(pruned) == {"features.0", "features.4", "features.7"}
+    loader = dm.test_dataloader(shard=False)
+    files = {}
+    for label, channels in (("masked", None), ("shrunk", pruned)):
+        report = qat.convert_and_measure(module.student, loader, channels)
+        forms = qat.deployable_quantized()
+        out = tmp_path / label
+        out.mkdir()
+        files[label] = {r.format: r for r in export_artifacts(forms.fp32, ["onnx"], out, loader, (1, 8, 8), latency_batch=8,
+                                                               threads=1, max_acc_drop=0.5, quantized=forms, device=None)}
+    assert report.channels_removed == {"features.0": 16, "features.4": 32, "features.7": 64}
+    convs = [m for m in forms.qdq.modules() if isinstance(m, QDQConv2d)]
+    assert [tuple(c.weight.codes.shape[:2]) for c in convs] == [(16, 1), (32, 16), (64, 32)]
+    assert [tuple(c.weight.scale.shape) for c in convs] == [(16,), (32,), (64,)]  # per-channel scales cut too
+    weights = {i.name: numpy_helper.to_array(i) for i in onnx.load(files["shrunk"]["onnx_int8"].path).graph.initializer}
+    shapes = sorted(a.shape for a in weights.values() if a.dtype == np.int8 and a.ndim >= 2)
+    assert shapes == sorted([(16, 4, 3, 3), (32, 16, 3, 3), (64, 32, 3, 3), (10, 64)])  # the first conv aligned to 4 inputs
+    x = next(iter(loader))[0]
+    for fmt in ("onnx_int8", "onnx"):
+        masked, shrunk = (OnnxRuntimeModel(files[k][fmt].path, threads=1)(x) for k in ("masked", "shrunk"))
+        # the same integer codes and scales with fewer zero terms summed: float rounding, which may
+        # move a requantized code by one step, no more
+        assert (shrunk - masked).abs().max() <= 0.02 * float(masked.abs().max()), fmt
+        assert (shrunk.argmax(1) == masked.argmax(1)).float().mean() >= 0.98, fmt
+        assert files["shrunk"][fmt].size_bytes < 0.5 * files["masked"][fmt].size_bytes

@@ -126,6 +126,14 @@ class QuantizedDeployable:
 
 
 @runtime_checkable
+class RemovesChannels(Protocol):
+    """A technique's callback that leaves channels to remove (structured pruning): a quantized
+    student's deployable forms are shrunk by them (``student_int8.onnx`` of the smaller network)."""
+
+    def channels_to_remove(self) -> dict[str, list[int]] | None: ...
+
+
+@runtime_checkable
 class ProvidesQuantized(Protocol):
     """A technique's callback that makes an integer student (QAT): ``student_int8.onnx`` is of it."""
 

@@ -583,6 +583,15 @@ class Pruning(Callback):
             test = datamodule.test_dataloader(shard=False) if datamodule is not None else None
             self.report = self.measure(pl_module.student, test, pl_module.device)
 
+    def channels_to_remove(self) -> dict[str, list[int]] | None:
+        """Structured pruning's channels (``prune.remove_channels``) for a QAT student's deployable
+        forms, which the quantization callback shrinks (this callback removes them only from an fp32
+        student); None: nothing to remove."""
+        if not self.remove_channels or not self._groups:
+            return None
+        pruned = self.pruned_channels()
+        return pruned if any(pruned.values()) else None
+
     def pruned_channels(self) -> dict[str, list[int]]:
         """Structured: each group's pruned channels, as rows of its root layer."""
         out = {}
@@ -627,7 +636,8 @@ class Pruning(Callback):
 
     def _remove_channels(self, dense: nn.Module, test_loader: Any = None, device: torch.device | str = "cpu") -> ChannelRemoval:
         example = torch.zeros(1, *self.sample_shape)
-        shrunk, removed = remove_pruned_channels(dense, example, self.pruned_channels())
+        cut = remove_pruned_channels(dense, example, self.pruned_channels())
+        shrunk, removed = cut.model, cut.removed
         # A batch of the test split (the images the model is judged on), else a seeded random one.
         probe = next(iter(test_loader))[0] if test_loader is not None else torch.randn(
             64, *self.sample_shape, generator=torch.Generator().manual_seed(0))

@@ -39,12 +39,13 @@ from distill.compress.export import save_torchscript
 from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.artifact import FORMATS as ARTIFACT_FORMATS
 from distill.compress.quant.artifact import load_quantized, save_quantized, save_quantized_program
-from distill.compress.quant.qdq import QDQModels, qdq_models
+from distill.compress.quant.qdq import QDQModels, qdq_models, remove_channels
 from distill.compress.settings import QUANT_CHECKS
 from distill.compress.technique import (
     BuildContext,
     LoadedArtifact,
     QuantizedDeployable,
+    RemovesChannels,
     StudentFigures,
     Technique,
     TechniqueReport,
@@ -89,6 +90,9 @@ class QATReport(TechniqueReport):
     torchscript: str | None
     flow: str = "fx"  # pt2e | fx
     pytorch_runtime: str = ""  # how the integer model was timed: fbgemm / qnnpack, inductor, eager
+    # structured pruning's channels (per group root) removed from the int8 and fp32 files' models; the
+    # integer model measured here keeps them masked. None: nothing removed
+    channels_removed: dict[str, int] | None = None
 
     def deployed(self, student: StudentFigures) -> DeployedModel:
         return DeployedModel(kind=f"int{self.bits}", acc=self.acc_quant, params=student.params, size_bytes=self.size_bytes_quant,
@@ -101,6 +105,8 @@ class QATReport(TechniqueReport):
 
     def describe(self) -> list[str]:
         files = f"TorchScript: {self.torchscript}; " if self.torchscript else ""
+        if self.channels_removed:
+            files += f"the deployable files without the {sum(self.channels_removed.values())} pruned channels; "
         return [f"quantized student ({self.flow} flow): {self.compression:.2f}x smaller than fp32 (fp32 weights: "
                 f"{100 * self.acc_fp32:.2f} %); {files}latency with {self.latency_threads} thread(s), "
                 f"PyTorch int8 as {self.pytorch_runtime}"]
@@ -230,7 +236,9 @@ class QuantizationAwareTraining(Callback):
                         "(training ended before quant.start_epoch=%d)", self.start_epoch)
             return
         datamodule = trainer.datamodule
-        self.report = self.convert_and_measure(pl_module.student, datamodule.test_dataloader(shard=False))
+        # structured pruning's channels, removed from the deployable forms (student_int8.onnx, student.onnx)
+        pruned = next((p for c in trainer.callbacks if isinstance(c, RemovesChannels) and (p := c.channels_to_remove())), None)
+        self.report = self.convert_and_measure(pl_module.student, datamodule.test_dataloader(shard=False), pruned)
 
     def deployable_fp32(self) -> nn.Module | None:
         """The trained weights without quantization, conv-BN folded (``student.onnx`` of a QAT run)."""
@@ -244,7 +252,9 @@ class QuantizationAwareTraining(Callback):
         return dataclasses.replace(copy.deepcopy(dataclasses.replace(self.exportable, runtime=None)), runtime=self.exportable.runtime)
 
     @torch.inference_mode()
-    def convert_and_measure(self, prepared: nn.Module, test_loader: Any) -> QATReport:
+    def convert_and_measure(self, prepared: nn.Module, test_loader: Any, pruned: dict[str, list[int]] | None = None) -> QATReport:
+        """The integer model (converted, saved, measured) and the forms of the deployable files;
+        ``pruned`` (structured pruning's channels): those forms without them."""
         prepared = copy.deepcopy(prepared).cpu().eval()
         flow = quant_backend.flow_of(prepared)
         quantized = quant_backend.convert(prepared, self.backend)
@@ -260,6 +270,15 @@ class QuantizationAwareTraining(Callback):
         except Exception as err:  # noqa: BLE001
             log.warning("qat: no QDQ form of the student for ONNX (%s: %s)", type(err).__name__, err)
             forms = f"{type(err).__name__}: {err}"
+        removed = None
+        if pruned and isinstance(forms, QDQModels):
+            try:
+                with torch.inference_mode(False), torch.no_grad():
+                    shrunk = remove_channels(forms, x, pruned)
+                forms, removed = shrunk.forms, shrunk.removed
+                log.info("qat: structured pruning's channels removed from the deployable int8 and fp32 forms: %s", removed)
+            except Exception as err:  # noqa: BLE001  (the masked forms still deploy the same function)
+                log.warning("qat: the deployable forms keep the pruned channels, masked (%s: %s)", type(err).__name__, err)
 
         self.output_dir.mkdir(parents=True, exist_ok=True)
         saved = {"bits": self.bits, "backend": self.backend, "per_channel": self.per_channel, "student_cfg": self.student_cfg,
@@ -303,6 +322,7 @@ class QuantizationAwareTraining(Callback):
             torchscript=str(torchscript) if torchscript is not None else None,
             flow=flow,
             pytorch_runtime=engine,
+            channels_removed=removed,
         )
         self.exportable = QuantizedDeployable(
             integer=quantized, bits=self.bits,

@@ -39,6 +39,7 @@ from torch.ao.quantization.quantize_fx import _convert_to_reference_decomposed_f
 from torch.fx.experimental import optimization
 from torch.nn import functional as F
 
+from distill.compress.prune.channel_removal import remove_pruned_channels
 from distill.compress.prune.masks import bake
 from distill.compress.quant.backend import (
     ExportedQAT,
@@ -86,6 +87,20 @@ class _IntWeight(nn.Module):
         return _QD.dequantize_per_tensor(self.codes, float(self.scale), int(self.zero_point), self.qmin, self.qmax, torch.int8)
 
 
+    def keep(self, out: tuple[int, ...] | None, in_: tuple[int, ...] | None) -> None:
+        """Only output channels ``out`` and input channels ``in_`` (None: all), as channel removal left
+        the float layer: the codes and, per channel, the scales and zero points of the kept rows."""
+        if out is not None:
+            rows = torch.tensor(out, dtype=torch.long)
+            self.codes = self.codes.index_select(0, rows)
+            if self.per_channel:
+                if self.axis != 0:
+                    raise NotImplementedError(f"per-channel weight scales along axis {self.axis}: only output channels (axis 0)")
+                self.scale, self.zero_point = self.scale.index_select(0, rows), self.zero_point.index_select(0, rows)
+        if in_ is not None:
+            self.codes = self.codes.index_select(1, torch.tensor(in_, dtype=torch.long))
+
+
 class QDQConv2d(nn.Module):
     def __init__(self, ref: nn.Conv2d) -> None:
         super().__init__()
@@ -98,6 +113,13 @@ class QDQConv2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
 
+    def keep(self, out: tuple[int, ...] | None, in_: tuple[int, ...] | None) -> None:
+        if self.groups != 1:
+            raise NotImplementedError(f"a grouped conv (groups={self.groups}) is not shrunk here")
+        self.weight.keep(out, in_)
+        if out is not None and self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach()[list(out)], requires_grad=False)
+
 
 class QDQLinear(nn.Module):
     def __init__(self, ref: nn.Linear) -> None:
@@ -107,6 +129,11 @@ class QDQLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight(), self.bias)
+
+    def keep(self, out: tuple[int, ...] | None, in_: tuple[int, ...] | None) -> None:
+        self.weight.keep(out, in_)
+        if out is not None and self.bias is not None:
+            self.bias = nn.Parameter(self.bias.detach()[list(out)], requires_grad=False)
 
 
 def _float_conv(ref: nn.Conv2d) -> nn.Conv2d:
@@ -243,3 +270,41 @@ def qdq_models(prepared: nn.Module, example: torch.Tensor, bits: int, backend: s
         if not torch.allclose(got, want, atol=tolerance, rtol=0):
             raise RuntimeError(f"the {label} form of the QAT student disagrees with it by {float((got - want).abs().max()):.4g}")
     return QDQModels(qdq=qdq, fp32=fp32)
+
+
+@dataclass
+class ShrunkQDQ:
+    """The QDQ and fp32 forms with structured pruning's channels removed, and the channels each
+    group root lost."""
+
+    forms: QDQModels
+    removed: dict[str, int]
+
+
+@torch.no_grad()
+def remove_channels(forms: QDQModels, example: torch.Tensor, pruned: dict[str, list[int]]) -> ShrunkQDQ:
+    """``forms`` (of an FX QAT student that structured pruning masked) without the pruned channels.
+
+    Torch-Pruning removes them from the fp32 form (conv-BN folded: a pruned channel's folded weight
+    and bias are zero, so it outputs exactly 0) and says which rows and columns each Conv2d / Linear
+    kept; the QDQ form's integer weights, per-channel scales and biases are cut to the same ones. Its
+    activations are quantized per tensor, so their scales stand: the removed channels were 0, which
+    every activation range contains. Both forms are checked against the masked ones on ``example``."""
+    if not isinstance(forms.fp32, fx.GraphModule) or not isinstance(forms.qdq, fx.GraphModule):
+        raise NotImplementedError("channel removal of the QDQ form needs the FX flow's forms (pruning runs QAT on FX)")
+    cut = remove_pruned_channels(forms.fp32, example[:1], pruned)
+    qdq = copy.deepcopy(forms.qdq)
+    layers = dict(qdq.named_modules())
+    for name, kept in cut.kept.items():
+        layer = layers.get(name)
+        if not isinstance(layer, (QDQConv2d, QDQLinear)):
+            raise NotImplementedError(f"{name} ({type(layer).__name__}) lost channels but has no integer weight to cut")
+        layer.keep(kept.out, kept.in_)
+    for label, built, expected in (("QDQ", qdq, forms.qdq), ("fp32", cut.model, forms.fp32)):
+        got, want = built(example), expected(example)
+        # the same integer weights and scales, fewer zero terms summed: float rounding at most, which
+        # can move a requantized code by one step
+        tolerance = 1e-4 + 0.02 * float(want.abs().max())
+        if not torch.allclose(got, want, atol=tolerance, rtol=0):
+            raise RuntimeError(f"the channel-removed {label} form disagrees with the masked one by {float((got - want).abs().max()):.4g}")
+    return ShrunkQDQ(QDQModels(qdq=qdq.eval(), fp32=cut.model.eval()), cut.removed)
