@@ -104,6 +104,16 @@ def test_ddp_two_processes_with_pt2e_qat(tmp_path):
     assert f"{100 * ddp['student']['test_acc']:.2f} %" in ev.stdout
 
 
+def test_deepspeed_zero2_with_pt2e_qat_learns_and_exports_its_int8_file(tmp_path, single):
+    # PT2E's exported graph as DeepSpeed's engine module: the student learns (labels only, as the
+    # single-process "learn" run), both ranks end with the same scales, and rank 0 writes the files.
+    ds = _train(tmp_path, "zero2", *LEARN, "quant.bits=8", "strategy=deepspeed_stage_2", "trainer.devices=2", *WITH_FILES)
+    assert ds["student"]["flow"] == "pt2e"
+    assert ds["student"]["acc_quant"] >= single["learn"]["student"]["test_acc"] - 0.1
+    assert "qat: scales and zero points identical on 2 ranks" in (tmp_path / "zero2" / "train.log").read_text()
+    _assert_files_written(ds, {"onnx", "onnx_int8", "torch_export"})
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_deepspeed_two_processes_on_cpu_and_resume(tmp_path, single, stage):
     run = [*LEARN, f"strategy=deepspeed_stage_{stage}", "trainer.devices=2", "checkpoint.every_n_epochs=1"]

@@ -28,6 +28,16 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+def every_rank(flag: bool, device: torch.device | str = "cpu") -> bool:
+    """Whether ``flag`` holds on every rank: a collective every rank must call (``device``: where the
+    rank's tensors live, its GPU under NCCL). One process: ``flag``."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
 def broadcast_buffers(module: nn.Module, suffixes: tuple[str, ...]) -> int:
     """Broadcast from rank 0 every buffer of ``module`` whose name ends with one of ``suffixes``."""
     if not is_distributed():

@@ -59,7 +59,7 @@ from distill.measure.record import DeployedModel, Latency
 from distill.measure.size import count_parameters, serialized_size_bytes
 from distill.models.registry import build_student
 from distill.runtime.checkpoint_io import saved_callback_state
-from distill.runtime.rank_sync import broadcast_buffers, verify_identical
+from distill.runtime.rank_sync import broadcast_buffers, every_rank, verify_identical
 
 log = logging.getLogger(__name__)
 
@@ -166,7 +166,15 @@ class QuantizationAwareTraining(Callback):
         # Lightning sets trainer.ckpt_path only after the setup hooks: the pipeline passes it).
         saved = saved_callback_state(self.resume_from, self.state_key)
         flow = (saved.get("flow") or "fx") if saved else self.flow  # QAT state without a flow: from before PT2E
-        pl_module.student = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend, flow)
+        prepared = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend, flow)
+        # Each rank prepares its own copy: if PT2E failed on one rank only, every rank takes FX (the
+        # ranks' gradients and collectives must meet in one graph structure).
+        device = getattr(getattr(trainer, "strategy", None), "root_device", "cpu")
+        if not every_rank(quant_backend.flow_of(prepared) == "pt2e", device) and quant_backend.flow_of(prepared) == "pt2e":
+            log.warning("qat: PT2E failed on another rank: this rank takes the FX flow too")
+            prepared = quant_backend.prepare_qat(copy.deepcopy(self.float_student).train(), self.bits, self.per_channel, example,
+                                                 self.backend, "fx")
+        pl_module.student = prepared
         self.flow_used = quant_backend.flow_of(pl_module.student)
         self.apply_schedule(pl_module.student, trainer.current_epoch)
         log.info("qat: student prepared for %d-bit quantization-aware training (%s flow, %s backend)",
