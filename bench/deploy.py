@@ -1,4 +1,4 @@
-"""The deployable files of three digits runs, each measured in its runtime: fp32 PyTorch, fp32 ONNX
+"""The deployable files of four digits runs, each measured in its runtime: fp32 PyTorch, fp32 ONNX
 Runtime, int8 PyTorch, int8 ONNX Runtime, fp16 ONNX Runtime (accuracy, bytes, latency at batch 1
 and 1024), one ``train.py`` run per row (the teacher cached), figures from each run's summary.json.
 

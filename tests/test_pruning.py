@@ -94,6 +94,18 @@ def test_structured_pruning_zeroes_whole_channels_with_their_batchnorm():
     assert "head.2" not in dict(callback._layers)
 
 
+def _assert_kept(model: nn.Module, cut) -> None:
+    """What each weight layer kept, in its original indices: the shrunk weights are exactly those rows and columns."""
+    baked, modules = bake(copy.deepcopy(model)), dict(cut.model.named_modules())
+    assert set(cut.kept) >= set(cut.removed)
+    for name, layer in baked.named_modules():
+        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+            kept = cut.kept.get(name, KeptChannels())
+            want = layer.weight[list(kept.out)] if kept.out is not None else layer.weight
+            want = want[:, list(kept.in_)] if kept.in_ is not None else want
+            assert torch.equal(modules[name].weight, want), name
+
+
 @pytest.mark.parametrize("student", ["mlp", "cnn"])
 def test_removing_pruned_channels_keeps_the_outputs(student):
     callback = Pruning("structured", 0.5, scope="layer", schedule="oneshot", sample_shape=(1, 8, 8))
@@ -109,15 +121,7 @@ def test_removing_pruned_channels_keeps_the_outputs(student):
     cut = remove_pruned_channels(model, example, callback.pruned_channels())
     shrunk, removed = cut.model, cut.removed
     assert removed and all(n > 0 for n in removed.values())
-    # what each weight layer kept, in its original indices: the shrunk weights are exactly those rows and columns
-    baked, modules = bake(copy.deepcopy(model)), dict(shrunk.named_modules())
-    assert set(cut.kept) >= set(removed)
-    for name, layer in baked.named_modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            kept = cut.kept.get(name, KeptChannels())
-            want = layer.weight[list(kept.out)] if kept.out is not None else layer.weight
-            want = want[:, list(kept.in_)] if kept.in_ is not None else want
-            assert torch.equal(modules[name].weight, want), name
+    _assert_kept(model, cut)
     x = torch.randn(32, 1, 8, 8)
     with torch.no_grad():
         torch.testing.assert_close(shrunk(x), model(x), atol=1e-5, rtol=1e-5)
@@ -246,6 +250,7 @@ def test_residual_and_depthwise_students_keep_their_outputs_after_removal(studen
     cut = remove_pruned_channels(model, torch.zeros(1, 1, 8, 8), pruned)
     shrunk, removed = cut.model, cut.removed
     assert removed
+    _assert_kept(model, cut)  # channels coupled across a residual add or a depthwise conv: one index set each
     with torch.no_grad():
         assert float((shrunk(x) - model(x)).abs().max()) < 1e-4
     # Half of each group's channels: about a quarter of the multiply-adds of a conv between two

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from distill.compress.quant.channels import align_input_channels
+from distill.compress.quant.channels import align_input_channels, generic_int8_convs
 from distill.compress.technique import QuantizedDeployable
 from distill.errors import ConfigError, first_line
 from distill.measure import latency
@@ -171,10 +171,10 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
             del node.metadata_props[:]
         _global_average_pools(proto)
         props = {META_KEY: json.dumps(meta, default=str)} if meta is not None else {}
-        rewrites = align_input_channels(proto) if align_channels else []
+        rewrites: list[str] = []
+        if align_channels:
+            proto, rewrites = _aligned(proto, path.name)
         if rewrites:
-            log.info("%s: %s (zero weights: the same outputs; ONNX Runtime's int8 conv kernels take channels in fours)",
-                     path.name, "; ".join(rewrites))
             props[REWRITES_KEY] = json.dumps(rewrites)
         if props:
             onnx.helper.set_model_props(proto, props)
@@ -182,6 +182,30 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
         onnx.checker.check_model(str(tmp), full_check=True)
 
     return _atomic_file(path, write)
+
+
+def _aligned(proto: Any, name: str) -> tuple[Any, list[str]]:
+    """``proto`` with its first int8 convs' input channels padded (:func:`align_input_channels`), and
+    what changed. The padding is only a speed-up: if it fails, or leaves a graph ``onnx.checker``
+    refuses, the exporter's graph ships as it was (a warning says why)."""
+    import onnx  # deferred
+
+    aligned = copy.deepcopy(proto)
+    try:
+        rewrites = align_input_channels(aligned)
+        if rewrites:
+            onnx.checker.check_model(aligned, full_check=True)
+    except Exception as err:  # noqa: BLE001  (onnx's checker and shape inference raise their own types)
+        log.warning("%s: the first convs' input channels are not padded (%s); the exporter's graph is written", name, first_line(err))
+        return proto, []
+    if rewrites:
+        log.info("%s: %s (zero weights: the same outputs; ONNX Runtime's int8 conv kernels take channels in fours)",
+                 name, "; ".join(rewrites))
+    slow = generic_int8_convs(aligned)
+    if slow:
+        log.info("%s: ONNX Runtime runs %s on its generic int8 path (its fast kernels need input channels in fours and "
+                 "at least 16 output channels, a multiple of 8)", name, ", ".join(slow))
+    return aligned, rewrites
 
 
 def _global_average_pools(proto: Any) -> None:

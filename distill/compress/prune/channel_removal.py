@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -58,7 +59,7 @@ def remove_pruned_channels(model: nn.Module, example: torch.Tensor, pruned: dict
         return _remove(copy.deepcopy(model), example.clone(), pruned, tp)
 
 
-def _track(graph, group, names: dict[nn.Module, str], kept: dict[str, dict[int, list[int]]]) -> None:
+def _track(graph: Any, group: Any, names: dict[nn.Module, str], kept: dict[str, dict[int, list[int]]]) -> None:
     """Record which channels of each Conv2d / Linear ``group`` is about to remove (in original indices:
     a layer's two sides can be cut by two groups, one after the other)."""
     seen: set[tuple[str, int]] = set()
@@ -77,7 +78,7 @@ def _track(graph, group, names: dict[nn.Module, str], kept: dict[str, dict[int, 
         kept[names[layer]][dim] = [c for j, c in enumerate(current) if j not in drop]
 
 
-def _remove(model: nn.Module, example: torch.Tensor, pruned: dict[str, list[int]], tp) -> Removal:
+def _remove(model: nn.Module, example: torch.Tensor, pruned: dict[str, list[int]], tp: Any) -> Removal:
     model = bake(model).cpu().eval()
     for p in model.parameters():
         p.data = p.data.clone()

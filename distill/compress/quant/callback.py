@@ -166,10 +166,20 @@ class QuantizationAwareTraining(Callback):
         # Lightning sets trainer.ckpt_path only after the setup hooks: the pipeline passes it).
         saved = saved_callback_state(self.resume_from, self.state_key)
         flow = (saved.get("flow") or "fx") if saved else self.flow  # QAT state without a flow: from before PT2E
-        prepared = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend, flow)
-        # Each rank prepares its own copy: if PT2E failed on one rank only, every rank takes FX (the
-        # ranks' gradients and collectives must meet in one graph structure).
+        # Each rank prepares its own copy, and the ranks agree on the outcome (their gradients and
+        # collectives must meet in one graph structure): a rank that cannot prepare at all stops every
+        # rank (rather than leaving them waiting in the next collective), and if PT2E failed on one
+        # rank only, every rank takes FX.
         device = getattr(getattr(trainer, "strategy", None), "root_device", "cpu")
+        try:
+            prepared, error = quant_backend.prepare_qat(pl_module.student, self.bits, self.per_channel, example, self.backend, flow), None
+        except Exception as err:  # noqa: BLE001  (re-raised below, after the other ranks know)
+            prepared, error = None, err
+        everywhere = every_rank(error is None, device)
+        if error is not None:
+            raise error
+        if not everywhere:
+            raise RuntimeError("qat: another rank could not prepare the student for quantization-aware training (its log says why)")
         if not every_rank(quant_backend.flow_of(prepared) == "pt2e", device) and quant_backend.flow_of(prepared) == "pt2e":
             log.warning("qat: PT2E failed on another rank: this rank takes the FX flow too")
             prepared = quant_backend.prepare_qat(copy.deepcopy(self.float_student).train(), self.bits, self.per_channel, example,

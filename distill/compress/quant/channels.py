@@ -12,13 +12,17 @@ with 4 input channels it takes 0.7-0.9 ms (ONNX Runtime's profiler, this machine
 :func:`align_input_channels` pads such a conv: its int8 weight gains zero input channels up to the
 next multiple of 4 (the per-output-channel scales are unchanged), and its float input is widened
 before its QuantizeLinear by ``Transpose`` (to channels-last) -> ``MatMul`` with ``[I | 0]`` ->
-``Transpose`` (back). The added channels hold 0 and meet zero weights, so every output is the same
-bit for bit (tested). A ``MatMul`` rather than a ``Pad``: ONNX Runtime runs its int8 convs
+``Transpose`` (back). The added channels meet zero weights, so for finite inputs every output is
+the same bit for bit (tested; an inf or NaN in one of several real channels spreads through the
+``MatMul`` to the others, where the exporter's graph kept it in its own channel). A ``MatMul`` rather than a ``Pad``: ONNX Runtime runs its int8 convs
 channels-last and cancels the closing Transpose against its own, while a ``Pad`` of the channel axis
 leaves a transpose of the widened tensor (0.9-2 ms here) and one of the last axis is slow (1.7 ms).
 
 Only convs whose input is a graph input (through Q -> DQ) are padded: a conv deeper in the network
-reads another layer's output, whose own output channels would have to grow instead (not done).
+reads another layer's output, whose own output channels would have to grow instead (not done);
+:func:`generic_int8_convs` names the convs left on the generic path. The rewrite is measured for
+ONNX Runtime's CPU provider at its default optimization level (ORT_ENABLE_ALL, whose channels-last
+pass cancels the transposes); other runtimes and providers get an equivalent graph, not timed here.
 """
 
 from __future__ import annotations
@@ -58,19 +62,16 @@ def align_input_channels(proto: Any, multiple: int = MULTIPLE) -> list[str]:
         scale = initializers.get(x_q.input[1])
         if scale is None or numpy_helper.to_array(scale).size != 1:
             continue  # a per-channel activation scale would need widening too
-        weight = initializers.get(w_dq.input[0]) if w_dq is not None and w_dq.op_type == "DequantizeLinear" else None
-        if weight is None or weight.data_type != onnx.TensorProto.INT8 or len(consumers[weight.name]) != 1:
-            continue
-        zero_point = initializers.get(w_dq.input[2]) if len(w_dq.input) > 2 else None
-        if zero_point is not None and np.any(numpy_helper.to_array(zero_point)):
-            continue  # asymmetric weights: not the kernels this is for
+        weight = _int8_weight(conv, producer, initializers)
+        if weight is None or len(consumers[weight.name]) != 1 or consumers[w_dq.output[0]] != [conv]:
+            continue  # no symmetric int8 weight of its own: not the kernels this is for, or a tied weight
         source = inputs[x_q.input[0]]
         if source.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(source.type.tensor_type.shape.dim) != 4:
             continue
         w = numpy_helper.to_array(weight)
         cout, cin = int(w.shape[0]), int(w.shape[1])
         wide = -(-cin // multiple) * multiple
-        if wide == cin or cout < 16 or cout % 8:
+        if wide == cin or not _fast_outputs(cout):
             continue  # already aligned, or too few output channels for those kernels to apply
         padded = np.zeros((cout, wide, *w.shape[2:]), dtype=w.dtype)
         padded[:, :cin] = w
@@ -93,3 +94,50 @@ def align_input_channels(proto: Any, multiple: int = MULTIPLE) -> list[str]:
             graph.value_info.remove(info)
         done.append(f"{conv.name or conv.output[0]}: input channels {cin} -> {wide}")
     return done
+
+
+def generic_int8_convs(proto: Any, multiple: int = MULTIPLE) -> list[str]:
+    """The int8 convs (symmetric int8 weights, ungrouped) ONNX Runtime cannot run on its fast kernels:
+    ``"<node> (<in> -> <out> channels)"`` each (e.g. after structured pruning left 45 channels)."""
+    from onnx import numpy_helper  # deferred
+
+    graph = proto.graph
+    producer = {out: node for node in graph.node for out in node.output}
+    initializers = {i.name: i for i in graph.initializer}
+    slow = []
+    for conv in graph.node:
+        if conv.op_type != "Conv" or any(a.name == "group" and a.i != 1 for a in conv.attribute):
+            continue
+        weight = _int8_weight(conv, producer, initializers)
+        if weight is not None:
+            cout, cin = numpy_helper.to_array(weight).shape[:2]
+            if cin % multiple or not _fast_outputs(int(cout)):
+                slow.append(f"{conv.name or conv.output[0]} ({cin} -> {cout} channels)")
+    return slow
+
+
+def _fast_outputs(cout: int) -> bool:
+    return cout >= 16 and cout % 8 == 0
+
+
+def _int8_weight(conv: Any, producer: dict[str, Any], initializers: dict[str, Any]) -> Any:
+    """The int8 initializer behind ``conv``'s weight DequantizeLinear when its zero points are 0 and
+    its scales per tensor or per output channel (axis 0); None otherwise."""
+    import onnx  # deferred
+    from onnx import numpy_helper  # deferred
+
+    w_dq = producer.get(conv.input[1])
+    if w_dq is None or w_dq.op_type != "DequantizeLinear":
+        return None
+    weight = initializers.get(w_dq.input[0])
+    scale = initializers.get(w_dq.input[1])
+    if weight is None or scale is None or weight.data_type != onnx.TensorProto.INT8:
+        return None
+    axis = next((a.i for a in w_dq.attribute if a.name == "axis"), 1)
+    size = numpy_helper.to_array(scale).size
+    if size != 1 and not (axis == 0 and size == weight.dims[0]):
+        return None  # scales along another axis would have to grow with the padding
+    zero_point = initializers.get(w_dq.input[2]) if len(w_dq.input) > 2 else None
+    if zero_point is not None and np.any(numpy_helper.to_array(zero_point)):
+        return None  # asymmetric weights: not the symmetric kernels
+    return weight

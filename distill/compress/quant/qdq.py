@@ -86,7 +86,6 @@ class _IntWeight(nn.Module):
             return _QD.dequantize_per_channel(self.codes, self.scale, self.zero_point, self.axis, self.qmin, self.qmax, torch.int8)
         return _QD.dequantize_per_tensor(self.codes, float(self.scale), int(self.zero_point), self.qmin, self.qmax, torch.int8)
 
-
     def keep(self, out: tuple[int, ...] | None, in_: tuple[int, ...] | None) -> None:
         """Only output channels ``out`` and input channels ``in_`` (None: all), as channel removal left
         the float layer: the codes and, per channel, the scales and zero points of the kept rows."""
