@@ -274,8 +274,10 @@ def test_resume_with_other_bits_is_refused(tmp_path):
         trainer2.fit(resumed, datamodule=dm, ckpt_path=ckpt.last_model_path)
 
 
-def test_the_packed_program_loads_without_any_prepare_or_convert_step(tmp_path):
-    module, qat, dm, *_ = _fit("mlp", 4, tmp_path)
+@pytest.mark.parametrize("flow", ["pt2e", "fx"])
+def test_the_packed_program_loads_without_any_prepare_or_convert_step(tmp_path, flow):
+    # An FX student's artifact is its QDQ form as a program too (its fbgemm model is the TorchScript file)
+    module, qat, dm, *_ = _fit("mlp", 4, tmp_path, flow=flow)
     report = qat.convert_and_measure(module.student, dm.test_dataloader()).summary()
     x = next(iter(dm.test_dataloader()))[0][:16]
     torch.save(x, tmp_path / "x.pt")
@@ -292,7 +294,13 @@ def test_the_packed_program_loads_without_any_prepare_or_convert_step(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code, report["artifact"], str(tmp_path / "x.pt"), str(tmp_path / "got.pt")], check=True, cwd=tmp_path)
     assert torch.equal(torch.load(tmp_path / "got.pt"), torch.load(tmp_path / "want.pt"))
-    assert report["torchscript"] is None  # a PT2E graph's quantize ops are not TorchScript builtins
+    assert report["flow"] == flow
+    if flow == "pt2e":
+        assert report["torchscript"] is None  # a PT2E graph's quantize ops are not TorchScript builtins
+    else:  # fbgemm's integer model, as TorchScript: its own rounding, the same predictions almost everywhere
+        scripted = torch.jit.load(report["torchscript"])
+        got, want = scripted(x), torch.load(tmp_path / "want.pt")
+        assert (got.argmax(1) == want.argmax(1)).float().mean() >= 0.9
 
 
 @pytest.mark.parametrize("saved_flow", ["fx", None])  # None: a checkpoint from before PT2E (no flow recorded: FX)

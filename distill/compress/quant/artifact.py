@@ -5,14 +5,15 @@ with ``torch.save`` is as large as an 8-bit one. This artifact stores each integ
 stream of b-bit codes (``numpy.packbits``); the ``torch.save`` payload is then xz-compressed
 (stdlib ``lzma``), which entropy-codes the codes (trained weights cluster near zero). Two formats:
 
-- ``distill.quantized-program/1`` (a PT2E student, :func:`save_quantized_program`): the integer
+- ``distill.quantized-program/1`` (:func:`save_quantized_program`; PT2E's integer model, or an FX
+  student's QDQ form, distill/compress/quant/qdq.py, the same representation): the integer
   model as a ``torch.export`` program (quantize / dequantize ops, scales, zero points, float biases)
   whose int8 weight constants are stored zero (xz makes them nearly free) beside their packed codes.
   Loading is ``torch.export.load`` and the codes put back: no prepare / convert step of either flow
   (tested in a process where neither can be imported; the quantize ops' definitions are still
   torch.ao's, see distill/compress/quant/graph.py); the result equals the saved model exactly.
-- ``distill.quantized-student/1`` (an FX student, :func:`save_quantized`): the converted model's
-  state dict, each quantized weight as codes plus float32 scales (and zero points when not all
+- ``distill.quantized-student/1`` (:func:`save_quantized`; an FX student with no QDQ form, and the
+  files of earlier versions): the converted model's state dict, each quantized weight as codes plus float32 scales (and zero points when not all
   zero). Loading rebuilds the student from the config inside, prepares and converts it with FX
   the same way, and loads the unpacked state.
 
@@ -179,8 +180,8 @@ def save_quantized_program(
     path: str | Path, model: IntegerGraph, example: torch.Tensor, *, bits: int, backend: str, per_channel: bool,
     student_cfg: dict[str, Any], shape: dict[str, int], data_cfg: dict[str, Any] | None = None,
 ) -> Path:
-    """Write PT2E's integer ``model`` as a program with its int8 weights packed at ``bits`` bits
-    (atomically); ``example``: an input batch (of 2 or more: the batch axis stays dynamic)."""
+    """Write an integer ``model`` (a quantize / dequantize graph with int8 weights) as a program with
+    its int8 weights packed at ``bits`` bits (atomically); ``example``: an input batch (of 2 or more: the batch axis stays dynamic)."""
     graph = copy.deepcopy(model.graph_module)
     codes: dict[str, dict[str, Any]] = {}
     with torch.no_grad():

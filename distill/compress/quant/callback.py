@@ -39,6 +39,7 @@ from distill.compress.export import save_torchscript
 from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.artifact import FORMATS as ARTIFACT_FORMATS
 from distill.compress.quant.artifact import load_quantized, save_quantized, save_quantized_program
+from distill.compress.quant.graph import IntegerGraph
 from distill.compress.quant.qdq import QDQModels, qdq_models, remove_channels
 from distill.compress.settings import QUANT_CHECKS
 from distill.compress.technique import (
@@ -288,6 +289,12 @@ class QuantizationAwareTraining(Callback):
         except Exception as err:  # noqa: BLE001
             log.warning("qat: no QDQ form of the student for ONNX (%s: %s)", type(err).__name__, err)
             forms = f"{type(err).__name__}: {err}"
+        # An FX student's packed artifact is its QDQ form as a program (the representation of PT2E's
+        # integer model), which loads with no prepare / convert step; fbgemm's model runs it fast.
+        integer = quantized
+        if flow == "fx" and isinstance(forms, QDQModels):
+            with torch.inference_mode(False), torch.no_grad():  # a copy of ordinary tensors: it is exported
+                integer = IntegerGraph(copy.deepcopy(forms.qdq)).eval()
         removed = None
         if pruned and isinstance(forms, QDQModels):
             try:
@@ -303,16 +310,18 @@ class QuantizationAwareTraining(Callback):
                  "shape": self.shape, "data_cfg": self.data_cfg}
         torchscript = None
         with torch.inference_mode(False), torch.no_grad():
-            if flow == "pt2e":
-                artifact = save_quantized_program(self.output_dir / ARTIFACT, quantized, torch.zeros(2, *self.sample_shape), **saved)
-            else:
+            if isinstance(integer, IntegerGraph):
+                artifact = save_quantized_program(self.output_dir / ARTIFACT, integer, torch.zeros(2, *self.sample_shape), **saved)
+            else:  # an FX student with no QDQ form: the state-dict format, rebuilt by FX at load
                 artifact = save_quantized(self.output_dir / ARTIFACT, quantized, **saved)
+            if flow == "fx":
                 meta = {"bits": self.bits, "backend": self.backend, "student": self.student_cfg, "shape": self.shape}
                 torchscript = save_torchscript(self.output_dir / TORCHSCRIPT, quantized, torch.zeros(1, *self.sample_shape), meta)
 
         threads = self.latency_threads or torch.get_num_threads()
         # Integer kernels run on CPU only: both models are timed there (unless measure.latency=off).
-        runtime, engine = quantized, "eager"
+        # Timed as PyTorch runs the integer model fastest: PT2E's compiled by Inductor, FX's as fbgemm's modules.
+        runtime, engine = integer, "eager"
         if self.latency_device is not None:  # compiling (PT2E) costs seconds: only for a timing
             runtime, engine = quant_backend.pytorch_runtime(quantized, torch.zeros(1, *self.sample_shape))
         lat = latency.measure_many({"fp32": copy.deepcopy(float_student), "quant": runtime}, self.sample_shape,
@@ -325,7 +334,7 @@ class QuantizationAwareTraining(Callback):
             backend=self.backend,
             acc_fp32=loader_accuracy(float_view, test_loader),
             acc_fakequant=loader_accuracy(prepared, test_loader),
-            acc_quant=loader_accuracy(quantized, test_loader),
+            acc_quant=loader_accuracy(integer, test_loader),
             size_bytes_fp32=size_fp32,
             size_bytes_quant=size_quant,
             size_bytes_torchscript=torchscript.stat().st_size if torchscript is not None else None,
@@ -343,7 +352,7 @@ class QuantizationAwareTraining(Callback):
             channels_removed=removed,
         )
         self.exportable = QuantizedDeployable(
-            integer=quantized, bits=self.bits,
+            integer=integer, bits=self.bits,
             qdq=forms.qdq if isinstance(forms, QDQModels) else None, fp32=forms.fp32 if isinstance(forms, QDQModels) else None,
             error=forms if isinstance(forms, str) else None, runtime=runtime, engine=engine,
         )

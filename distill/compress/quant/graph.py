@@ -18,8 +18,9 @@ from torch import fx, nn
 
 
 class IntegerGraph(nn.Module):
-    """PT2E's integer model: ``convert_pt2e``'s graph (``graph_module``), converted in eval form,
-    so ``train()`` / ``eval()`` only set the flags (an exported graph refuses them)."""
+    """An integer model as a quantize / dequantize graph (``graph_module``): PT2E's ``convert_pt2e``
+    graph, or an FX student's QDQ form (distill/compress/quant/qdq.py), converted in eval form, so
+    ``train()`` / ``eval()`` only set the flags (an exported graph refuses them)."""
 
     def __init__(self, graph_module: fx.GraphModule) -> None:
         super().__init__()
