@@ -409,7 +409,7 @@ def export_student(cfg: DictConfig, fit: Fit, datamodule: BaseDataModule, output
                             fp16=cfg.export.dtype == "fp16", device=_latency_device(cfg), strict=bool(cfg.export.strict),
                             meta={"student": resolved["student"], "data": resolved["data"], "format": "distill-export-1"},
                             quantized=quantized, eval_samples=cfg.export.eval_samples,
-                            align_int8_channels=bool(cfg.export.align_int8_channels))
+                            align_int8_channels=bool(cfg.export.align_int8_channels), int32_biases=bool(cfg.export.int32_biases))
 
 
 def _device(cfg: DictConfig) -> str:

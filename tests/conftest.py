@@ -112,3 +112,20 @@ def slurm_partition() -> str:
             pytest.fail("DISTILL_REQUIRE_SLURM is set but no SLURM cluster answers (sinfo) and none could be started")
         pytest.skip("no SLURM cluster (start one with ../shared/tools/local-slurm.sh start)")
     return partition
+
+
+def int32_dot_products() -> bool:
+    """Whether this CPU adds ONNX Runtime's u8 x s8 products in int32 (AVX-512 VNNI / AVX-VNNI, ARM's dot
+    products). On x86 without VNNI (AVX2), MLAS's fast int8 kernels add pairs of products in int16
+    (``vpmaddubsw``), which saturates when activation codes above 127 meet weights near +-127: a QAT
+    student's x86 activations stay at 0..127 inside their learned ranges, so files agree bit for bit
+    there, and beyond those ranges only on CPUs with int32 dot products."""
+    import platform  # deferred: a few tests ask
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_vnni" in flags or "avx_vnni" in flags

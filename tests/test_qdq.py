@@ -18,8 +18,11 @@ from torch import nn
 
 from distill.compress.deploy import OnnxRuntimeModel, export_artifacts, read_rewrites, save_onnx
 from distill.compress.quant import backend as quant_backend
+from distill.compress.quant.channels import align_input_channels
 from distill.compress.quant.qdq import QDQModels, qdq_models
 from distill.compress.technique import QuantizedDeployable
+
+from .conftest import int32_dot_products
 
 pytestmark = pytest.mark.xdist_group("qdq")  # its module fixture converts and exports a trained student per flow
 
@@ -91,9 +94,10 @@ class Int8:
     prepared: nn.Module
     integer: nn.Module  # its integer model (converted once: PT2E's conversion is the slow step)
     forms: QDQModels
-    path: Path  # student_int8.onnx, as a run ships it (its first conv given 4 input channels)
+    path: Path  # student_int8.onnx, as a run ships it (its first conv given 4 input channels, a float-output Gemm int32 biases)
     fp32_path: Path  # student.onnx
-    plain_path: Path  # student_int8.onnx as the exporter wrote it (export.align_int8_channels=false)
+    plain_path: Path  # student_int8.onnx as the exporter wrote it (export.align_int8_channels=false, export.int32_biases=false)
+    flow: str
 
 
 @pytest.fixture(scope="module", params=FLOWS)
@@ -102,8 +106,14 @@ def int8(request, tmp_path_factory) -> Int8:
     integer = quant_backend.convert(prepared)
     forms = qdq_models(prepared, _data(32, 99), 8, integer=integer if request.param == "pt2e" else None, float_student=Net())
     out = tmp_path_factory.mktemp("qdq")
-    return Int8(prepared, integer, forms, save_onnx(forms.qdq, _data(2, 0), out / "student_int8.onnx", align_channels=True),
-                save_onnx(forms.fp32, _data(2, 0), out / "student.onnx"), save_onnx(forms.qdq, _data(2, 0), out / "plain_int8.onnx"))
+    return Int8(prepared, integer, forms,
+                save_onnx(forms.qdq, _data(2, 0), out / "student_int8.onnx", align_channels=True, int32_biases=True),
+                save_onnx(forms.fp32, _data(2, 0), out / "student.onnx"), save_onnx(forms.qdq, _data(2, 0), out / "plain_int8.onnx"),
+                request.param)
+
+
+# PT2E's X86 quantizer leaves the classifier's output float: its bias becomes int32 codes (FX quantizes the output)
+BIAS_REWRITES = {"pt2e": ("node_linear_1: bias as int32 codes",), "fx": ()}
 
 
 def test_the_file_carries_the_learned_scales_and_int8_weights(int8):
@@ -125,11 +135,20 @@ def test_the_file_carries_the_learned_scales_and_int8_weights(int8):
     assert stored[path] < 0.5 * stored[fp32_path]  # the weights' bytes (this tiny net's graph is larger than them)
 
 
-def test_the_first_conv_padded_to_4_input_channels_gives_the_exported_outputs_exactly(int8):
-    assert read_rewrites(int8.path) == ("node_conv2d: input channels 1 -> 4",) and read_rewrites(int8.plain_path) == ()
-    shipped, plain = OnnxRuntimeModel(int8.path, threads=1), OnnxRuntimeModel(int8.plain_path, threads=1)
-    for x in (_data(256, 12), _data(256, 13) * 3):  # inside and beyond the trained ranges
-        assert torch.equal(shipped(x), plain(x))
+def test_the_first_conv_padded_to_4_input_channels_gives_the_exported_outputs_exactly(int8, tmp_path):
+    assert read_rewrites(int8.path) == ("node_conv2d: input channels 1 -> 4", *BIAS_REWRITES[int8.flow])
+    assert read_rewrites(int8.plain_path) == ()
+    padded = onnx.load(str(int8.plain_path))
+    assert align_input_channels(padded) == ["node_conv2d: input channels 1 -> 4"]
+    onnx.save(padded, str(tmp_path / "padded.onnx"))
+    aligned, plain = OnnxRuntimeModel(tmp_path / "padded.onnx", threads=1), OnnxRuntimeModel(int8.plain_path, threads=1)
+    shipped = OnnxRuntimeModel(int8.path, threads=1)
+    assert torch.equal(aligned(_data(256, 12) * 0.5), plain(_data(256, 12) * 0.5))  # inside the trained ranges
+    if int32_dot_products():  # beyond them too (codes past 127: without VNNI the fast kernel's int16 pairs saturate)
+        assert torch.equal(aligned(_data(256, 13) * 3), plain(_data(256, 13) * 3))
+    # the shipped file's int32 classifier bias: its rounding apart (half a code of s_x * s_w per logit)
+    x = _data(256, 12) * 0.5  # activations inside the trained ranges: codes of at most 127
+    assert torch.allclose(shipped(x), plain(x), atol=1e-3)
 
 
 def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, tmp_path):
@@ -138,7 +157,8 @@ def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, t
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     optimized = {n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node}
-    assert {"QLinearConv", "QGemm"} <= optimized and "Conv" not in optimized  # int8 kernels, not float convs
+    # int8 kernels, no float conv or Gemm (PT2E's float-output classifier too, given its int32 bias)
+    assert {"QLinearConv", "QGemm"} <= optimized and not {"Conv", "Gemm"} & optimized
 
     x = _data(256, 7)
     session = OnnxRuntimeModel(path, threads=1)
@@ -223,7 +243,7 @@ def test_export_records_the_int8_file_against_the_integer_model(int8, tmp_path):
     assert by["pytorch_int8"].acc == 1.0 and by["onnx_int8"].acc >= 0.95
     assert by["onnx_int8"].acc_drop == pytest.approx(100 * (1.0 - by["onnx_int8"].acc))
     assert by["onnx_int8"].latency_ms > 0 and by["pytorch_int8"].latency_ms > 0
-    assert by["onnx_int8"].rewrites == ("node_conv2d: input channels 1 -> 4",)  # export_artifacts aligns by default
+    assert by["onnx_int8"].rewrites == ("node_conv2d: input channels 1 -> 4", *BIAS_REWRITES[int8.flow])  # both by default
     assert not (tmp_path / "student.onnx").exists() and (tmp_path / "student_int8.onnx").exists()
 
     failed = QuantizedDeployable(integer=integer, bits=8, qdq=None, fp32=None, error="NotImplementedError: Conv3d")

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from distill.compress.quant.bias import quantize_gemm_biases
 from distill.compress.quant.channels import align_input_channels, generic_int8_convs
 from distill.compress.technique import QuantizedDeployable
 from distill.errors import ConfigError, first_line
@@ -68,7 +69,7 @@ class ExportedArtifact:
     flagged: bool = False  # acc_drop > export.max_acc_drop
     test_samples: int | None = None  # the test samples its accuracy is measured on (export.eval_samples)
     whole_split: bool = True  # False: on the first export.eval_samples only (not comparable with the run's own accuracy)
-    rewrites: tuple[str, ...] = ()  # graph changes beyond the exporter's, each keeping the outputs (export.align_int8_channels)
+    rewrites: tuple[str, ...] = ()  # graph changes beyond the exporter's (export.align_int8_channels, export.int32_biases)
     error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
@@ -150,11 +151,13 @@ REWRITES_KEY = "distill.rewrites"  # what the export changed in the graph beyond
 
 
 def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = ONNX_OPSET, meta: dict[str, Any] | None = None,
-              align_channels: bool = False) -> Path:
+              align_channels: bool = False, int32_biases: bool = False) -> Path:
     """``model`` as ONNX with a dynamic batch axis (``input`` -> ``logits``), checked by ``onnx.checker``;
     ``meta`` (the run's student and data config) in the model's metadata, for ``evaluate.py``.
-    ``align_channels`` (the int8 file): the first convs' input channels padded to a multiple of 4
-    (:mod:`distill.compress.quant.channels`), each change listed in the metadata (:func:`read_rewrites`)."""
+    The int8 file's rewrites for ONNX Runtime's integer kernels, each listed in the metadata
+    (:func:`read_rewrites`): ``align_channels``, the first convs' input channels padded to a multiple of 4
+    (:mod:`distill.compress.quant.channels`); ``int32_biases``, a float-output Gemm's bias as int32 codes
+    (:mod:`distill.compress.quant.bias`)."""
     import onnx  # deferred: only runs that export ONNX need it
 
     for chatty in ("onnx_ir", "onnxscript"):  # an INFO line per deduplicated or unfolded constant otherwise
@@ -174,6 +177,12 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
         rewrites: list[str] = []
         if align_channels:
             proto, rewrites = _aligned(proto, path.name)
+        if int32_biases:
+            proto, done = _rewritten(proto, path.name, quantize_gemm_biases, "the float-output Gemms' biases are not int32 codes")
+            if done:
+                log.info("%s: %s (ONNX Runtime fuses the Gemm into its integer QGemm instead of dequantizing its weight on "
+                         "every call)", path.name, "; ".join(done))
+            rewrites += done
         if rewrites:
             props[REWRITES_KEY] = json.dumps(rewrites)
         if props:
@@ -186,18 +195,9 @@ def save_onnx(model: nn.Module, example: torch.Tensor, path: Path, opset: int = 
 
 def _aligned(proto: Any, name: str) -> tuple[Any, list[str]]:
     """``proto`` with its first int8 convs' input channels padded (:func:`align_input_channels`), and
-    what changed. The padding is only a speed-up: if it fails, or leaves a graph ``onnx.checker``
-    refuses, the exporter's graph ships as it was (a warning says why)."""
-    import onnx  # deferred
-
-    aligned = copy.deepcopy(proto)
-    try:
-        rewrites = align_input_channels(aligned)
-        if rewrites:
-            onnx.checker.check_model(aligned, full_check=True)
-    except Exception as err:  # noqa: BLE001  (onnx's checker and shape inference raise their own types)
-        log.warning("%s: the first convs' input channels are not padded (%s); the exporter's graph is written", name, first_line(err))
-        return proto, []
+    what changed (:func:`_rewritten`: a padding that fails ships the graph as it was); the log names the
+    int8 convs left on ONNX Runtime's generic path."""
+    aligned, rewrites = _rewritten(proto, name, align_input_channels, "the first convs' input channels are not padded")
     if rewrites:
         log.info("%s: %s (zero weights: the same outputs; ONNX Runtime's int8 conv kernels take channels in fours)",
                  name, "; ".join(rewrites))
@@ -206,6 +206,23 @@ def _aligned(proto: Any, name: str) -> tuple[Any, list[str]]:
         log.info("%s: ONNX Runtime runs %s on its generic int8 path (its fast kernels need input channels in fours and "
                  "at least 16 output channels, a multiple of 8)", name, ", ".join(slow))
     return aligned, rewrites
+
+
+def _rewritten(proto: Any, name: str, rewrite: Any, failed: str) -> tuple[Any, list[str]]:
+    """``rewrite`` (changing a graph in place, returning what it changed) applied to a copy of ``proto``.
+    A rewrite is only a speed-up: if it raises, or leaves a graph ``onnx.checker`` refuses, ``proto``
+    ships as it was and a warning says ``failed`` and why."""
+    import onnx  # deferred
+
+    changed = copy.deepcopy(proto)
+    try:
+        done = rewrite(changed)
+        if done:
+            onnx.checker.check_model(changed, full_check=True)
+    except Exception as err:  # noqa: BLE001  (onnx's checker and shape inference raise their own types)
+        log.warning("%s: %s (%s); the graph is written without that change", name, failed, first_line(err))
+        return proto, []
+    return changed, done
 
 
 def _global_average_pools(proto: Any) -> None:
@@ -285,7 +302,7 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
                      max_acc_drop: float, fp16: bool = False, device: str | None = "cpu", strict: bool = False,
                      name: str = "student", meta: dict[str, Any] | None = None,
                      quantized: QuantizedDeployable | None = None, eval_samples: int | None = None,
-                     align_int8_channels: bool = True) -> list[ExportedArtifact]:
+                     align_int8_channels: bool = True, int32_biases: bool = True) -> list[ExportedArtifact]:
     """Write ``model`` (an fp32 module) in each of ``formats``, load each file back and measure it.
     The first record is the PyTorch model itself (eager, ``format="pytorch"``), measured on the same
     split and timed interleaved with the files, the reference of every fp32 and fp16 ``acc_drop``.
@@ -293,7 +310,8 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
     form), whose reference is the integer model in PyTorch (``format="pytorch_int8"``, timed too).
     ``eval_samples``: every accuracy (references included) on the first N test samples only.
     ``align_int8_channels``: the int8 file's first convs padded to a multiple of 4 input channels
-    (:mod:`distill.compress.quant.channels`; the record's ``rewrites`` say which)."""
+    (:mod:`distill.compress.quant.channels`); ``int32_biases``: its float-output Gemms' biases as int32
+    codes (:mod:`distill.compress.quant.bias`); the record's ``rewrites`` say which."""
     model = model.cpu().eval()
     sampler = getattr(test_loader, "sampler", None)  # what the loader yields (a shard or subset included)
     samples = len(sampler) if sampler is not None else None  # type: ignore[arg-type]
@@ -324,7 +342,8 @@ def export_artifacts(model: nn.Module, formats: Iterable[str], out_dir: Path, te
                                                    test_samples=samples, whole_split=whole)
         qdq, why = quantized.qdq, quantized.error or "no QDQ form of the quantized student"
         jobs.append(("onnx_int8", out_dir / f"{name}_int8.onnx",
-                     (lambda p: save_onnx(qdq, example, p, meta=meta, align_channels=align_int8_channels)) if qdq is not None else _fail(why), "pytorch_int8"))
+                     (lambda p: save_onnx(qdq, example, p, meta=meta, align_channels=align_int8_channels,
+                                                 int32_biases=int32_biases)) if qdq is not None else _fail(why), "pytorch_int8"))
     if "torch_export" in formats:
         jobs.append(("torch_export", out_dir / f"{name}.pt2", lambda p: save_program(model, example, p, meta=meta), "pytorch"))
     for fmt, path, write, reference in jobs:

@@ -282,6 +282,10 @@ class ExportConfig:
     # student_int8.onnx: a first conv's input channels padded to a multiple of 4 (zero weights, the same
     # outputs) for ONNX Runtime's int8 conv kernels (distill/compress/quant/channels.py); false: as exported
     align_int8_channels: bool = True
+    # student_int8.onnx: a Gemm whose output stays float (the classifier) given its bias as int32 codes,
+    # so ONNX Runtime runs it as an integer QGemm instead of dequantizing its weight on every call
+    # (distill/compress/quant/bias.py); false: as exported
+    int32_biases: bool = True
 
 
 @dataclass
