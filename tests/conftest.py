@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 import shutil
@@ -114,18 +115,30 @@ def slurm_partition() -> str:
     return partition
 
 
-def int32_dot_products() -> bool:
-    """Whether this CPU adds ONNX Runtime's u8 x s8 products in int32 (AVX-512 VNNI / AVX-VNNI, ARM's dot
-    products). On x86 without VNNI (AVX2), MLAS's fast int8 kernels add pairs of products in int16
-    (``vpmaddubsw``), which saturates when activation codes above 127 meet weights near +-127: a QAT
-    student's x86 activations stay at 0..127 inside their learned ranges, so files agree bit for bit
-    there, and beyond those ranges only on CPUs with int32 dot products."""
-    import platform  # deferred: a few tests ask
 
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        return True
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_vnni" in flags or "avx_vnni" in flags
+@functools.cache
+def int32_dot_products() -> bool:
+    """Whether ONNX Runtime's u8 x s8 integer kernels add their products exactly on this CPU, probed on
+    one QGemm: 16 products of activation code 255 and weight 127. With VNNI (AVX-512 VNNI, AVX-VNNI)
+    and on ARM they are added in int32; on x86 without VNNI (AVX2), MLAS adds pairs of products in
+    int16 (``vpmaddubsw``), which saturates when codes above 127 meet weights near +-127. A QAT
+    student's x86 activations stay at 0..127 inside their learned ranges, so int8 files that should
+    agree bit for bit do so there on every CPU, and beyond those ranges only where this is true."""
+    import onnx  # deferred: a few tests ask
+    import onnxruntime as ort  # deferred
+    from onnx import TensorProto, helper, numpy_helper  # deferred
+
+    k = 16
+    inits = [numpy_helper.from_array(np.full((1, k), 127, np.int8), "w"), numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+             numpy_helper.from_array(np.array(0, np.uint8), "zx"), numpy_helper.from_array(np.array(0, np.int8), "zw"),
+             numpy_helper.from_array(np.zeros(1, np.int32), "b"), numpy_helper.from_array(np.array(1.0, np.float32), "sb")]
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "zx"], ["xq"]), helper.make_node("DequantizeLinear", ["xq", "s", "zx"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s", "zw"], ["wd"]), helper.make_node("DequantizeLinear", ["b", "sb"], ["bd"]),
+             helper.make_node("Gemm", ["xd", "wd", "bd"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "probe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    [[y]] = session.run(None, {"x": np.full((1, k), 255.0, np.float32)})[0]
+    assert onnx.checker.check_model(model) is None
+    return float(y) == 16 * 255 * 127

@@ -143,12 +143,33 @@ def test_the_first_conv_padded_to_4_input_channels_gives_the_exported_outputs_ex
     onnx.save(padded, str(tmp_path / "padded.onnx"))
     aligned, plain = OnnxRuntimeModel(tmp_path / "padded.onnx", threads=1), OnnxRuntimeModel(int8.plain_path, threads=1)
     shipped = OnnxRuntimeModel(int8.path, threads=1)
-    assert torch.equal(aligned(_data(256, 12) * 0.5), plain(_data(256, 12) * 0.5))  # inside the trained ranges
-    if int32_dot_products():  # beyond them too (codes past 127: without VNNI the fast kernel's int16 pairs saturate)
-        assert torch.equal(aligned(_data(256, 13) * 3), plain(_data(256, 13) * 3))
-    # the shipped file's int32 classifier bias: its rounding apart (half a code of s_x * s_w per logit)
     x = _data(256, 12) * 0.5  # activations inside the trained ranges: codes of at most 127
-    assert torch.allclose(shipped(x), plain(x), atol=1e-3)
+    assert torch.equal(aligned(x), plain(x))
+    if not BIAS_REWRITES[int8.flow]:
+        assert torch.equal(shipped(x), plain(x))
+    else:  # the shipped file's int32 classifier bias: its rounding apart, half a code of s_x * s_w per logit at most
+        step = _bias_step(int8.plain_path)
+        assert (shipped(x) - plain(x)).abs().max() <= 0.5 * step + 1e-5 * float(plain(x).abs().max())
+
+
+@pytest.mark.skipif(not int32_dot_products(), reason="this CPU adds ONNX Runtime's u8 x s8 products in int16 pairs (no VNNI): "
+                    "codes past 127 saturate differently on the padded and the generic conv path")
+def test_the_padded_first_conv_gives_the_exported_outputs_beyond_the_trained_ranges_too(int8, tmp_path):
+    padded = onnx.load(str(int8.plain_path))
+    align_input_channels(padded)
+    onnx.save(padded, str(tmp_path / "padded.onnx"))
+    x = _data(256, 13) * 3
+    assert torch.equal(OnnxRuntimeModel(tmp_path / "padded.onnx", threads=1)(x), OnnxRuntimeModel(int8.plain_path, threads=1)(x))
+
+
+def _bias_step(path: Path) -> float:
+    """The largest bias code step ``s_x * s_w`` of the classifier (the last Gemm) in an int8 file."""
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    gemm = [n for n in graph.node if n.op_type == "Gemm"][-1]
+    x_dq, w_dq = producer[gemm.input[0]], producer[gemm.input[1]]
+    return float(inits[x_dq.input[1]]) * float(inits[w_dq.input[1]].max())
 
 
 def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, tmp_path):

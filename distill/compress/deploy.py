@@ -28,7 +28,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -208,7 +208,7 @@ def _aligned(proto: Any, name: str) -> tuple[Any, list[str]]:
     return aligned, rewrites
 
 
-def _rewritten(proto: Any, name: str, rewrite: Any, failed: str) -> tuple[Any, list[str]]:
+def _rewritten(proto: Any, name: str, rewrite: Callable[[Any], list[str]], failed: str) -> tuple[Any, list[str]]:
     """``rewrite`` (changing a graph in place, returning what it changed) applied to a copy of ``proto``.
     A rewrite is only a speed-up: if it raises, or leaves a graph ``onnx.checker`` refuses, ``proto``
     ships as it was and a warning says ``failed`` and why."""
