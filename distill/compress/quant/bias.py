@@ -23,10 +23,11 @@ saturates for codes above 127 against weights near +-127, where the float Gemm w
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from distill.compress.quant.onnx_index import GraphIndex
 
 _INT32 = 2**31 - 1
 
@@ -38,12 +39,8 @@ def quantize_gemm_biases(proto: Any) -> list[str]:
     from onnx import helper, numpy_helper  # deferred
 
     graph = proto.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    initializers = {i.name: i for i in graph.initializer}
+    index = GraphIndex.of(graph)
+    producer, consumers, initializers = index.producer, index.consumers, index.initializers
     interface = {v.name for v in (*graph.input, *graph.output)}  # names a user feeds or reads: never removed
     done: list[str] = []
     for gemm in list(graph.node):

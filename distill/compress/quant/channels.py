@@ -30,10 +30,11 @@ pass cancels the transposes); other runtimes and providers get an equivalent gra
 
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any
 
 import numpy as np
+
+from distill.compress.quant.onnx_index import GraphIndex
 
 MULTIPLE = 4  # MLAS's int8 conv kernels take input channels in groups of 4
 
@@ -45,12 +46,8 @@ def align_input_channels(proto: Any, multiple: int = MULTIPLE) -> list[str]:
     from onnx import helper, numpy_helper  # deferred
 
     graph = proto.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    consumers: dict[str, list[Any]] = defaultdict(list)
-    for node in graph.node:
-        for name in node.input:
-            consumers[name].append(node)
-    initializers = {i.name: i for i in graph.initializer}
+    index = GraphIndex.of(graph)
+    producer, consumers, initializers = index.producer, index.consumers, index.initializers
     inputs = {i.name: i for i in graph.input}
     done: list[str] = []
     for conv in list(graph.node):
@@ -105,8 +102,8 @@ def generic_int8_convs(proto: Any, multiple: int = MULTIPLE) -> list[str]:
     from onnx import numpy_helper  # deferred
 
     graph = proto.graph
-    producer = {out: node for node in graph.node for out in node.output}
-    initializers = {i.name: i for i in graph.initializer}
+    index = GraphIndex.of(graph)
+    producer, initializers = index.producer, index.initializers
     slow = []
     for conv in graph.node:
         if conv.op_type != "Conv" or any(a.name == "group" and a.i != 1 for a in conv.attribute):
