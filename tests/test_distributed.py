@@ -72,7 +72,11 @@ def _assert_files_written(summary: dict, formats: set[str]) -> None:
     assert formats <= set(artifacts), artifacts
     for fmt in formats:
         assert artifacts[fmt]["error"] is None and Path(artifacts[fmt]["path"]).is_file(), artifacts[fmt]
-        assert abs(artifacts[fmt]["acc_drop"]) <= 0.5, artifacts[fmt]  # the file is the tested model
+        # the file is the tested model: the fp32 files to the image; the int8 file within a few images, as
+        # its x86 activations are not clamped at code 127 (README): these runs train for a few batches,
+        # so more test activations pass the learned ranges (0.56 points, 2 of 360 images, seen once);
+        # a file of another rank's or untrained weights would be tens of points off
+        assert abs(artifacts[fmt]["acc_drop"]) <= (1.5 if fmt == "onnx_int8" else 0.5), artifacts[fmt]
 
 
 def _assert_identical_on_every_rank(run_dir) -> None:
