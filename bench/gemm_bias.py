@@ -10,15 +10,14 @@ A 512 -> 1000 Linear (ResNet-18's classifier), int8 per-channel weights, activat
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+from onnx_timing import interleaved_ms
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from distill.compress.quant.bias import quantize_gemm_biases  # noqa: E402  (after the path)
@@ -50,18 +49,9 @@ def main() -> None:
                 for name, m in (("float bias (as exported)", plain), ("int32 bias", rewritten))}
     for batch, calls in ((1, 2000), (256, 50)):
         x = np.random.default_rng(1).uniform(0, 2.5, (batch, K)).astype(np.float32)  # codes 0..125
-        times: dict[str, list[float]] = {name: [] for name in sessions}
-        for _ in range(ROUNDS):
-            for name, session in sessions.items():
-                session.run(None, {"input": x})
-                start = time.perf_counter()
-                for _ in range(calls):
-                    session.run(None, {"input": x})
-                times[name].append((time.perf_counter() - start) / calls * 1e3)
-        ms = {name: statistics.median(t) for name, t in times.items()}
+        ms = interleaved_ms(sessions, x, calls, ROUNDS)
         print(f"batch {batch}: " + ", ".join(f"{name} {v:.4f} ms" for name, v in ms.items())
               + f": {ms['float bias (as exported)'] / ms['int32 bias']:.2f}x")
-
 
 if __name__ == "__main__":
     main()

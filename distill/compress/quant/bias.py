@@ -7,8 +7,8 @@ linear's output unquantized), is fused into a float-output ``QGemm`` only when i
 int32 codes behind a DequantizeLinear (onnxruntime 1.32, ``GemmNodeGroupSelector``: every input of
 the Gemm must come from a DequantizeLinear); with a float bias it stays a float Gemm that
 dequantizes the whole int8 weight on every call. Measured (``python bench/gemm_bias.py``; an AVX2
-AMD EPYC, 2 threads; a 512 -> 1000 classifier alone, the shape of ResNet-18's; three runs):
-0.21-0.59 ms -> 0.03 ms at batch 1, 2.9-3.3 -> 1.8-2.1 ms at batch 256.
+AMD EPYC, 2 threads; a 512 -> 1000 classifier alone, the shape of ResNet-18's; six runs):
+0.21-0.59 ms -> 0.027-0.034 ms at batch 1, 2.7-3.3 -> 1.6-2.1 ms at batch 256.
 
 :func:`quantize_gemm_biases` writes such a Gemm's bias as ONNX Runtime would for the Gemms it fuses:
 ``codes = round(b / s)`` with ``s = s_x * s_w`` (per output channel with per-channel weights), computed

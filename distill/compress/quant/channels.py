@@ -15,11 +15,15 @@ before its QuantizeLinear by ``Transpose`` (to channels-last) -> ``MatMul`` with
 ``Transpose`` (back). The added channels meet zero weights, so for finite inputs every output is
 the same bit for bit (tested; an inf or NaN in one of several real channels spreads through the
 ``MatMul`` to the others, where the exporter's graph kept it in its own channel). On an x86 CPU
-without VNNI (AVX2) that holds for input codes up to 127, a QAT student's x86 range: the fast
-kernels add pairs of u8 x s8 products in int16 (``vpmaddubsw``), which saturates for codes above
-127 against weights near +-127, where the generic path did not. A ``MatMul`` rather than a ``Pad``: ONNX Runtime runs its int8 convs
-channels-last and cancels the closing Transpose against its own, while a ``Pad`` of the channel axis
-leaves a transpose of the widened tensor (0.9-2 ms here) and one of the last axis is slow (1.7 ms).
+without VNNI (AVX2) that holds for input codes up to 127 (a QAT student's x86 range) or weights
+within +-64: MLAS's u8 x s8 kernels, the fast conv and the generic GEMM alike, add pairs of products
+in int16 (``vpmaddubsw``), which saturates for codes above 127 against weights near +-127. The two
+paths pair different products (the generic one neighbouring taps, the padded one channels, a real
+one with a zero when there is one real channel), so they saturate in different places.
+
+A ``MatMul`` rather than a ``Pad``: ONNX Runtime runs its int8 convs channels-last and cancels the
+closing Transpose against its own, while a ``Pad`` of the channel axis leaves a transpose of the
+widened tensor (0.9-2 ms here) and one of the last axis is slow (1.7 ms).
 
 Only convs whose input is a graph input (through Q -> DQ) are padded: a conv deeper in the network
 reads another layer's output, whose own output channels would have to grow instead (not done);

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -13,14 +13,13 @@ class GraphIndex:
     """A snapshot of ``graph``'s edges: a rewrite that adds nodes or initializers does not update it."""
 
     producer: dict[str, Any]  # value name -> the node that outputs it
-    consumers: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(list))  # value name -> the nodes reading it
-    initializers: dict[str, Any] = field(default_factory=dict)  # name -> TensorProto
+    consumers: defaultdict[str, list[Any]]  # value name -> the nodes reading it ([] for none)
+    initializers: dict[str, Any]  # name -> TensorProto
 
     @classmethod
     def of(cls, graph: Any) -> GraphIndex:
-        index = cls({out: node for node in graph.node for out in node.output})
+        consumers: defaultdict[str, list[Any]] = defaultdict(list)
         for node in graph.node:
             for name in node.input:
-                index.consumers[name].append(node)
-        index.initializers.update({i.name: i for i in graph.initializer})
-        return index
+                consumers[name].append(node)
+        return cls({out: node for node in graph.node for out in node.output}, consumers, {i.name: i for i in graph.initializer})

@@ -196,12 +196,14 @@ def _clamp_activations(graph_module: fx.GraphModule, bits: int) -> fx.GraphModul
     ``DQ -> Conv -> Q`` intact for ONNX Runtime's integer kernels.
 
     The 7-bit range of 8-bit activations on x86 (0..127, :func:`backend.activation_range`) is not
-    clamped: it exists only because fbgemm's u8 x s8 kernels add products in int16, which ONNX
-    Runtime's (int32 accumulation) do not; the file keeps the learned scale and zero point and lets
-    the rare activation above the trained range reach 255 instead of saturating at 127. Clamping it
-    costs ONNX Runtime its channels-last layout at the next pooling (a transpose of the whole feature
-    map, a quarter of the digits CNN's time at batch 1024 when it was tried); the int8 file's accuracy is
-    checked against the integer model's (``export.max_acc_drop``)."""
+    clamped. It exists because u8 x s8 kernels without VNNI (fbgemm's, and ONNX Runtime's on AVX2)
+    add pairs of products in int16; with VNNI and on ARM, ONNX Runtime adds them in int32. The file
+    keeps the learned scale and zero point and lets the rare activation above the trained range reach
+    255 instead of saturating at 127 (on AVX2 those codes can saturate the int16 pairs). Clamping it
+    costs ONNX Runtime its channels-last layout at the last pooling (a transpose of the whole feature
+    map): 9-22 % of the digits cnn's time at batch 1024 on an AVX2 machine, 20-32 % of the structured
+    cnn's (``bench/clamp.py``, :func:`distill.compress.quant.clamp.clamp_activation_codes`). The int8
+    file's accuracy is checked against the integer model's (``export.max_acc_drop``)."""
     graph = graph_module.graph
     for node in list(graph.nodes):
         if not _is_quantize(node):
