@@ -19,6 +19,7 @@ from torch import nn
 from distill.compress.deploy import OnnxRuntimeModel, export_artifacts, read_rewrites, save_onnx
 from distill.compress.quant import backend as quant_backend
 from distill.compress.quant.channels import align_input_channels
+from distill.compress.quant.onnx_index import GraphIndex
 from distill.compress.quant.qdq import QDQModels, qdq_models
 from distill.compress.technique import QuantizedDeployable
 
@@ -138,10 +139,7 @@ def test_the_file_carries_the_learned_scales_and_int8_weights(int8):
 def test_the_first_conv_padded_to_4_input_channels_gives_the_exported_outputs_exactly(int8, tmp_path):
     assert read_rewrites(int8.path) == ("node_conv2d: input channels 1 -> 4", *BIAS_REWRITES[int8.flow])
     assert read_rewrites(int8.plain_path) == ()
-    padded = onnx.load(str(int8.plain_path))
-    assert align_input_channels(padded) == ["node_conv2d: input channels 1 -> 4"]
-    onnx.save(padded, str(tmp_path / "padded.onnx"))
-    aligned, plain = OnnxRuntimeModel(tmp_path / "padded.onnx", threads=1), OnnxRuntimeModel(int8.plain_path, threads=1)
+    aligned, plain = OnnxRuntimeModel(_padded(int8, tmp_path), threads=1), OnnxRuntimeModel(int8.plain_path, threads=1)
     shipped = OnnxRuntimeModel(int8.path, threads=1)
     x = _data(256, 12) * 0.5  # activations inside the trained ranges: codes of at most 127
     assert torch.equal(aligned(x), plain(x))
@@ -155,21 +153,26 @@ def test_the_first_conv_padded_to_4_input_channels_gives_the_exported_outputs_ex
 @pytest.mark.skipif(not int32_dot_products(), reason="this CPU adds ONNX Runtime's u8 x s8 products in int16 pairs (no VNNI): "
                     "codes past 127 saturate differently on the padded and the generic conv path")
 def test_the_padded_first_conv_gives_the_exported_outputs_beyond_the_trained_ranges_too(int8, tmp_path):
-    padded = onnx.load(str(int8.plain_path))
-    align_input_channels(padded)
-    onnx.save(padded, str(tmp_path / "padded.onnx"))
     x = _data(256, 13) * 3
-    assert torch.equal(OnnxRuntimeModel(tmp_path / "padded.onnx", threads=1)(x), OnnxRuntimeModel(int8.plain_path, threads=1)(x))
+    assert torch.equal(OnnxRuntimeModel(_padded(int8, tmp_path), threads=1)(x), OnnxRuntimeModel(int8.plain_path, threads=1)(x))
+
+
+def _padded(int8: Int8, tmp_path: Path) -> Path:
+    """The exporter's int8 file with only its first conv padded (no int32 biases)."""
+    padded = onnx.load(str(int8.plain_path))
+    assert align_input_channels(padded) == ["node_conv2d: input channels 1 -> 4"]
+    onnx.save(padded, str(tmp_path / "padded.onnx"))
+    return tmp_path / "padded.onnx"
 
 
 def _bias_step(path: Path) -> float:
     """The largest bias code step ``s_x * s_w`` of the classifier (the last Gemm) in an int8 file."""
     graph = onnx.load(str(path)).graph
-    producer = {o: n for n in graph.node for o in n.output}
-    inits = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    index = GraphIndex.of(graph)
     gemm = [n for n in graph.node if n.op_type == "Gemm"][-1]
-    x_dq, w_dq = producer[gemm.input[0]], producer[gemm.input[1]]
-    return float(inits[x_dq.input[1]]) * float(inits[w_dq.input[1]].max())
+    x_dq, w_dq = index.producer[gemm.input[0]], index.producer[gemm.input[1]]
+    scale = {name: numpy_helper.to_array(index.initializers[name]) for name in (x_dq.input[1], w_dq.input[1])}
+    return float(scale[x_dq.input[1]]) * float(scale[w_dq.input[1]].max())
 
 
 def test_onnx_runtime_runs_it_as_integer_kernels_and_agrees_with_pytorch(int8, tmp_path):
